@@ -1,0 +1,131 @@
+"""The PACE_fast output store (paper App. C) and the sampler that keeps it rank-local.
+
+PACE_fast's consistency target for a sample is its own noisy output from the previous
+epoch. The store keeps, per sample id, a block of rows × dim values in bf16:
+  - classifiers: one row, the logits;
+  - causal LMs: one row per supervised token, the final hidden state h. With a frozen
+    bias-free lm_head W the logits are W·h, so h determines them exactly at d/V of the
+    size (Phi-3: 3,072 vs 32,064 per token). If the head trains, store logits instead.
+An entry that was never written has no target (`read` says so): no zero targets.
+
+Data parallelism: `ShardedEpochSampler` gives every rank a fixed shard of the sample ids
+(reshuffled within the shard each epoch), so each rank's store holds only its own samples
+and needs no communication. `state_dict` carries the ids, so a resume, even with another
+world size, restores every rank's entries from all saved shards.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch.utils.data import Sampler
+
+DTYPE = torch.bfloat16
+
+
+class OutputCache:
+    def __init__(self, row_counts: Sequence[int], dim: int, sample_ids: Optional[Sequence[int]] = None,
+                 memory_budget_bytes: int = 2 << 30, disk_dir: Optional[str] = None):
+        ids = torch.as_tensor(list(range(len(row_counts))) if sample_ids is None else list(sample_ids),
+                              dtype=torch.long)
+        if len(ids) != len(row_counts):
+            raise ValueError(f"{len(ids)} sample ids but {len(row_counts)} row counts")
+        self.sample_ids = ids
+        self.row_counts = torch.as_tensor(list(row_counts), dtype=torch.long)
+        self.offsets = torch.cumsum(self.row_counts, 0) - self.row_counts
+        self.dim = int(dim)
+        self.slot_of = torch.full((int(ids.max()) + 1 if len(ids) else 0,), -1, dtype=torch.long)
+        self.slot_of[ids] = torch.arange(len(ids))
+        self.filled = torch.zeros(len(ids), dtype=torch.bool)
+        total = int(self.row_counts.sum()) * self.dim
+        self.path = None
+        if total * DTYPE.itemsize > memory_budget_bytes:  # memory-mapped file on disk
+            fd, self.path = tempfile.mkstemp(prefix="pace_cache_", suffix=".bin", dir=disk_dir)
+            os.ftruncate(fd, total * DTYPE.itemsize)
+            os.close(fd)
+            flat = torch.from_file(self.path, shared=True, size=total, dtype=DTYPE)
+        else:
+            flat = torch.zeros(total, dtype=DTYPE)
+        self.values = flat.view(-1, self.dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of stored outputs (rows × dim × 2); the id/offset tables are O(samples)."""
+        return self.values.numel() * self.values.element_size()
+
+    def _rows(self, sample_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sample_ids = torch.as_tensor(sample_ids, dtype=torch.long).cpu()
+        if len(sample_ids) and (sample_ids.max() >= len(self.slot_of) or (self.slot_of[sample_ids] < 0).any()):
+            raise KeyError(f"sample ids {sample_ids.tolist()} are not all in this cache's shard")
+        slots = self.slot_of[sample_ids]
+        rows = [torch.arange(o, o + n) for o, n in zip(self.offsets[slots].tolist(), self.row_counts[slots].tolist())]
+        return slots, torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+
+    def read(self, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """(targets [rows, dim] in bf16, has_target [rows] bool), rows in sample-id order."""
+        slots, rows = self._rows(sample_ids)
+        has = torch.repeat_interleave(self.filled[slots], self.row_counts[slots])
+        return self.values[rows], has
+
+    def write(self, sample_ids, outputs: torch.Tensor) -> None:
+        slots, rows = self._rows(sample_ids)
+        if outputs.shape != (len(rows), self.dim):
+            raise ValueError(f"cache write of shape {tuple(outputs.shape)}, expected {(len(rows), self.dim)}: "
+                             "the rows per sample changed since the cache was sized (max_length? data?)")
+        self.values[rows] = outputs.detach().to("cpu", DTYPE)
+        self.filled[slots] = True
+
+    def state_dict(self) -> dict:
+        return {"sample_ids": self.sample_ids, "row_counts": self.row_counts, "dim": self.dim,
+                "filled": self.filled, "values": self.values.clone()}
+
+    def load_state_dict(self, state: dict) -> int:
+        """Copy the entries of `state` (from any shard) whose ids this cache holds; returns how many."""
+        if state["dim"] != self.dim:
+            raise ValueError(f"cache dim {state['dim']} in the checkpoint, {self.dim} here")
+        offsets = (torch.cumsum(state["row_counts"], 0) - state["row_counts"]).tolist()
+        copied = 0
+        for slot, sid in enumerate(state["sample_ids"].tolist()):
+            if state["filled"][slot] and sid < len(self.slot_of) and self.slot_of[sid] >= 0:
+                start, count = offsets[slot], int(state["row_counts"][slot])
+                self.write([sid], state["values"][start:start + count])
+                copied += 1
+        return copied
+
+    def close(self) -> None:
+        if self.path and os.path.exists(self.path):
+            os.remove(self.path)
+
+
+class ShardedEpochSampler(Sampler[int]):
+    """Rank r always gets the samples r, r+W, r+2W, ... (padded by repeating its own
+    samples to equal length), in a new order each epoch (seed + epoch).
+
+    Unlike DistributedSampler, a sample never moves to another rank, so a rank-local
+    PACE_fast cache always holds the target for every sample its rank will see.
+    """
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        if num_samples < world_size:
+            raise ValueError(f"{num_samples} samples cannot be spread over {world_size} ranks")
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.shard = list(range(rank, num_samples, world_size))
+        self.length = math.ceil(num_samples / world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(self.shard)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
+        order += order[: self.length - len(order)]
+        return iter(order)

@@ -1,0 +1,88 @@
+"""Merge and export: a merged Hugging Face folder and a PEFT-format adapter folder.
+
+Both are written to a temporary sibling folder and renamed into place, so a crash never
+leaves a half-written export under the final name. The merged folder loads with plain
+transformers and vLLM; the adapter folder with `peft.PeftModel.from_pretrained` and
+vLLM's LoRA support (lora_add only; lora_mul_vpt has no PEFT equivalent and is saved
+as pace_adapter.safetensors + pace_config.json).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .adapters import PaceConfig, apply_pace, merge_pace
+
+PACE_CONFIG = "pace_config.json"
+PACE_WEIGHTS = "pace_adapter.safetensors"
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike):
+    """Yields a temporary folder that replaces `path` only when the block succeeds."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapter(model, out_dir) -> Path:
+    """The trained adapter (and task head): PEFT format for lora_add."""
+    import peft
+    config: PaceConfig = model.pace_config
+    with atomic_dir(out_dir) as tmp:
+        if isinstance(model, peft.PeftModel):
+            model.save_pretrained(tmp)
+        else:
+            weights = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            save_file(weights, tmp / PACE_WEIGHTS)
+        (tmp / PACE_CONFIG).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    return Path(out_dir)
+
+
+def load_adapter(model, adapter_dir, is_trainable: bool = False):
+    """Rebuild the adapted model from `save_adapter`'s folder (either adapter kind)."""
+    import peft
+    adapter_dir = Path(adapter_dir)
+    config = PaceConfig(**json.loads((adapter_dir / PACE_CONFIG).read_text()))
+    if config.adapter == "lora_add":
+        model = apply_pace(model, config)  # same injection + noise hooks as in training
+        peft.set_peft_model_state_dict(model, peft.load_peft_weights(str(adapter_dir)))
+    else:
+        model = apply_pace(model, config)
+        missing = model.load_state_dict(load_file(adapter_dir / PACE_WEIGHTS), strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"{adapter_dir}: unexpected keys {missing.unexpected_keys[:5]}")
+    if not is_trainable:
+        model.requires_grad_(False)
+    return model
+
+
+def save_merged(model, out_dir, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
+    """Merge (fp32 arithmetic) and save config, safetensors, tokenizer and generation config."""
+    merged = merge_pace(model) if hasattr(model, "pace_config") else model
+    if dtype is not None:
+        merged = merged.to(dtype)
+    with atomic_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if getattr(merged, "generation_config", None) is not None and merged.can_generate():
+            merged.generation_config.save_pretrained(tmp)
+    return Path(out_dir)

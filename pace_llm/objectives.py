@@ -1,0 +1,170 @@
+"""The training objectives the trainer calls on a batch: off, full, fast, lazy_half.
+
+    objective = PaceObjective("full", lam=0.1)
+    out = objective(model, batch, step)      # out.loss.backward() / engine.backward(out.loss)
+
+A batch holds the model inputs, `labels` and `sample_id`. What PACE regularises, f:
+  - classifiers (labels of shape [B]): the head's logits, one row per sample;
+    one output (num_labels=1) is regression with an MSE task loss (STS-B);
+  - causal LMs (labels [B, T], -100 where not supervised): the next-token logits at
+    the supervised positions, one row per answer token. They are computed from the
+    decoder's final hidden states at those positions only, so the full [B, T, V] logits
+    are never built.
+Reductions (pace.py): task loss = mean over rows; consistency = mean over rows of the
+squared L2 distance summed over classes / vocabulary.
+
+  off        task loss only (plain LoRA when σ = 0).
+  full       one forward on [x; x] with shared dropout masks; task loss on the first
+             half; λ·consistency(f1, f2). Both halves get gradients (as the authors).
+  fast       one forward; λ·consistency(f, o) with o this sample's output stored in
+             the previous epoch (OutputCache), a constant target; samples without a
+             stored output get no consistency term; then o ← f.
+  lazy_half  every `lazy_every`-th step, `full` on the first half of the batch;
+             the other steps `off` on the whole batch (noise stays on).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .adapters import base_model
+from .cache import OutputCache
+from .pace import consistency_loss, mean_squared_norm, set_paired_batch
+
+MODES = ("off", "full", "fast", "lazy_half")
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Rows:
+    """A forward pass's outputs, one row per sample (classifier) or supervised token (LM)."""
+    f: torch.Tensor          # [N, C] logits PACE regularises
+    stored: torch.Tensor     # [N, D] what the PACE_fast cache keeps (hidden states or logits)
+    target: torch.Tensor     # [N] labels
+    counts: torch.Tensor     # [B] rows per sample
+
+    def first(self, n_samples: int) -> "Rows":
+        n = int(self.counts[:n_samples].sum())
+        return Rows(self.f[:n], self.stored[:n], self.target[:n], self.counts[:n_samples])
+
+    def last(self, n_samples: int) -> "Rows":
+        n = int(self.counts[-n_samples:].sum())
+        return Rows(self.f[-n:], self.stored[-n:], self.target[-n:], self.counts[-n_samples:])
+
+
+@dataclasses.dataclass
+class LossOutput:
+    loss: torch.Tensor
+    task_loss: torch.Tensor
+    consistency_loss: torch.Tensor
+    supervised_rows: int
+
+
+def is_causal_lm(model) -> bool:
+    model = base_model(model)
+    return hasattr(model, "get_decoder") and type(model).__name__.endswith("ForCausalLM")
+
+
+def lm_head_trainable(model) -> bool:
+    return any(p.requires_grad for p in base_model(model).get_output_embeddings().parameters())
+
+
+def cache_dim(model) -> int:
+    """Width of a PACE_fast cache row: hidden size for an LM with a frozen head, else logits."""
+    base = base_model(model)
+    if not is_causal_lm(base):
+        return base.config.num_labels
+    head = base.get_output_embeddings()
+    if lm_head_trainable(base):
+        log.warning("lm_head is trainable: the PACE_fast cache stores full logits "
+                    "(%d per token) instead of hidden states", head.out_features)
+        return head.out_features
+    return head.in_features
+
+
+def supervised_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Rows per sample: supervised next-token positions for LM labels [B, T], 1 for [B]."""
+    if labels.dim() == 1:
+        return torch.ones(len(labels), dtype=torch.long)
+    return (labels[:, 1:] != -100).sum(1)
+
+
+def forward_rows(model, batch: dict) -> Rows:
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "sample_id")}
+    labels = batch["labels"]
+    base = base_model(model)
+    if labels.dim() == 2 and is_causal_lm(base):
+        hidden = base.get_decoder()(**inputs).last_hidden_state
+        mask = labels[:, 1:] != -100
+        h = hidden[:, :-1][mask]
+        head = base.get_output_embeddings()
+        logits = head(h)
+        stored = logits if lm_head_trainable(base) else h
+        return Rows(logits, stored, labels[:, 1:][mask], mask.sum(1))
+    logits = model(**inputs).logits
+    return Rows(logits, logits, labels, torch.ones(len(labels), dtype=torch.long, device=labels.device))
+
+
+def task_loss(rows: Rows) -> torch.Tensor:
+    if rows.f.shape[-1] == 1:  # regression head (STS-B)
+        return F.mse_loss(rows.f.squeeze(-1).float(), rows.target.float())
+    return F.cross_entropy(rows.f.float(), rows.target)
+
+
+def _duplicate(batch: dict, n: Optional[int] = None) -> dict:
+    return {k: torch.cat([v[:n], v[:n]]) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class PaceObjective:
+    def __init__(self, mode: str = "full", lam: float = 1.0, lazy_every: int = 2,
+                 cache: Optional[OutputCache] = None):
+        if mode not in MODES:
+            raise ValueError(f"pace.mode must be one of {MODES}, got {mode!r}")
+        if mode == "fast" and cache is None:
+            raise ValueError("pace.mode=fast needs an OutputCache")
+        if lazy_every < 1:
+            raise ValueError(f"lazy_every must be >= 1, got {lazy_every}")
+        self.mode, self.lam, self.lazy_every, self.cache = mode, lam, lazy_every, cache
+
+    def __call__(self, model, batch: dict, step: int = 0) -> LossOutput:
+        if self.mode == "full" or (self.mode == "lazy_half" and step % self.lazy_every == 0):
+            half = None if self.mode == "full" else max(1, len(batch["labels"]) // 2)
+            return self._paired(model, _duplicate(batch, half))
+        set_paired_batch(False)
+        rows = forward_rows(model, batch)
+        task = task_loss(rows)
+        if self.mode != "fast":
+            zero = task.new_zeros(())
+            return LossOutput(task, task, zero, len(rows.target))
+        return self._fast(model, batch, rows, task)
+
+    def _paired(self, model, batch2: dict) -> LossOutput:
+        set_paired_batch(True)  # stays on through backward: checkpoint recomputation pairs too
+        rows = forward_rows(model, batch2)
+        n = len(batch2["labels"]) // 2
+        r1, r2 = rows.first(n), rows.last(n)
+        task = task_loss(r1)
+        cons = consistency_loss(r1.f, r2.f)
+        return LossOutput(task + self.lam * cons, task, cons, len(r1.target))
+
+    def _fast(self, model, batch: dict, rows: Rows, task: torch.Tensor) -> LossOutput:
+        ids = batch["sample_id"]
+        stored, has = self.cache.read(ids)
+        stored, has = stored.to(rows.stored.device), has.to(rows.stored.device)
+        cons = task.new_zeros(())
+        if has.any():
+            prev = stored[has].to(rows.stored.dtype)
+            if rows.stored is rows.f:  # cached logits
+                cons = consistency_loss(rows.f[has], prev)
+            else:  # cached hidden states: f − o = W(h − h_o) for the bias-free lm_head
+                head = base_model(model).get_output_embeddings()
+                if head.bias is None:
+                    cons = mean_squared_norm(head(rows.stored[has] - prev))
+                else:
+                    cons = consistency_loss(rows.f[has], head(prev))
+        self.cache.write(ids.cpu(), rows.stored.detach())
+        return LossOutput(task + self.lam * cons, task, cons, len(rows.target))

@@ -1,0 +1,122 @@
+"""The PACE math, in one place (Ni, Zhang, Koniusz, NeurIPS 2024, eq. 10-12, App. C).
+
+Noise (eq. 10-11). An adapted linear layer computes
+
+    h(x) = h0(x) + Z ⊙ Δh(x),      Z ~ N(1, σ_l²),  Z of shape (B, d_out)
+
+with one draw per sample and output channel, broadcast over the sample's tokens,
+independent across samples and layers, in training mode only. σ = 0 is plain LoRA.
+
+Depth schedule (the authors' code, Vision/train.py). With L blocks plus the task head
+as the last id, N = L + 1 ids, and noise starting at block s:
+
+    σ_b = σ · (N − b) / (N − s)   for b ≥ s,      σ_b = 0 for b < s.
+
+So the first noisy block gets σ and the deepest block 2σ/(N − s); a module outside
+the blocks (after them) gets the head's id, b = L. ViT-B (L=12, s=1) gives block 1 σ,
+block 11 σ/6; an LLM with s=0 gives layer 0 σ, layer L−1 2σ/(L+1). "constant" is σ
+everywhere (a worse ablation in the paper's Table 8, kept for comparison).
+
+Consistency (eq. 12). f1, f2 are the outputs of two noisy views of the same input
+(one forward on [x; x]); the regulariser is the squared L2 distance of the raw outputs
+summed over the output dimension and averaged over rows:
+
+    consistency = mean_rows ‖f1 − f2‖²
+
+A row is a sample for classifiers (f = logits) and a supervised token for causal LMs
+(f = that position's next-token logits): averaging over tokens, like the token-mean
+cross-entropy, keeps the term's scale independent of answer length and batch size.
+The sum over a 32k vocabulary makes it ~300x a 100-class head's: λ must be smaller.
+
+Shared dropout. In a paired forward on [x; x] every dropout draws its mask for the
+first half and reuses it for the second (the authors' sharable drop-path), so f1 and
+f2 differ only by the adapter noise. Both the noise and the masks come from torch's
+global RNG, which activation checkpointing restores for the recomputed forward: the
+recomputation sees the same draws.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+SCHEDULES = ("linear", "constant")
+
+
+def sigma_for_block(sigma: float, block: int, num_blocks: int, schedule: str = "linear",
+                    first_noisy_block: int = 0) -> float:
+    """σ for block `block` (0-based; `num_blocks` means the head, after the last block)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"sigma_schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if block < first_noisy_block:
+        return 0.0
+    if schedule == "constant":
+        return float(sigma)
+    n_ids = num_blocks + 1  # blocks plus the head, as the authors count
+    return float(sigma) * (n_ids - block) / (n_ids - first_noisy_block)
+
+
+def multiplicative_noise(delta: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Z ⊙ Δh with Z ~ N(1, σ²) of shape (B, 1, ..., 1, d_out): one draw per sample and channel."""
+    shape = (delta.shape[0],) + (1,) * (delta.dim() - 2) + (delta.shape[-1],)
+    z = torch.randn(shape, device=delta.device, dtype=torch.float32).mul_(sigma).add_(1.0)
+    return delta * z.to(delta.dtype)
+
+
+class NoiseHook:
+    """Forward hook on an adapter's output module (PEFT's lora_B): multiplies Δh by Z."""
+
+    def __init__(self, sigma: float):
+        self.sigma = sigma
+
+    def __call__(self, module, inputs, output):
+        if module.training and self.sigma > 0:
+            return multiplicative_noise(output, self.sigma)
+        return output
+
+
+def mean_squared_norm(diff: torch.Tensor) -> torch.Tensor:
+    """mean over rows of ‖diff‖² (summed over the last dimension), in fp32; 0 for no rows."""
+    if diff.numel() == 0:
+        return diff.new_zeros((), dtype=torch.float32)
+    return diff.float().square().sum(-1).mean()
+
+
+def consistency_loss(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
+    """mean over rows of ‖f1 − f2‖²."""
+    return mean_squared_norm(f1.float() - f2.float())
+
+
+# --- Shared dropout masks for paired batches -------------------------------------------
+# nn.Dropout and transformers' eager attention call torch.nn.functional.dropout at call
+# time, so one wrapper covers both. It is active only while `paired_batch(True)` is set;
+# the flag stays set through the backward pass so a checkpointed recomputation pairs too.
+_original_dropout = F.dropout
+_paired = False
+
+
+def _paired_dropout(input, p=0.5, training=True, inplace=False):
+    if not (_paired and training and p > 0 and input.dim() > 0 and input.shape[0] % 2 == 0):
+        return _original_dropout(input, p, training, inplace)
+    half = input.shape[0] // 2
+    keep = torch.empty_like(input[:half]).bernoulli_(1 - p).div_(1 - p)
+    return input * torch.cat([keep, keep])
+
+
+F.dropout = _paired_dropout  # F is torch.nn.functional: patched once, for every caller
+
+
+def set_paired_batch(paired: bool) -> None:
+    """Declare that the next forward (and its backward) runs on a batch [x; x]."""
+    global _paired
+    _paired = paired
+
+
+@contextlib.contextmanager
+def paired_batch():
+    set_paired_batch(True)
+    try:
+        yield
+    finally:
+        set_paired_batch(False)

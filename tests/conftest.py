@@ -1,0 +1,52 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from pace_llm.tiny import tiny_model  # noqa: E402
+
+KINDS = ["phi3", "llama", "roberta", "vit"]
+
+
+def make_batch(kind: str, batch: int = 4, seq: int = 10, seed: int = 0) -> dict:
+    """A batch in the trainer's format: model inputs, labels, sample ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.arange(batch)
+    if kind == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g),
+                "labels": torch.randint(0, 5, (batch,), generator=g), "sample_id": ids}
+    input_ids = torch.randint(3, 256, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if kind == "roberta":
+        return {"input_ids": input_ids, "attention_mask": mask,
+                "labels": torch.randint(0, 3, (batch,), generator=g), "sample_id": ids}
+    labels = input_ids.clone()
+    labels[:, : seq // 2] = -100  # the prompt half is not supervised
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "sample_id": ids}
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("labels", "sample_id")}
+
+
+def perturb_adapters(model, seed: int = 1, scale: float = 0.1) -> None:
+    """Give the zero-initialised adapter factors values, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model
