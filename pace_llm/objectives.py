@@ -115,6 +115,29 @@ def task_loss(rows: Rows) -> torch.Tensor:
     return F.cross_entropy(rows.f.float(), rows.target)
 
 
+# Config keys that hold an attention-probability dropout rate, across architectures.
+_ATTN_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
+def share_attention_dropout(model) -> None:
+    """Make attention-probability dropout share its mask across the paired halves.
+
+    pace.py's shared-mask wrapper patches torch.nn.functional.dropout, which eager attention
+    calls; sdpa / flash attention draw that dropout inside a fused kernel instead, so f1 and
+    f2 would get different attention masks (RoBERTa: 0.1) and the consistency would measure
+    dropout, not just the adapter noise. Such a model is switched to eager attention.
+    """
+    base = base_model(model)
+    config = getattr(base, "config", None)
+    rate = max((float(getattr(config, k, 0.0) or 0.0) for k in _ATTN_DROPOUT_KEYS), default=0.0)
+    impl = getattr(config, "_attn_implementation", None)
+    if rate > 0 and base.training and impl not in (None, "eager"):
+        log.warning("attention dropout %.3g under %r attention cannot share its mask between "
+                    "the two PACE views: switching %s to eager attention", rate, impl,
+                    type(base).__name__)
+        base.set_attn_implementation("eager")
+
+
 def _duplicate(batch: dict, n: Optional[int] = None) -> dict:
     return {k: torch.cat([v[:n], v[:n]]) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -143,6 +166,7 @@ class PaceObjective:
         return self._fast(model, batch, rows, task)
 
     def _paired(self, model, batch2: dict) -> LossOutput:
+        share_attention_dropout(model)
         set_paired_batch(True)  # stays on through backward: checkpoint recomputation pairs too
         rows = forward_rows(model, batch2)
         n = len(batch2["labels"]) // 2
