@@ -38,6 +38,10 @@ HEAD_NAMES = ("classifier", "score")
 _BLOCK_RE = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
+class TargetError(ValueError):
+    """target_modules selected nothing (or no default exists): names the candidates."""
+
+
 @dataclasses.dataclass
 class PaceConfig:
     """What to adapt and how much noise. Field names are the recipe's `pace.*` keys.
@@ -85,7 +89,7 @@ def resolve_targets(model: nn.Module, spec) -> list[str]:
     if spec is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
-            raise ValueError(f"no default target_modules for model_type {model_type!r}; set "
+            raise TargetError(f"no default target_modules for model_type {model_type!r}; set "
                              f"pace.target_modules (names, a regex, or 'all-linear')")
         spec = DEFAULT_TARGETS[model_type]
     excluded = set(head_names(model))
@@ -100,7 +104,7 @@ def resolve_targets(model: nn.Module, spec) -> list[str]:
         chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in spec)]
     if not chosen:
         names = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in linears})
-        raise ValueError(f"target_modules={spec!r} matched no linear module of "
+        raise TargetError(f"target_modules={spec!r} matched no linear module of "
                          f"{type(model).__name__}. Its linear modules are: {', '.join(names)}")
     return chosen
 
@@ -251,6 +255,8 @@ def merge_pace(model: nn.Module) -> nn.Module:
 
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    def numel(p):  # ZeRO-3 partitions leave p.numel() == 0; ds_numel is the full size
+        return getattr(p, "ds_numel", p.numel())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, sum(numel(p) for p in model.parameters())
 

@@ -75,7 +75,8 @@ def load_adapter(model, adapter_dir, is_trainable: bool = False):
 
 
 def save_merged(model, out_dir, tokenizer=None, dtype: torch.dtype | None = None) -> Path:
-    """Merge (fp32 arithmetic) and save config, safetensors, tokenizer and generation config."""
+    """Merge (fp32 arithmetic) and save config, safetensors, tokenizer and generation config.
+    Merging is in place: save the adapter first if you want it too."""
     merged = merge_pace(model) if hasattr(model, "pace_config") else model
     if dtype is not None:
         merged = merged.to(dtype)
@@ -86,3 +87,28 @@ def save_merged(model, out_dir, tokenizer=None, dtype: torch.dtype | None = None
         if getattr(merged, "generation_config", None) is not None and merged.can_generate():
             merged.generation_config.save_pretrained(tmp)
     return Path(out_dir)
+
+
+def dequantize(model):
+    """Replace bitsandbytes 4-bit / 8-bit linear layers by plain nn.Linear with the
+    dequantized weights (what a QLoRA adapter was trained against), for merging."""
+    import bitsandbytes as bnb
+    from peft.utils.integrations import dequantize_bnb_weight
+    quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, quantized):
+            state = getattr(module.weight, "quant_state", None) or getattr(module, "state", None)
+            weight = dequantize_bnb_weight(module.weight, state=state)
+            dtype = getattr(module, "compute_dtype", None) or torch.float32
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                     dtype=dtype)
+            with torch.no_grad():
+                linear.weight.copy_(weight.to(dtype))
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias.to(dtype))
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, linear)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    return model

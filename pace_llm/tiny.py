@@ -34,3 +34,34 @@ def tiny_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
            "roberta": transformers.RobertaForSequenceClassification,
            "vit": transformers.ViTForImageClassification}[kind]
     return cls(config).float()
+
+
+TINY_SPECIALS = ["<pad>", "<unk>", "<|endoftext|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Phi-3's chat format, so the tiny models exercise the same template path as the real ones.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+
+
+def tiny_tokenizer(chat_template: bool = True):
+    """A character-level tokenizer (printable ASCII + newline + specials, < 128 ids)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"<\|[a-z]+\|>|."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|endoftext|>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|end|>"])
+    if chat_template:
+        fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def tiny_arithmetic(n: int, seed: int = 0) -> list[dict]:
+    """GSM-shaped rows: {"question": "What is 12 + 7?", "answer": "12 + 7 = 19\\n#### 19"}."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for a, b in torch.randint(0, 50, (n, 2), generator=g).tolist():
+        rows.append({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
+    return rows

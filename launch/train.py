@@ -1,0 +1,15 @@
+"""Train PACE-LoRA from a recipe. The same file under every launcher:
+
+    python launch/train.py recipes/tiny.yaml                       # one process
+    OMP_NUM_THREADS=1 deepspeed --num_gpus 2 launch/train.py recipes/tiny.yaml pace.mode=fast
+    torchrun --nproc_per_node 8 launch/train.py recipes/gsm8k.yaml
+    sbatch launch/slurm/multi_node.sbatch recipes/gsm8k.yaml       # see launch/slurm/
+
+Overrides follow the recipe as section.key=value (train.max_steps=100, resume=true).
+"""
+import sys
+
+from pace_llm.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The recipe schema: typed sections, validated before any heavy work.
+
+A recipe is YAML with the sections below; `section.key=value` overrides follow the
+recipe path on the command line. An unknown key is an error naming it and the closest
+valid key; a wrong type or value names the key and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .adapters import ADAPTERS
+from .objectives import MODES
+from .pace import SCHEDULES
+
+
+class RecipeError(ValueError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 scalars: `off`/`yes` stay strings (pace.mode: off), 1e-3 is a float."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [r for r in resolvers if r[0] not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclasses.dataclass
+class ModelSection:
+    name: str = "tiny:phi3"            # hub id, local folder, or tiny:{phi3,llama,roberta,vit}
+    task: Literal["causal_lm", "seq_cls", "image_cls"] = "causal_lm"
+    num_labels: Optional[int] = None   # seq_cls / image_cls
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    quantization: Optional[Literal["nf4", "int8"]] = None
+    attn_implementation: Optional[str] = None
+    gradient_checkpointing: bool = False
+
+
+@dataclasses.dataclass
+class PaceSection:
+    mode: Literal[MODES] = "full"
+    lam: float = 0.1
+    sigma: float = 1.0
+    sigma_schedule: Literal[SCHEDULES] = "linear"
+    first_noisy_block: int = 0
+    lazy_every: int = 2
+    adapter: Literal[ADAPTERS] = "lora_add"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[Union[str, list[str]]] = None
+    cache_memory_gb: float = 2.0       # PACE_fast cache: memory-mapped on disk past this
+
+
+@dataclasses.dataclass
+class DataSection:
+    train: str = "tiny:arithmetic"     # local jsonl/json/csv/parquet, a hub id, or tiny:*
+    train_split: str = "train"
+    eval: Optional[str] = None
+    eval_split: str = "test"
+    hub_config: Optional[str] = None   # e.g. "main" for openai/gsm8k, the task for glue
+    prompt_template: str = "{question}"  # causal_lm: the user turn, fields in {braces}
+    answer_field: str = "answer"       # causal_lm: the supervised answer
+    text_fields: list[str] = dataclasses.field(default_factory=lambda: ["sentence"])  # seq_cls
+    image_field: str = "image"         # image_cls
+    image_size: int = 224
+    label_field: str = "label"
+    max_length: int = 512
+    limit: Optional[int] = None        # first N training rows (smoke runs)
+    eval_limit: Optional[int] = None
+
+
+@dataclasses.dataclass
+class TrainSection:
+    epochs: int = 1
+    max_steps: Optional[int] = None    # optimizer steps; sets the schedule when given
+    stop_after: Optional[int] = None   # end this invocation after step k (checkpointed)
+    micro_batch_size: int = 4          # per rank
+    gradient_accumulation: int = 1
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0             # 0 = off
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0                # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    fp_distance: bool = False          # log ‖f(θ) − f(θ0)‖² on a fixed held-out batch
+    export_check: bool = True          # compare merged-model logits with the trained model's
+
+
+@dataclasses.dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config: Optional[str] = None       # a DeepSpeed JSON file; replaces the generated config
+
+
+@dataclasses.dataclass
+class Recipe:
+    output_dir: str = "outputs/run"
+    resume: bool = False
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    pace: PaceSection = dataclasses.field(default_factory=PaceSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
+
+
+def _check_type(key: str, value: Any, tp) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(key, value, arg)
+            except RecipeError as err:
+                errors.append(str(err))
+        raise RecipeError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool) or tp in (int, float) and isinstance(value, bool) \
+            or not isinstance(value, tp):
+        raise RecipeError(f"{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + str(list(args))
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise RecipeError(f"unknown recipe key {full!r}{hint}; valid keys here: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{full}: expected a section (mapping), got {value!r}")
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _check_type(full, value, tp)
+    return cls(**kwargs)
+
+
+def _set_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise RecipeError(f"override {override!r} is not of the form section.key=value")
+    path, raw = override.split("=", 1)
+    value = _yaml(raw) if raw != "" else None
+    node = tree
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {override!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_recipe(path: Optional[str] = None, overrides: list[str] = ()) -> Recipe:
+    tree: dict = {}
+    if path is not None:
+        try:
+            tree = _yaml(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise RecipeError(f"recipe file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise RecipeError(f"recipe {path} must be a mapping of sections")
+    for override in overrides:
+        _set_override(tree, override)
+    recipe = _build(Recipe, tree)
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    """Value checks the types cannot express."""
+    def need(cond, key, what):
+        if not cond:
+            raise RecipeError(f"{key}: expected {what}, got {eval_key(r, key)!r}")
+    need(0 <= r.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", "0, 1, 2 or 3")
+    need(r.pace.sigma >= 0, "pace.sigma", "a value >= 0")
+    need(r.pace.lam >= 0, "pace.lam", "a value >= 0")
+    need(r.pace.rank >= 1, "pace.rank", "an integer >= 1")
+    need(r.pace.lazy_every >= 1, "pace.lazy_every", "an integer >= 1")
+    need(r.train.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")
+    need(r.train.gradient_accumulation >= 1, "train.gradient_accumulation", "an integer >= 1")
+    need(r.train.lr > 0, "train.lr", "a value > 0")
+    need(r.train.max_steps is None or r.train.max_steps >= 1, "train.max_steps", "an integer >= 1")
+    need(r.train.stop_after is None or r.train.stop_after >= 1, "train.stop_after", "an integer >= 1")
+    need(r.pace.mode != "lazy_half" or r.train.micro_batch_size >= 2, "train.micro_batch_size",
+         ">= 2 with pace.mode=lazy_half (it halves the batch)")
+    need(r.model.task == "causal_lm" or r.model.num_labels, "model.num_labels",
+         f"the number of classes for model.task={r.model.task}")
+
+
+def eval_key(r: Recipe, key: str):
+    node = r
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def to_dict(r: Recipe) -> dict:
+    return dataclasses.asdict(r)

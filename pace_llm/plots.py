@@ -1,0 +1,31 @@
+"""The training curves a person would rather look at than read."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def plot_metrics(metrics_jsonl: Path, png: Path) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    panels = [("loss", ["loss", "task_loss", "consistency_loss", "eval_loss"]), ("grad norm", ["grad_norm"]),
+              ("FP-distance", ["fp_distance"])]
+    panels = [(title, [k for k in keys if any(r.get(k) is not None for r in rows)]) for title, keys in panels]
+    panels = [p for p in panels if p[1]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels):
+        for key in keys:
+            pts = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]
+            ax.plot(*zip(*pts), label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

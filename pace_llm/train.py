@@ -1,0 +1,279 @@
+"""The training loop: setup / fit / evaluate / save, under DeepSpeed ZeRO 0-3.
+
+    deepspeed --num_gpus 8 launch/train.py recipes/gsm8k.yaml pace.lam=0.05
+    torchrun --nproc_per_node 8 launch/train.py recipes/gsm8k.yaml
+    python launch/train.py recipes/tiny.yaml            # one process
+
+One loop for every launcher: torchrun, deepspeed and Slurm all set RANK / WORLD_SIZE /
+MASTER_ADDR; plain `python` gets single-process defaults. DeepSpeed specifics (config,
+ZeRO-3 gathering, checkpoint layout) sit behind the helpers in `engine.py`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import engine as ds
+from .adapters import PaceConfig, TargetError, apply_pace, trainable_parameter_count
+from .cache import OutputCache, ShardedEpochSampler
+from .config import Recipe, RecipeError, load_recipe, to_dict
+from .data import Collator, DataError
+from .objectives import PaceObjective, cache_dim, forward_rows, supervised_counts, task_loss
+from .pace import mean_squared_norm
+from .plots import plot_metrics
+from .setup import build_datasets, build_model
+
+log = logging.getLogger("pace_llm.train")
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 (Slurm time limit, preemption): finish the step, checkpoint, exit."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %d: checkpointing after this step", signum)
+        self.flag = True
+
+
+def lr_lambda(recipe: Recipe, total_steps: int):
+    """Linear warmup, then cosine decay to min_lr (as a factor of lr)."""
+    t, floor = recipe.train, recipe.train.min_lr / recipe.train.lr
+
+    def factor(step):
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return factor
+
+
+def all_mean(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def setup(recipe: Recipe):
+    rank, world = ds.init_distributed()
+    torch.manual_seed(recipe.train.seed + rank)
+    out = Path(recipe.output_dir)
+    ds_config = ds.build_config(recipe, world)
+    hf_ds = ds.zero3_context(ds_config)  # keeps from_pretrained partitioned under ZeRO-3
+    tokenizer, model, base_source = build_model(recipe, out, partition_config=ds_config if hf_ds else None)
+    train_set, eval_set = build_datasets(recipe, tokenizer)
+    pace = recipe.pace
+    model = apply_pace(model, PaceConfig(
+        rank=pace.rank, alpha=pace.alpha, dropout=pace.dropout, target_modules=pace.target_modules,
+        adapter=pace.adapter, sigma=0.0 if pace.mode == "off" else pace.sigma,
+        sigma_schedule=pace.sigma_schedule, first_noisy_block=pace.first_noisy_block))
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # before any forward: bitsandbytes' CPU 4-bit layers repack in eval mode
+    steps_per_epoch = math.ceil(math.ceil(len(train_set) / world) / recipe.train.micro_batch_size
+                                / recipe.train.gradient_accumulation)
+    total_steps = recipe.train.max_steps or steps_per_epoch * recipe.train.epochs
+    engine = ds.initialize(model, ds_config, recipe, lr_lambda(recipe, total_steps))
+    sampler = ShardedEpochSampler(len(train_set), rank, world, seed=recipe.train.seed)
+    collate = Collator(tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0)
+    loader = DataLoader(train_set, batch_size=recipe.train.micro_batch_size, sampler=sampler, collate_fn=collate,
+                        generator=torch.Generator())  # not the global RNG: resumes replay it exactly
+    cache = None
+    if pace.mode == "fast":
+        shard = [train_set[i] for i in sampler.shard]
+        counts = supervised_counts_rows(shard)
+        cache = OutputCache(counts, cache_dim(engine), sample_ids=[r["sample_id"] for r in shard],
+                            memory_budget_bytes=int(pace.cache_memory_gb * 2**30), disk_dir=str(out))
+        log.info("PACE_fast cache: %d samples on this rank, %.1f MiB", len(counts), cache.nbytes / 2**20)
+    objective = PaceObjective(pace.mode, pace.lam, pace.lazy_every, cache)
+    trainable, total = trainable_parameter_count(model)
+    if rank == 0:
+        log.info("trainable parameters: %s of %s (%.3f%%); %d train samples, %d steps",
+                 f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total), len(train_set), total_steps)
+    return dict(rank=rank, world=world, out=out, tokenizer=tokenizer, engine=engine, loader=loader,
+                sampler=sampler, objective=objective, cache=cache, eval_set=eval_set, collate=collate,
+                total_steps=total_steps, steps_per_epoch=steps_per_epoch, base_source=base_source,
+                ds_config=ds_config, hf_ds=hf_ds)
+
+
+def supervised_counts_rows(rows: list[dict]) -> list[int]:
+    if rows and isinstance(rows[0]["labels"], list):
+        return [int(supervised_counts(torch.tensor([r["labels"]]))[0]) for r in rows]
+    return [1] * len(rows)
+
+
+def first_batch(dataset, collate, size: int) -> dict:
+    return collate([dataset[i] for i in range(min(size, len(dataset)))])
+
+
+def evaluate(engine, eval_set, collate, batch_size: int) -> float:
+    """Mean task loss on the eval set (eval mode: no noise, no dropout)."""
+    engine.eval()
+    losses = []
+    with torch.no_grad():
+        for batch in DataLoader(eval_set, batch_size=batch_size, collate_fn=collate, generator=torch.Generator()):
+            losses.append(task_loss(forward_rows(engine, batch)).item())
+    engine.train()
+    return sum(losses) / max(1, len(losses))
+
+
+def fit(recipe: Recipe, s: dict) -> str:
+    """Returns "done", "stopped" (stop_after or a signal: checkpointed) or raises on NaN."""
+    engine, loader, sampler, objective, rank = s["engine"], s["loader"], s["sampler"], s["objective"], s["rank"]
+    t, out = recipe.train, s["out"]
+    state = {"step": 0, "epoch": 0, "batches_in_epoch": 0}
+    if recipe.resume:
+        state = ds.load_checkpoint(engine, out, s["cache"]) or state
+    stop = StopRequested()
+    fixed_batch = first_batch(s["eval_set"] or loader.dataset, s["collate"], t.micro_batch_size)
+    reference = fixed_outputs(engine, fixed_batch) if t.fp_distance else None
+    metrics_path = out / "metrics.jsonl"
+    bar = tqdm(total=s["total_steps"], initial=state["step"], disable=rank != 0, desc="train",
+               dynamic_ncols=True)
+    ga = t.gradient_accumulation
+    step, epoch = state["step"], state["epoch"]
+    while step < s["total_steps"]:
+        sampler.set_epoch(epoch)
+        skip = state["batches_in_epoch"] if epoch == state["epoch"] else 0
+        micro = []
+        for batch_index, batch in enumerate(loader):
+            if batch_index < skip:
+                continue
+            started = time.perf_counter()
+            result = objective(engine, batch, step)
+            finite = torch.tensor([float(torch.isfinite(result.loss))])
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1:
+                raise FloatingPointError(
+                    f"non-finite loss at step {step + 1} (task {result.task_loss.item():.4g}, consistency "
+                    f"{result.consistency_loss.item():.4g}): stopping; the last good checkpoint in "
+                    f"{out / 'checkpoints'} is intact (lower train.lr or pace.lam?)")
+            engine.backward(result.loss)
+            engine.step()
+            micro.append((result.loss.item(), result.task_loss.item(), result.consistency_loss.item(),
+                          int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"]),
+                          time.perf_counter() - started))
+            if len(micro) < ga:
+                continue
+            step += 1
+            state = {"step": step, "epoch": epoch, "batches_in_epoch": batch_index + 1}
+            loss, task, cons, tokens, seconds = (sum(x) / ga for x in zip(*micro))
+            loss, task, cons, tokens_per_s = all_mean([loss, task, cons, tokens * ga / (seconds * ga)])
+            micro = []
+            if step % t.log_every == 0 or step == s["total_steps"]:
+                row = {"step": step, "epoch": epoch + (batch_index + 1) / len(loader), "loss": loss,
+                       "task_loss": task, "consistency_loss": cons, "grad_norm": ds.grad_norm(engine),
+                       "lr": engine.get_lr()[0], "tokens_per_s": tokens_per_s * s["world"]}
+                if reference is not None:
+                    row["fp_distance"] = mean_squared_norm(fixed_outputs(engine, fixed_batch) - reference).item()
+                if t.eval_every and s["eval_set"] is not None and step % t.eval_every == 0:
+                    row["eval_loss"] = evaluate(engine, s["eval_set"], s["collate"], t.micro_batch_size)
+                if rank == 0:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    ds.tensorboard_log(out, row)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+            stop_now = torch.tensor([float(stop.flag)])
+            dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
+            if t.save_every and step % t.save_every == 0 or stop_now.item() or step == t.stop_after:
+                ds.save_checkpoint(engine, out, state, s["cache"], t.keep_checkpoints)
+            if stop_now.item() or step == t.stop_after:
+                bar.close()
+                return "stopped"
+            if step >= s["total_steps"]:
+                break
+        epoch += 1
+        state = {"step": step, "epoch": epoch, "batches_in_epoch": 0}
+    bar.close()
+    if not (t.save_every and step % t.save_every == 0):
+        ds.save_checkpoint(engine, out, state, s["cache"], t.keep_checkpoints)
+    return "done"
+
+
+def fixed_outputs(engine, batch) -> torch.Tensor:
+    """Eval-mode outputs f on a fixed batch (FP-distance and the export check)."""
+    engine.eval()
+    with torch.no_grad():
+        f = forward_rows(engine, batch).f.float().cpu()
+    engine.train()
+    return f
+
+
+def save_outputs(recipe: Recipe, s: dict) -> None:
+    """OUTPUT_DIR/adapter (PEFT format) and OUTPUT_DIR/merged (HF folder), from rank 0."""
+    out, engine, rank = s["out"], s["engine"], s["rank"]
+    check_batch = first_batch(s["eval_set"] or s["loader"].dataset, s["collate"], 4)
+    trained = fixed_outputs(engine, check_batch)  # every rank: ZeRO-3 forwards are collective
+    if s["eval_set"] is not None:
+        eval_loss = evaluate(engine, s["eval_set"], s["collate"], recipe.train.micro_batch_size)
+        if rank == 0:
+            log.info("eval loss %.4f", eval_loss)
+    ds.save_adapter(engine, out / "adapter")
+    if rank == 0:
+        merged = ds.export_merged(recipe, s["base_source"], out / "adapter", out / "merged", s["tokenizer"])
+        if recipe.train.export_check:
+            merged.eval()
+            with torch.no_grad():
+                diff = (forward_rows(merged, check_batch).f.float() - trained).abs().max().item()
+            (out / "export_check.json").write_text(json.dumps({"max_abs_logit_diff": diff, "rows": len(trained)}))
+            tol = 1e-4 if recipe.model.dtype == "fp32" and not recipe.model.quantization else 5e-2
+            if diff > tol:
+                raise RuntimeError(f"merged model differs from the trained model by {diff:.3g} (> {tol})")
+            log.info("merged model matches the trained model (max |Δlogit| %.2e)", diff)
+        plot_metrics(out / "metrics.jsonl", out / "training_curves.png")
+        log.info("adapter: %s  merged: %s", out / "adapter", out / "merged")
+    dist.barrier()
+
+
+def run(recipe: Recipe) -> str:
+    s = setup(recipe)
+    if s["rank"] == 0:
+        s["out"].mkdir(parents=True, exist_ok=True)
+        (s["out"] / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=2))
+    status = fit(recipe, s)
+    if status == "done":
+        save_outputs(recipe, s)
+    if s["rank"] == 0:  # read by the Slurm scripts: "stopped" means requeue and resume
+        (s["out"] / "run_status.json").write_text(json.dumps({"status": status}))
+    if s["cache"] is not None:
+        s["cache"].close()
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    try:
+        recipe = load_recipe(argv[0], argv[1:])
+    except RecipeError as err:
+        print(f"recipe error: {err}", file=sys.stderr)
+        return 2
+    try:
+        status = run(recipe)
+    except (RecipeError, DataError, TargetError, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)  # bad recipe / data / targets, or a diverged run
+        return 1 if isinstance(err, FloatingPointError) else 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0 if status in ("done", "stopped") else 1

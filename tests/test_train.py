@@ -1,0 +1,220 @@
+"""launch/train.py under real DeepSpeed (2 gloo ranks on this CPU), with recipes/tiny.yaml."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import peft
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from trainrun import ROOT, env, free_port, launch, metrics
+
+pytestmark = pytest.mark.slow
+MODES = ["off", "full", "fast", "lazy_half"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 2-rank deepspeed run per (ZeRO stage, mode), made on first use."""
+    done = {}
+
+    def get(stage, mode):
+        if (stage, mode) not in done:
+            out = tmp_path_factory.mktemp(f"zero{stage}-{mode}")
+            launch("deepspeed", out, f"deepspeed.zero_stage={stage}", f"pace.mode={mode}")
+            done[stage, mode] = out
+        return done[stage, mode]
+    return get
+
+
+def eval_logits(model, input_ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
+    out = runs(stage, mode)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    for key in ("step", "epoch", "loss", "task_loss", "consistency_loss", "grad_norm", "lr", "tokens_per_s"):
+        assert all(key in r for r in rows), key
+    first, last = rows[:4], rows[-4:]
+    assert sum(r["task_loss"] for r in last) < sum(r["task_loss"] for r in first) - 0.4  # it learns
+    consistency = [r["consistency_loss"] for r in rows]
+    if mode == "off":
+        assert all(c == 0 for c in consistency)
+    elif mode == "fast":  # no target in epoch 0 (steps 1-8), targets from epoch 1 on
+        assert all(c == 0 for c in consistency[:8]) and all(c > 0 for c in consistency[8:])
+    elif mode == "lazy_half":  # paired on even steps (0-based), plain otherwise
+        assert all(c > 0 for c in consistency[2::2]) and all(c == 0 for c in consistency[1::2])
+    else:
+        assert all(c > 0 for c in consistency[1:])  # step 1: lora_B = 0, so no noise effect yet
+
+    # adapter (PEFT format, never empty under ZeRO-3) and merged folder exist and agree
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert weights and all(v.numel() > 0 for v in weights.values())
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in weights.items())
+    assert json.loads((out / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-4
+    ids = torch.randint(6, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
+    adapted = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(out / "tiny-base"), out / "adapter")
+    assert (eval_logits(merged, ids) - eval_logits(adapted, ids)).abs().max() <= 1e-5
+    assert (out / "training_curves.png").stat().st_size > 1000
+    assert json.loads((out / "run_status.json").read_text()) == {"status": "done"}
+
+
+def test_stop_and_resume_logs_the_same_losses(runs, tmp_path):
+    reference = {r["step"]: r for r in metrics(runs(2, "fast"))}
+    out = tmp_path / "resumed"
+    launch("deepspeed", out, "deepspeed.zero_stage=2", "pace.mode=fast", "train.stop_after=5")
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
+    assert json.loads((out / "run_status.json").read_text()) == {"status": "stopped"}
+    assert not (out / "merged").exists()
+    launch("deepspeed", out, "deepspeed.zero_stage=2", "pace.mode=fast", "resume=true")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    for r in rows:  # steps 6-16 cross an epoch boundary and use the restored PACE_fast cache
+        for key in ("loss", "task_loss", "consistency_loss", "lr"):
+            assert r[key] == pytest.approx(reference[r["step"]][key], rel=1e-5, abs=1e-6), (r["step"], key)
+
+
+def test_kill_during_checkpoint_save_leaves_a_resumable_run(runs, tmp_path):
+    out = tmp_path / "killed"
+    proc = launch("deepspeed", out, "deepspeed.zero_stage=2", "pace.mode=fast", check=False,
+                  extra_env={"PACE_FAULT_KILL_IN_SAVE": "8"})
+    assert proc.returncode != 0
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-00000004"  # the save of step 8 never landed
+    assert (checkpoints / "step-00000008.tmp").exists()
+    launch("deepspeed", out, "deepspeed.zero_stage=2", "pace.mode=fast", "resume=true")
+    reference = {r["step"]: r for r in metrics(runs(2, "fast"))}
+    final = [r for r in metrics(out) if r["step"] == 16][-1]
+    assert final["loss"] == pytest.approx(reference[16]["loss"], rel=1e-5)
+    assert (out / "merged" / "model.safetensors").exists()
+    assert not (checkpoints / "step-00000008.tmp").exists() or (checkpoints / "latest").read_text() == "step-00000016"
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    out = tmp_path / "sigterm"
+    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "recipes/tiny.yaml", f"output_dir={out}",
+           "train.max_steps=400", "train.save_every=0", "deepspeed.zero_stage=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    last = metrics(out)[-1]["step"]
+    assert last < 400
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{last:08d}"
+    assert json.loads((out / "run_status.json").read_text()) == {"status": "stopped"}
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / "nan"  # lr 1e30: step 1 is finite, its update blows the weights up
+    proc = launch("python", out, "deepspeed.zero_stage=0", "train.max_steps=12", "train.save_every=1",
+                  "train.lr=1e30", "train.warmup_steps=0", check=False)
+    assert proc.returncode == 1
+    assert "non-finite loss at step" in proc.stderr and "last good checkpoint" in proc.stderr
+    rows = metrics(out)
+    assert rows and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    latest = (out / "checkpoints" / "latest").read_text()
+    assert latest == f"step-{rows[-1]['step']:08d}"  # the last finite step's checkpoint is intact
+    assert (out / "checkpoints" / latest / "pace_rank0.pt").exists()
+    assert not (out / "merged").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pace.lamda=0.1", "unknown recipe key 'pace.lamda' (did you mean pace.lam?)"),
+    ("train.max_steps=ten", "train.max_steps: expected int or null, got 'ten'"),
+    ("pace.target_modules=[qkv]", "target_modules=['qkv'] matched no linear module of Phi3ForCausalLM"),
+    ("data.answer_field=solution", "field 'solution' is missing from the data tiny:arithmetic"),
+])
+def test_bad_recipes_fail_fast_naming_the_problem(tmp_path, override, message):
+    started = time.time()
+    proc = launch("python", tmp_path / "bad", override, check=False)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+    assert time.time() - started < 120
+
+
+def test_qlora_nf4_trains_on_cpu(tmp_path):
+    import bitsandbytes as bnb
+
+    import pace_llm
+    from pace_llm.config import load_recipe
+    from pace_llm.setup import load_base
+    from pace_llm.tiny import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    recipe = load_recipe("recipes/tiny.yaml", ["model.quantization=nf4"])
+    model = load_base(recipe, tmp_path / "base")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    model = pace_llm.apply_pace(model, pace_llm.PaceConfig(rank=4))
+    model.train()  # before any forward: the CPU repacking trap of environment.md
+    ids = torch.randint(6, 100, (2, 10))
+    batch = {"input_ids": ids, "labels": ids.clone(), "sample_id": torch.arange(2)}
+    pace_llm.PaceObjective("full", lam=0.01)(model, batch).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+    run = tmp_path / "qlora-run"
+    launch("python", run, "model.name=tiny:llama", "model.quantization=nf4", "deepspeed.zero_stage=0")
+    rows = metrics(run)
+    assert sum(r["task_loss"] for r in rows[-4:]) < sum(r["task_loss"] for r in rows[:4]) - 0.4
+    merged = transformers.AutoModelForCausalLM.from_pretrained(run / "merged")
+    assert getattr(merged.config, "quantization_config", None) is None  # dequantized + adapter
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    assert json.loads((run / "export_check.json").read_text())["max_abs_logit_diff"] < 1e-3
+
+
+def test_two_node_torchrun_launch(tmp_path):
+    """Two `torchrun --nnodes 2 --node_rank {0,1}` launches, one rank each, rendezvous on
+    127.0.0.1, as launch/slurm/multi_node.sbatch starts them."""
+    out = tmp_path / "two-node"
+    port = free_port()
+    procs = [subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "torchrun") if (ROOT / ".venv").exists() else "torchrun",
+         "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
+         f"--master_port={port}", str(ROOT / "launch" / "train.py"), "recipes/tiny.yaml",
+         f"output_dir={out}", "pace.mode=fast", "deepspeed.zero_stage=2"],
+        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert [r["step"] for r in metrics(out)] == list(range(1, 17))
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000016"
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert json.loads((out / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-4
+
+
+def test_slurm_dry_run_prints_one_torchrun_per_node():
+    proc = subprocess.run(["bash", "launch/slurm/multi_node.sbatch", "recipes/gsm8k.yaml", "pace.lam=0.05"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=env(PACE_DRY_RUN="1", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES="2",
+                                  SLURM_GPUS_ON_NODE="4", SLURM_JOB_ID="1234", PACE_PYTHON=sys.executable))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2
+    for rank, (host, line) in enumerate(zip(["gpu07", "gpu08"], lines)):
+        assert line.startswith(f"[{host}] ") and "torchrun" in line
+        for part in ("--nnodes=2", "--nproc_per_node=4", f"--node_rank={rank}", "--master_addr=gpu07",
+                     "--master_port=29734", "SIGUSR1", "launch/train.py recipes/gsm8k.yaml pace.lam=0.05 resume=true"):
+            assert part in line, (part, line)
+
+
+def test_nodelist_expansion():
+    sys.path.insert(0, str(ROOT / "launch" / "slurm"))
+    from commands import expand_nodelist
+    assert expand_nodelist("gpu[01-03,07],login1,cn[9-10]") == \
+        ["gpu01", "gpu02", "gpu03", "gpu07", "login1", "cn9", "cn10"]
