@@ -2,7 +2,7 @@
 model's chat template, answer-only labels, padding-aware collation, stable sample ids.
 
 Sources: a local .jsonl/.json/.csv/.parquet file, a hub id (with `data.hub_config`), or
-`tiny:arithmetic` (generated rows for smoke runs). A sample's id is its row index in the
+`tiny:arithmetic|sentences|images` (generated rows for smoke runs). A sample's id is its row index in the
 source, so it is stable across shuffling, ranks and resumes (the PACE_fast cache key).
 """
 from __future__ import annotations
@@ -35,11 +35,13 @@ def render_prompt(tokenizer, user_text: str) -> str:
 def load_rows(source: str, split: str = "train", hub_config: Optional[str] = None,
               limit: Optional[int] = None, seed: int = 0) -> datasets.Dataset:
     if source.startswith("tiny:"):
-        from .tiny import tiny_arithmetic
-        if source != "tiny:arithmetic":
-            raise DataError(f"unknown generated data {source!r}; available: tiny:arithmetic")
-        rows = datasets.Dataset.from_list(tiny_arithmetic(64 if split == "train" else 16,
-                                                          seed=seed + (split != "train")))
+        from . import tiny
+        generators = {"tiny:arithmetic": tiny.tiny_arithmetic, "tiny:sentences": tiny.tiny_sentences,
+                      "tiny:images": tiny.tiny_images}
+        if source not in generators:
+            raise DataError(f"unknown generated data {source!r}; available: {', '.join(generators)}")
+        rows = datasets.Dataset.from_list(generators[source](64 if split == "train" else 16,
+                                                             seed=seed + (split != "train")))
     elif Path(source).suffix in _FILE_FORMATS:
         if not Path(source).exists():
             raise DataError(f"data file {source} does not exist")

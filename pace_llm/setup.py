@@ -27,6 +27,8 @@ def materialize_tiny(name: str, folder: Path, num_labels=None) -> Path:
         if kind in ("phi3", "llama"):  # generated ids must decode; eos must be the tokenizer's
             overrides.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
                              bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        elif kind == "roberta":  # position ids skip the padding id: it must be the tokenizer's
+            overrides.update(pad_token_id=tokenizer.pad_token_id)
         with atomic_dir(folder) as tmp:
             tiny_model(kind, **overrides).save_pretrained(tmp)
             if tokenizer is not None:

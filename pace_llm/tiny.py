@@ -65,3 +65,37 @@ def tiny_arithmetic(n: int, seed: int = 0) -> list[dict]:
     for a, b in torch.randint(0, 50, (n, 2), generator=g).tolist():
         rows.append({"question": f"What is {a} + {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"})
     return rows
+
+
+_GOOD = ["good", "great", "fine", "nice", "warm", "bright"]
+_BAD = ["bad", "poor", "dull", "cold", "dark", "awful"]
+_NEUTRAL = ["the", "film", "was", "a", "plot", "and", "very", "cast", "story"]
+
+
+def tiny_sentences(n: int, seed: int = 0) -> list[dict]:
+    """SST-2-shaped rows: {"sentence", "label"}, label 1 when good words outnumber bad ones."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        n_good, n_bad = (int(x) for x in torch.randint(0, 4, (2,), generator=g))
+        if n_good == n_bad:
+            n_good += 1
+        words = [_GOOD[int(i)] for i in torch.randint(0, len(_GOOD), (n_good,), generator=g)]
+        words += [_BAD[int(i)] for i in torch.randint(0, len(_BAD), (n_bad,), generator=g)]
+        words += [_NEUTRAL[int(i)] for i in torch.randint(0, len(_NEUTRAL), (4,), generator=g)]
+        order = torch.randperm(len(words), generator=g).tolist()
+        rows.append({"sentence": " ".join(words[i] for i in order), "label": int(n_good > n_bad)})
+    return rows
+
+
+def tiny_images(n: int, seed: int = 0, size: int = 32, classes: int = 4) -> list[dict]:
+    """{"image": uint8 [size, size, 3], "label"}: the label is the brightest quadrant."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    half = size // 2
+    for label in torch.randint(0, classes, (n,), generator=g).tolist():
+        image = torch.randint(0, 120, (size, size, 3), generator=g)
+        r, c = divmod(label, 2)
+        image[r * half:(r + 1) * half, c * half:(c + 1) * half] += 120
+        rows.append({"image": image.to(torch.uint8).numpy(), "label": label})
+    return rows

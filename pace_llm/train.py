@@ -163,6 +163,7 @@ def fit(recipe: Recipe, s: dict) -> str:
                     f"{result.consistency_loss.item():.4g}): stopping; the last good checkpoint in "
                     f"{out / 'checkpoints'} is intact (lower train.lr or pace.lam?)")
             engine.backward(result.loss)
+            norm = stage0_grad_norm(engine)
             engine.step()
             micro.append((result.loss.item(), result.task_loss.item(), result.consistency_loss.item(),
                           int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"]),
@@ -176,7 +177,7 @@ def fit(recipe: Recipe, s: dict) -> str:
             micro = []
             if step % t.log_every == 0 or step == s["total_steps"]:
                 row = {"step": step, "epoch": epoch + (batch_index + 1) / len(loader), "loss": loss,
-                       "task_loss": task, "consistency_loss": cons, "grad_norm": ds.grad_norm(engine),
+                       "task_loss": task, "consistency_loss": cons, "grad_norm": ds.grad_norm(engine) if norm is None else norm,
                        "lr": engine.get_lr()[0], "tokens_per_s": tokens_per_s * s["world"]}
                 if reference is not None:
                     row["fp_distance"] = mean_squared_norm(fixed_outputs(engine, fixed_batch) - reference).item()
@@ -203,6 +204,15 @@ def fit(recipe: Recipe, s: dict) -> str:
     if not (t.save_every and step % t.save_every == 0):
         ds.save_checkpoint(engine, out, state, s["cache"], t.keep_checkpoints)
     return "done"
+
+
+def stage0_grad_norm(engine) -> float | None:
+    """DeepSpeed reports the global gradient norm for ZeRO >= 1 only; for stage 0 the
+    (already all-reduced) gradients are on the parameters at the accumulation boundary."""
+    if engine.zero_optimization_stage() != 0 or not engine.is_gradient_accumulation_boundary():
+        return None
+    grads = [p.grad.float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return torch.stack(grads).norm().item() if grads else 0.0
 
 
 def fixed_outputs(engine, batch) -> torch.Tensor:
