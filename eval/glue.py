@@ -1,0 +1,170 @@
+"""GLUE validation metrics of a fine-tuned sequence classifier, and tables over results.
+
+    python eval/glue.py --task cola --model out/merged --output out/cola.json
+    python eval/glue.py --task rte --model roberta-base --adapter out/adapter --output out/rte.json
+    python eval/glue.py --task sst2 --model DIR --data sst2_dev.jsonl      # local jsonl/csv/tsv/parquet
+    python eval/glue.py --table out/*.json [--by-task]                     # like the paper's Table 5
+
+--model alone is a merged folder (pace_llm.save_merged) or any saved classifier; with
+--adapter it is the base model and the adapter folder (pace_llm.save_adapter; PEFT LoRA or
+PACE's lora_mul_vpt, both through pace_llm.load_adapter) is applied on top. Data: a local
+file with the task's text fields and `label`, or a hub dataset id (default nyu-mll/glue,
+config = the task, split = its validation split; MNLI: validation_matched). The result
+JSON holds every metric of the task as fractions; the table prints main metrics x100.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
+
+from pace_llm.tasks import glue  # noqa: E402
+
+_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--task", choices=sorted(glue.TASKS), help="GLUE task")
+    p.add_argument("--model", help="merged/saved classifier folder, or the base model with --adapter")
+    p.add_argument("--adapter", help="adapter folder from pace_llm.save_adapter, on top of --model")
+    p.add_argument("--tokenizer", help="default: the adapter folder if it has a tokenizer, else --model")
+    p.add_argument("--data", default="nyu-mll/glue",
+                   help="local .jsonl/.json/.csv/.tsv/.parquet, or a hub dataset id (default nyu-mll/glue)")
+    p.add_argument("--hub-config", help="hub dataset config (default: the task name)")
+    p.add_argument("--split", help="hub split (default: the task's validation split)")
+    p.add_argument("--text-fields", help="comma-separated text columns (default: the task's)")
+    p.add_argument("--label-field", default=None, help="label column (default: label)")
+    p.add_argument("--limit", type=int, help="first N examples only")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, help="truncate inputs (default: the model's limit, at most 512)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--name", help="run name in tables (default: the adapter's or the model's folder name)")
+    p.add_argument("--output", help="FILE.json for the result")
+    p.add_argument("--save-predictions", action="store_true",
+                   help="also write FILE.predictions.jsonl (prediction, label, raw outputs per example)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--table", nargs="+", metavar="RESULT.json", help="print a table over result files")
+    p.add_argument("--by-task", action="store_true", help="table with one row per task (and an Avg row)")
+    args = p.parse_args(argv)
+    if not args.table and not (args.task and args.model):
+        p.error("--task and --model are required (or --table RESULT.json ...)")
+    if args.save_predictions and not args.output:
+        p.error("--save-predictions needs --output")
+    return args
+
+
+def load_rows(args, spec: glue.GlueTask):
+    import datasets
+    path = Path(args.data)
+    if path.suffix in _FILE_FORMATS:
+        if not path.exists():
+            raise SystemExit(f"[glue] data file {path} does not exist")
+        kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+        rows = datasets.load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train", **kwargs)
+    else:
+        rows = datasets.load_dataset(args.data, args.hub_config or spec.name,
+                                     split=args.split or spec.validation_split)
+    if args.limit:
+        rows = rows.select(range(min(args.limit, len(rows))))
+    return rows
+
+
+def _adapter_has_head(adapter_dir: Path) -> bool:
+    from safetensors import safe_open
+    for name in ("adapter_model.safetensors", "pace_adapter.safetensors"):
+        if (adapter_dir / name).exists():
+            with safe_open(str(adapter_dir / name), "pt") as fh:
+                return any(h in key for key in fh.keys() for h in ("classifier", "score"))
+    return True  # unknown format: let load_adapter complain
+
+
+def load_model(args, spec: glue.GlueTask):
+    import torch
+    import transformers
+    dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.adapter:
+        import pace_llm
+        adapter = Path(args.adapter)
+        # The head comes from the adapter (modules_to_save): the base's own head, if any,
+        # may have another label count, hence ignore_mismatched_sizes.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = transformers.AutoModelForSequenceClassification.from_pretrained(
+                args.model, num_labels=spec.num_labels, dtype=torch.float32, ignore_mismatched_sizes=True)
+        if not _adapter_has_head(adapter):
+            print(f"[glue] warning: {adapter} carries no classification head; the base model's head "
+                  f"is used (save adapters with the head trained: pace.train_head)", file=sys.stderr)
+        model = pace_llm.load_adapter(base, adapter)
+        model = model.to(dtype)
+    else:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(args.model, dtype=dtype)
+        if model.config.num_labels != spec.num_labels:
+            raise SystemExit(f"[glue] {args.model} has {model.config.num_labels} labels, "
+                             f"{spec.name} needs {spec.num_labels}")
+    tok_dir = args.tokenizer or (args.adapter if args.adapter and
+                                 (Path(args.adapter) / "tokenizer_config.json").exists() else args.model)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    model.eval()
+    return model.to(device), tokenizer
+
+
+def run_name(args) -> str:
+    if args.name:
+        return args.name
+    return Path(args.adapter or args.model).name
+
+
+def evaluate(args) -> dict:
+    spec = glue.get_task(args.task)
+    rows = load_rows(args, spec)
+    fields = args.text_fields.split(",") if args.text_fields else None
+    glue.text_inputs(spec, rows, fields)            # fail on missing fields or -1 labels
+    glue.references_of(spec, rows, args.label_field)  # before loading the model
+    model, tokenizer = load_model(args, spec)
+    result = glue.evaluate(model, tokenizer, spec, rows, batch_size=args.batch_size,
+                           max_length=args.max_length, text_fields=fields,
+                           label_field=args.label_field, progress=not args.quiet)
+    outputs = result.pop("outputs")
+    result = {"name": run_name(args), **result, "model": args.model, "adapter": args.adapter,
+              "data": args.data, "split": None if Path(args.data).suffix in _FILE_FORMATS
+              else (args.split or spec.validation_split),
+              "settings": {"batch_size": args.batch_size, "max_length": args.max_length,
+                           "dtype": args.dtype, "limit": args.limit, "text_fields": fields}}
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        if args.save_predictions:
+            preds = glue.to_predictions(spec, outputs)
+            refs = glue.references_of(spec, rows, args.label_field)
+            with out.with_name(out.stem + ".predictions.jsonl").open("w") as fh:
+                for i, (p, r, o) in enumerate(zip(preds.tolist(), refs.tolist(), outputs.tolist())):
+                    fh.write(json.dumps({"idx": i, "prediction": p, "label": r, "outputs": o}) + "\n")
+        print(f"[glue] wrote {out}", file=sys.stderr)
+    result["outputs"] = outputs  # for callers in Python; not in the JSON
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.table:
+        results = [json.loads(Path(f).read_text()) for f in args.table]
+        table = glue.format_table(results, by_task=args.by_task)
+        print(table)
+        return {"table": table}
+    result = evaluate(args)
+    print(json.dumps({"name": result["name"], "task": result["task"], "n": result["n"],
+                      **{k: round(v, 4) for k, v in result["metrics"].items()}}))
+    return result
+
+
+if __name__ == "__main__":
+    main()
