@@ -21,7 +21,7 @@ def plot_metrics(metrics_jsonl: Path, png: Path) -> Path | None:
     for ax, (title, keys) in zip(axes[0], panels):
         for key in keys:
             pts = [(s, r[key]) for s, r in zip(steps, rows) if r.get(key) is not None]
-            ax.plot(*zip(*pts), label=key)
+            ax.plot(*zip(*pts), label=key, marker="o" if key == "eval_loss" else None)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=8)

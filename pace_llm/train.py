@@ -142,6 +142,11 @@ def fit(recipe: Recipe, s: dict) -> str:
     fixed_batch = first_batch(s["eval_set"] or loader.dataset, s["collate"], t.micro_batch_size)
     reference = fixed_outputs(engine, fixed_batch) if t.fp_distance else None
     metrics_path = out / "metrics.jsonl"
+    if t.eval_every and s["eval_set"] is not None and state["step"] == 0:  # the baseline point
+        eval_loss = evaluate(engine, s["eval_set"], s["collate"], t.micro_batch_size)
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps({"step": 0, "eval_loss": eval_loss}) + "\n")
     bar = tqdm(total=s["total_steps"], initial=state["step"], disable=rank != 0, desc="train",
                dynamic_ncols=True)
     ga = t.gradient_accumulation
@@ -251,10 +256,16 @@ def save_outputs(recipe: Recipe, s: dict) -> None:
 
 
 def run(recipe: Recipe) -> str:
+    out = Path(recipe.output_dir)
+    if not recipe.resume and (out / "checkpoints" / "latest").exists():
+        raise RecipeError(f"output_dir {out} holds checkpoints of an earlier run: pass resume=true to "
+                          "continue it, or choose another output_dir (nothing was overwritten)")
     s = setup(recipe)
     if s["rank"] == 0:
-        s["out"].mkdir(parents=True, exist_ok=True)
-        (s["out"] / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=2))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=2))
+        if not recipe.resume:  # a fresh run's log starts empty
+            (out / "metrics.jsonl").unlink(missing_ok=True)
     status = fit(recipe, s)
     if status == "done":
         save_outputs(recipe, s)

@@ -11,6 +11,14 @@ if command -v nvidia-smi >/dev/null 2>&1 && [ -z "${PACE_FORCE_CPU:-}" ]; then
 else
   lock=requirements/cpu.txt
 fi
+# Fashion-MNIST for the vision demo and its test: a Debian package (we are root on these
+# machines; elsewhere install it yourself or point PACE_FASHION_MNIST at the IDX files).
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${PACE_FASHION_MNIST:-}" ] && command -v apt-get >/dev/null; then
+  echo "[setup] installing dataset-fashion-mnist"
+  { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } \
+    || echo "[setup] warning: could not install dataset-fashion-mnist (the vision demo needs it)" >&2
+fi
+
 stamp=".venv/.setup-$(cat "$lock" requirements/data.txt scripts/setup.sh pyproject.toml | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then exit 0; fi
 

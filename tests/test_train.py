@@ -218,3 +218,11 @@ def test_nodelist_expansion():
     from commands import expand_nodelist
     assert expand_nodelist("gpu[01-03,07],login1,cn[9-10]") == \
         ["gpu01", "gpu02", "gpu03", "gpu07", "login1", "cn9", "cn10"]
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(runs):
+    out = runs(2, "off")
+    proc = launch("python", out, "deepspeed.zero_stage=0", check=False)
+    assert proc.returncode == 2
+    assert "holds checkpoints of an earlier run: pass resume=true" in proc.stderr
+    assert [r["step"] for r in metrics(out)] == list(range(1, 17))  # nothing was touched
