@@ -51,7 +51,7 @@ def load_base(recipe, source) -> torch.nn.Module:
     return AUTO_CLASSES[m.task].from_pretrained(source, **kwargs)
 
 
-def build_model(recipe, out: Path, partition_config=None):
+def build_model(recipe, out: Path):
     """(tokenizer or None, base model, the source folder/hub id the base came from)."""
     source = recipe.model.name
     if source.startswith("tiny:"):

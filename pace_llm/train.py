@@ -74,8 +74,12 @@ def setup(recipe: Recipe):
     out = Path(recipe.output_dir)
     ds_config = ds.build_config(recipe, world)
     hf_ds = ds.zero3_context(ds_config)  # keeps from_pretrained partitioned under ZeRO-3
-    tokenizer, model, base_source = build_model(recipe, out, partition_config=ds_config if hf_ds else None)
-    train_set, eval_set = build_datasets(recipe, tokenizer)
+    tokenizer, model, base_source = build_model(recipe, out)
+    if hf_ds is not None and rank == 0:
+        partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())
+        log.info("ZeRO-3: model built partitioned (%d of %d tensors)", partitioned, len(list(model.parameters())))
+    with ds.rank0_first():  # downloads and dataset caches once
+        train_set, eval_set = build_datasets(recipe, tokenizer)
     pace = recipe.pace
     model = apply_pace(model, PaceConfig(
         rank=pace.rank, alpha=pace.alpha, dropout=pace.dropout, target_modules=pace.target_modules,

@@ -1,5 +1,6 @@
 """launch/train.py under real DeepSpeed (2 gloo ranks on this CPU), with recipes/tiny.yaml."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def runs(tmp_path_factory):
     def get(stage, mode):
         if (stage, mode) not in done:
             out = tmp_path_factory.mktemp(f"zero{stage}-{mode}")
-            launch("deepspeed", out, f"deepspeed.zero_stage={stage}", f"pace.mode={mode}")
+            proc = launch("deepspeed", out, f"deepspeed.zero_stage={stage}", f"pace.mode={mode}")
+            (out / "launch.log").write_text(proc.stdout + proc.stderr)
             done[stage, mode] = out
         return done[stage, mode]
     return get
@@ -41,6 +43,8 @@ def eval_logits(model, input_ids):
 @pytest.mark.parametrize("mode", MODES)
 def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
     out = runs(stage, mode)
+    if stage == 3:
+        assert re.search(r"ZeRO-3: model built partitioned \((\d+) of \1 tensors\)", (out / "launch.log").read_text())
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 17))
     for key in ("step", "epoch", "loss", "task_loss", "consistency_loss", "grad_norm", "lr", "tokens_per_s"):
@@ -188,11 +192,14 @@ def test_two_node_torchrun_launch(tmp_path):
         [str(ROOT / ".venv" / "bin" / "torchrun") if (ROOT / ".venv").exists() else "torchrun",
          "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
          f"--master_port={port}", str(ROOT / "launch" / "train.py"), "recipes/tiny.yaml",
-         f"output_dir={out}", "pace.mode=fast", "deepspeed.zero_stage=2"],
+         f"output_dir={out}", "pace.mode=fast", "deepspeed.zero_stage=2", "train.fp_distance=true"],
         cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     logs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert [r["step"] for r in metrics(out)] == list(range(1, 17))
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    # FP-distance to the pre-trained model (paper Fig. 3b): 0 before the adapters move, then > 0
+    assert all(r["fp_distance"] >= 0 for r in rows) and rows[-1]["fp_distance"] > 0
     assert (out / "checkpoints" / "latest").read_text() == "step-00000016"
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert json.loads((out / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-4

@@ -1,0 +1,103 @@
+"""Data for the trainer: answer-only labels, chat template, collation, clear field errors."""
+import json
+
+import pytest
+import torch
+
+from pace_llm import engine
+from pace_llm.config import RecipeError, load_recipe
+from pace_llm.data import (Collator, DataError, load_rows, render_prompt, tokenize_classification,
+                           tokenize_sft)
+from pace_llm.tiny import tiny_tokenizer
+
+TEMPLATE = "Q: {question}"
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_labels_cover_exactly_the_answer_tokens(tmp_path):
+    tok = tiny_tokenizer()
+    rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "2"}]))
+    ex = tokenize_sft(rows, tok, TEMPLATE, "answer", 512)[0]
+    prompt = render_prompt(tok, "Q: 1+1?")
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert ex["labels"][:n_prompt] == [-100] * n_prompt
+    answer = tok.decode([t for t in ex["labels"] if t != -100])
+    assert answer == "2<|end|>\n"  # the assistant turn, end-of-turn token included
+    assert tok.decode(ex["input_ids"]) == prompt + answer
+    assert ex["sample_id"] == 0
+
+
+def test_plain_prompt_without_chat_template_ends_with_eos(tmp_path):
+    tok = tiny_tokenizer(chat_template=False)
+    rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [{"question": "x", "answer": "7"}]))
+    ex = tokenize_sft(rows, tok, TEMPLATE, "answer", 512)[0]
+    assert tok.decode([t for t in ex["labels"] if t != -100]) == "7<|endoftext|>"
+
+
+def test_truncation_keeps_ids_stable_and_drops_empty_answers(tmp_path):
+    tok = tiny_tokenizer()
+    rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [{"question": "q" * 200, "answer": "a"},
+                                                          {"question": "short", "answer": "b"}]))
+    out = tokenize_sft(rows, tok, TEMPLATE, "answer", 64)
+    assert [r["sample_id"] for r in out] == [1]  # the first lost its answer; ids unchanged
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_missing_field_names_field_and_file(tmp_path, suffix):
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".csv":
+        path.write_text("question,solution\nq,s\n")
+    else:
+        write_jsonl(path, [{"question": "q", "solution": "s"}])
+    with pytest.raises(DataError) as err:
+        tokenize_sft(load_rows(str(path)), tiny_tokenizer(), TEMPLATE, "answer", 64, source=str(path))
+    assert f"field 'answer' is missing from the data {path}" in str(err.value)
+    assert "question, solution" in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match="data file .*nope.jsonl does not exist"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_collator_pads_right_and_masks_labels():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "sample_id": 3},
+            {"input_ids": [8], "labels": [8], "sample_id": 9}]
+    batch = Collator(pad_token_id=0)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["sample_id"].tolist() == [3, 9]
+
+
+def test_classification_rows_and_pairs(tmp_path):
+    tok = tiny_tokenizer()
+    rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [{"s1": "a b", "s2": "c", "label": 1}]))
+    ex = tokenize_classification(rows, tok, ["s1", "s2"], "label", 32)[0]
+    assert ex["labels"] == 1 and len(ex["input_ids"]) >= 4
+    batch = Collator()(list(tokenize_classification(rows, tok, ["s1"], "label", 32)))
+    assert batch["labels"].dtype == torch.long and batch["labels"].shape == (1,)
+
+
+def test_deepspeed_config_from_recipe_and_from_json(tmp_path):
+    recipe = load_recipe(None, ["deepspeed.zero_stage=3", "train.micro_batch_size=2",
+                                "train.gradient_accumulation=4", "model.dtype=bf16", "train.grad_clip=1.0"])
+    config = engine.build_config(recipe, world=8)
+    assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 2
+    assert config["zero_optimization"]["stage"] == 3 and config["bf16"]["enabled"] is True
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                "zero_optimization": {"stage": 1}}))
+    recipe = load_recipe(None, [f"deepspeed.config={path}", "train.micro_batch_size=2"])
+    config = engine.build_config(recipe, world=2)
+    assert config["train_batch_size"] == 4 and config["zero_optimization"] == {"stage": 1}
+    path.write_text(json.dumps({"train_batch_size": 32}))
+    with pytest.raises(RecipeError, match="train_batch_size=32 but the recipe and world size"):
+        engine.build_config(recipe, world=2)
+    with pytest.raises(RecipeError, match="offload_params needs deepspeed.zero_stage=3"):
+        engine.build_config(load_recipe(None, ["deepspeed.offload_params=true"]), world=1)
