@@ -99,6 +99,8 @@ class TrainSection:
     min_lr: float = 0.0
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    warmup_ratio: Optional[float] = None  # fraction of all steps (ceil), instead of warmup_steps
+    lr_schedule: Literal["cosine", "linear"] = "cosine"  # decay to min_lr after the warmup
     grad_clip: float = 0.0             # 0 = off
     seed: int = 0
     log_every: int = 1
@@ -232,6 +234,10 @@ def validate(r: Recipe) -> None:
     need(r.train.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")
     need(r.train.gradient_accumulation >= 1, "train.gradient_accumulation", "an integer >= 1")
     need(r.train.lr > 0, "train.lr", "a value > 0")
+    need(r.train.warmup_ratio is None or 0 <= r.train.warmup_ratio < 1, "train.warmup_ratio",
+         "a fraction in [0, 1) or null")
+    need(r.train.warmup_ratio is None or r.train.warmup_steps == 0, "train.warmup_steps",
+         "0 when train.warmup_ratio is set (set one of them)")
     need(r.train.max_steps is None or r.train.max_steps >= 1, "train.max_steps", "an integer >= 1")
     need(r.train.stop_after is None or r.train.stop_after >= 1, "train.stop_after", "an integer >= 1")
     need(r.pace.mode != "lazy_half" or r.train.micro_batch_size >= 2, "train.micro_batch_size",

@@ -108,21 +108,28 @@ def tokenize_classification(rows: datasets.Dataset, tokenizer, text_fields: list
                     desc="tokenizing")
 
 
+def pixel_values(image, image_size: int) -> np.ndarray:
+    """One image (PIL, or uint8 array [H, W] / [H, W, C]) -> float32 [3, size, size]: resized
+    (bilinear), scaled to [-1, 1] (ViT's 0.5/0.5 normalisation). Training and eval/vision.py
+    both call this, so they cannot drift apart."""
+    if hasattr(image, "convert") and getattr(image, "mode", "RGB") not in ("RGB", "L"):
+        image = image.convert("RGB")  # palette / RGBA / CMYK PIL images: not their raw bands
+    x = torch.from_numpy(np.array(image, dtype=np.float32))  # a writable copy
+    x = x.unsqueeze(-1) if x.dim() == 2 else x  # H, W, C
+    x = x.permute(2, 0, 1).unsqueeze(0).expand(1, 3, -1, -1) if x.shape[-1] == 1 else x.permute(2, 0, 1)[None]
+    x = torch.nn.functional.interpolate(x / 255.0, size=(image_size, image_size), mode="bilinear",
+                                        align_corners=False)[0]
+    return ((x - 0.5) / 0.5).numpy()
+
+
 def prepare_images(rows: datasets.Dataset, image_field: str, label_field: str, image_size: int,
                    source: str = "") -> datasets.Dataset:
     """pixel_values: resized to image_size², scaled to [-1, 1] (ViT's 0.5/0.5 normalisation)."""
     _require_fields(rows, [image_field, label_field], source)
 
     def encode(batch):
-        pixels = []
-        for image in batch[image_field]:
-            x = torch.as_tensor(np.asarray(image), dtype=torch.float32)
-            x = x.unsqueeze(-1) if x.dim() == 2 else x  # H, W, C
-            x = x.permute(2, 0, 1).unsqueeze(0).expand(1, 3, -1, -1) if x.shape[-1] == 1 else x.permute(2, 0, 1)[None]
-            x = torch.nn.functional.interpolate(x / 255.0, size=(image_size, image_size), mode="bilinear",
-                                                align_corners=False)[0]
-            pixels.append(((x - 0.5) / 0.5).numpy())
-        return {"pixel_values": pixels, "labels": batch[label_field]}
+        return {"pixel_values": [pixel_values(image, image_size) for image in batch[image_field]],
+                "labels": batch[label_field]}
 
     return rows.map(encode, batched=True, remove_columns=[c for c in rows.column_names if c != "sample_id"],
                     desc="images")

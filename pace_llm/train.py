@@ -50,15 +50,23 @@ class StopRequested:
         self.flag = True
 
 
+def warmup_steps(recipe: Recipe, total_steps: int) -> int:
+    """train.warmup_steps, or ceil(train.warmup_ratio · total steps) (as HF's warmup_ratio)."""
+    t = recipe.train
+    return t.warmup_steps if t.warmup_ratio is None else math.ceil(t.warmup_ratio * total_steps)
+
+
 def lr_lambda(recipe: Recipe, total_steps: int):
-    """Linear warmup, then cosine decay to min_lr (as a factor of lr)."""
+    """Linear warmup, then cosine (or linear) decay to min_lr (as a factor of lr)."""
     t, floor = recipe.train, recipe.train.min_lr / recipe.train.lr
+    warmup = warmup_steps(recipe, total_steps)
 
     def factor(step):
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        progress = (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        shape = 1 - progress if t.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * shape
     return factor
 
 

@@ -1,0 +1,471 @@
+"""Training step time and peak memory of PACE's modes against plain LoRA through PEFT alone.
+
+    python bench/train_overhead.py                       # SmolLM2-135M-Instruct, CPU, fp32 (~5 min)
+    python bench/train_overhead.py --model tiny          # a tiny Llama from a config (seconds)
+    python bench/train_overhead.py --model PATH --device cuda --dtype bf16 --batch 4 --seq-len 512
+    python bench/train_overhead.py --deepspeed 2         # 2 ranks (OMP_NUM_THREADS=1 deepspeed
+    python bench/train_overhead.py --deepspeed 3         #   --num_gpus 2 ...), ZeRO-2 / ZeRO-3
+    python bench/train_overhead.py --smoke               # tiny model, a few steps (the test)
+
+Variants, all on the same base weights, LoRA targets, rank and batch:
+  peft       peft.get_peft_model + `model(**inputs, labels=labels).loss`: what one would
+             write instead of pace-llm (HF's loss computes logits at every position)
+  off        pace_llm.apply_pace(σ=0) + PaceObjective("off"): our loop without PACE
+  noise      σ>0 + PaceObjective("off"): PACE's noise alone, no consistency term (what
+             fast costs beyond it is the cache and the consistency term)
+  fast       σ>0 + PaceObjective("fast") with an OutputCache (filled during warm-up)
+  fast_nogram  fast with the consistency computed as ‖W(h − h_o)‖² through the lm_head, as
+             before the WᵀW form (objectives.PaceObjective._head_gram): the fix, measured
+  lazy_half  σ>0 + PaceObjective("lazy_half", lazy_every=2): time is the mean over a cycle
+  full       σ>0 + PaceObjective("full"): one forward on [x; x]
+
+Step = forward + loss + backward + AdamW step + zero_grad. Timing is interleaved: in each
+round every variant runs `--steps` steps, the order rotates from round to round, a round's
+time per step is the mean over its steps, and the ratio column is the median over rounds of
+(variant / peft in that round). Peak memory: each variant in a fresh subprocess; CPU: peak
+RSS (VmHWM, reset through /proc/self/clear_refs after the model is loaded) during warm-up and
+steps, reported as the total and as the increase over the RSS before the first step; CUDA:
+torch.cuda.max_memory_allocated. Under --deepspeed the same variants run once as plain
+per-rank loops (no engine, no communication) and once inside a ZeRO-N engine, interleaved,
+so both ratio columns come from the same run; memory is not measured there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (also puts the repository root on sys.path)
+
+VARIANTS = ["peft", "off", "noise", "fast", "fast_nogram", "lazy_half", "full"]
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", default="smollm2", help="tiny | smollm2 | a causal-LM folder")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sample (prompt + answer)")
+    p.add_argument("--answer-len", type=int, default=None, help="supervised tokens (default: half)")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--alpha", type=float, default=32.0)
+    p.add_argument("--sigma", type=float, default=1.0)
+    p.add_argument("--lam", type=float, default=1e-3)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--steps", type=int, default=2, help="steps per variant per round (even)")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-steps", type=int, default=2, help="steps after warm-up in a memory run")
+    p.add_argument("--deepspeed", type=int, default=0, choices=[0, 2, 3], help="ZeRO stage, 2 ranks")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default on CPU: 1; on this shared 2-core machine two OpenMP "
+                        "threads collapse, up to 100x slower, whenever another job holds a core)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, 2 rounds of 2 steps")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--name", default=None, help="results file stem")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.model, args.rounds, args.steps, args.seq_len, args.memory_steps = "tiny", 2, 2, 32, 1
+    if args.threads is None and args.device == "cpu":
+        args.threads = 1
+    if args.answer_len is None:
+        args.answer_len = args.seq_len // 2
+    if not 0 < args.answer_len < args.seq_len:
+        p.error("--answer-len must be in 1..seq-len-1")
+    if args.steps % 2:
+        p.error("--steps must be even (lazy_half alternates paired and plain steps)")
+    args.variants = [v for v in args.variants.split(",") if v]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad or "peft" not in args.variants:
+        p.error(f"--variants must include peft and come from {VARIANTS}")
+    if args.name is None:
+        label = Path(args.model).name if args.model not in ("tiny", "smollm2") else args.model
+        args.name = f"train_overhead_{label}_{args.device}_{args.dtype}" + \
+            (f"_zero{args.deepspeed}" if args.deepspeed else "") + ("_smoke" if args.smoke else "")
+    return args
+
+
+# --------------------------------------------------------------------------- building
+
+def model_source(spec: str):
+    if spec == "tiny":
+        return None
+    if spec == "smollm2":
+        from pace_llm.assets import smollm2_dir
+        return smollm2_dir()
+    return spec
+
+
+def load_model(args):
+    import torch
+    import transformers
+    dtype = getattr(torch, DTYPES[args.dtype])
+    source = model_source(args.model)
+    torch.manual_seed(0)
+    if source is None:
+        from pace_llm.tiny import tiny_config
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=dtype)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    if args.device == "cuda" and not any(getattr(p, "ds_id", None) is not None for p in model.parameters()):
+        model = model.to("cuda")
+    return model
+
+
+def make_data(args, vocab: int, n_samples: int, id_offset: int = 0, id_stride: int = 1):
+    """n_samples fixed rows: random ids, the last answer_len positions supervised."""
+    import torch
+    g = torch.Generator().manual_seed(1234 + id_offset)
+    ids = torch.randint(3, vocab, (n_samples, args.seq_len), generator=g)
+    labels = ids.clone()
+    labels[:, : args.seq_len - args.answer_len] = -100
+    sample_ids = torch.arange(n_samples) * id_stride + id_offset
+    return ids, labels, sample_ids
+
+
+def batches(args, data, device):
+    """An endless cycle of batches over the rows, in a fixed order (an epoch = n/B steps)."""
+    import torch
+    ids, labels, sample_ids = data
+    n = len(ids)
+    step = 0
+    while True:
+        sel = torch.arange(step * args.batch, (step + 1) * args.batch) % n
+        yield {"input_ids": ids[sel].to(device), "attention_mask": torch.ones_like(ids[sel]).to(device),
+               "labels": labels[sel].to(device), "sample_id": sample_ids[sel]}
+        step += 1
+
+
+class Variant:
+    """One model + its loss + optimizer (+ DeepSpeed engine); `step()` runs and times one step."""
+
+    def __init__(self, name: str, args, data, ds_config: dict | None = None):
+        import peft
+        import torch
+
+        import pace_llm
+        from pace_llm import adapters
+        self.name, self.args = name, args
+        self.device = args.device
+        model = load_model(args)
+        torch.manual_seed(1)  # identical LoRA initialisation in every variant
+        if name == "peft":
+            base = adapters.base_model(model)
+            targets = adapters._peft_target_spec(base, adapters.resolve_targets(base, None))
+            config = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+                                     target_modules=targets, bias="none")
+            model = peft.get_peft_model(model, config)
+            self.objective = None
+        else:
+            model = pace_llm.apply_pace(model, pace_llm.PaceConfig(
+                rank=args.rank, alpha=args.alpha, sigma=0.0 if name == "off" else args.sigma))
+            mode = {"noise": "off", "fast_nogram": "fast"}.get(name, name)
+            cache = None
+            if mode == "fast":
+                counts = pace_llm.supervised_counts(data[1]).tolist()
+                cache = pace_llm.OutputCache(counts, pace_llm.cache_dim(model),
+                                             sample_ids=data[2].tolist())
+            self.objective = pace_llm.PaceObjective(mode, lam=args.lam, lazy_every=2, cache=cache)
+            if name == "fast_nogram":  # no WᵀW: the head is applied to h − h_o
+                self.objective._gram = (adapters.base_model(model).get_output_embeddings(), None)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        self.engine = None
+        if ds_config is not None:
+            import deepspeed
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+            model = self.engine
+        self.model, self.optimizer = model, optimizer
+        self.batches = batches(args, data, "cpu" if ds_config is not None and args.device == "cpu"
+                               else args.device)
+        self.step_index = 0
+
+    def loss(self, batch):
+        if self.objective is None:
+            inputs = {k: v for k, v in batch.items() if k != "sample_id"}
+            return self.model(**inputs).loss
+        return self.objective(self.model, batch, self.step_index).loss
+
+    def step(self) -> float:
+        import torch
+        batch = next(self.batches)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = self.loss(batch)
+        if self.engine is not None:
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.step_index += 1
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.name}: non-finite loss at step {self.step_index}")
+        return time.perf_counter() - start
+
+
+def n_samples(args) -> int:
+    return 2 * args.batch  # an epoch is 2 steps: the fast cache is full after warm-up
+
+
+def warmup_steps(args) -> int:
+    return n_samples(args) // args.batch + 1
+
+
+# --------------------------------------------------------------------------- timing
+
+def time_interleaved(variants: dict, args, log=print) -> dict:
+    """{name: {"per_round": [s/step per round], "ratio_per_round": [...]}}."""
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup_steps(args)):
+            variants[name].step()
+    per_round = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in common.rotated(names, r):
+            per_round[name].append(sum(variants[name].step() for _ in range(args.steps)) / args.steps)
+        log(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {per_round[n][-1] * 1e3:.1f} ms" for n in names))
+    return {n: {"per_round_s": per_round[n],
+                "ratio_per_round": [a / b for a, b in zip(per_round[n], per_round["peft"])]} for n in names}
+
+
+def timing_rows(timing: dict) -> dict:
+    off = timing.get("off")
+    out = {}
+    for name, t in timing.items():
+        q1, q3 = common.quartiles(t["per_round_s"])
+        out[name] = {"median_ms": common.median(t["per_round_s"]) * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
+                     "ratio_to_peft": common.median(t["ratio_per_round"]),
+                     "ratio_to_off": common.median([a / b for a, b in zip(t["per_round_s"], off["per_round_s"])])
+                     if off else None}
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+
+def _status_kb(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+def memory_child(args) -> dict:
+    """In a fresh process: build one variant, then peak memory over warm-up + a few steps."""
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = make_data(args, vocab_size(args), n_samples(args))
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        variant = Variant(args.memory_child, args, data)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        variant = Variant(args.memory_child, args, data)
+        before = _status_kb("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    times = [variant.step() for _ in range(warmup_steps(args) + args.memory_steps)]
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = _status_kb("VmHWM") * 1024
+    return {"variant": args.memory_child, "before_bytes": before, "peak_bytes": peak,
+            "delta_bytes": peak - before, "last_step_s": times[-1],
+            "measure": "cuda max_memory_allocated" if args.device == "cuda" else "VmHWM (peak RSS)"}
+
+
+def vocab_size(args) -> int:
+    import transformers
+    source = model_source(args.model)
+    if source is None:
+        from pace_llm.tiny import tiny_config
+        return tiny_config("llama").vocab_size
+    return transformers.AutoConfig.from_pretrained(source).vocab_size
+
+
+def measure_memory(args, argv: list[str]) -> dict:
+    """Each variant in its own subprocess, two at a time (a process's peak RSS is its own)."""
+    procs, results = {}, {}
+    # smoke: two subprocesses (the path is what the test checks), not one per variant
+    pending = [v for v in args.variants if v in ("peft", "fast")] if args.smoke else list(args.variants)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    while pending or procs:
+        while pending and len(procs) < 2:
+            name = pending.pop(0)
+            cmd = [sys.executable, __file__, *argv, "--memory-child", name]
+            procs[name] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        name = next(iter(procs))
+        out, err = procs[name].communicate()
+        if procs.pop(name).returncode != 0:
+            raise RuntimeError(f"memory run of {name} failed:\n{err[-3000:]}")
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    base = results["peft"]
+    for r in results.values():
+        r["peak_ratio_to_peft"] = r["peak_bytes"] / base["peak_bytes"]
+        r["delta_ratio_to_peft"] = r["delta_bytes"] / base["delta_bytes"] if base["delta_bytes"] > 0 else None
+    return results
+
+
+# --------------------------------------------------------------------------- runs
+
+def single_process(args, argv) -> dict:
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = make_data(args, vocab_size(args), n_samples(args))
+    print(f"building {len(args.variants)} variants of {args.model} ({args.dtype}, {args.device})", flush=True)
+    variants = {name: Variant(name, args, data) for name in args.variants}
+    timing = time_interleaved(variants, args)
+    del variants
+    memory = None if args.no_memory else measure_memory(args, argv)
+    return {"timing": timing_rows(timing), "raw_timing": timing, "memory": memory,
+            "torch_threads": torch.get_num_threads()}
+
+
+def table_single(result: dict) -> str:
+    rows = []
+    for name, t in result["timing"].items():
+        m = (result["memory"] or {}).get(name, {})
+        mib = lambda b: None if b is None else b / 2**20  # noqa: E731
+        rows.append([name, t["median_ms"], f"{t['q1_ms']:.4g}-{t['q3_ms']:.4g}", f"{t['ratio_to_peft']:.3f}",
+                     f"{t['ratio_to_off']:.3f}" if t["ratio_to_off"] else "n/a",
+                     mib(m.get("peak_bytes")), f"{m['peak_ratio_to_peft']:.3f}" if m else "n/a",
+                     mib(m.get("delta_bytes")),
+                     f"{m['delta_ratio_to_peft']:.3f}" if m and m.get("delta_ratio_to_peft") else "n/a"])
+    return common.markdown_table(
+        ["variant", "step ms (median)", "IQR ms", "time / peft", "time / off", "peak MiB",
+         "peak / peft", "training MiB", "training / peft"], rows)
+
+
+def launch_deepspeed(args, argv) -> int:
+    """Re-run this script under `deepspeed --num_gpus 2` (1 OpenMP thread per rank on CPU)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               BENCH_COMMAND=common.command_line())
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(common.ROOT / ".cache" / "torch_extensions"))
+    ds = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(ds), "--num_gpus", "2", "--master_port", str(port), __file__, *argv]
+    print("$ OMP_NUM_THREADS=1 " + " ".join(cmd[0:1] + [os.path.relpath(c, common.ROOT) if c == __file__ else c
+                                                          for c in cmd[1:]]), flush=True)
+    rc = subprocess.run(cmd, env=env, cwd=common.ROOT).returncode
+    if rc == 0:  # the table last, after the launcher's own log lines
+        print("\n" + (Path(args.out or common.RESULTS) / f"{args.name}.md").read_text())
+    return rc
+
+
+def ds_config(args, world: int) -> dict:
+    zero = {"stage": args.deepspeed}
+    return {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
+            "train_batch_size": args.batch * world, "steps_per_print": 10**9,
+            "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": args.dtype == "bf16"}, "fp16": {"enabled": args.dtype == "fp16"}}
+
+
+def distributed(args) -> dict | None:
+    import torch
+    import torch.distributed as dist
+
+    from pace_llm import engine
+    rank, world = engine.init_distributed()
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    config = ds_config(args, world)
+    vocab = vocab_size(args)
+    # rank r holds the samples r, r+W, ... (as ShardedEpochSampler): its own cache shard
+    data = make_data(args, vocab, n_samples(args), id_offset=rank, id_stride=world)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"building {len(args.variants)} variants x (plain, ZeRO-{args.deepspeed}) of {args.model} "
+        f"on {world} ranks", flush=True)
+    variants = {f"{n}/plain": Variant(n, args, data) for n in args.variants}
+    hf_config = engine.zero3_context(config)  # models built partitioned under ZeRO-3
+    for n in args.variants:
+        variants[f"{n}/zero{args.deepspeed}"] = Variant(n, args, data, ds_config=config)
+    if hf_config is not None:
+        engine.unset_zero3()
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup_steps(args)):
+            variants[name].step()
+    per_round = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in common.rotated(names, r):  # the same order on every rank (collectives)
+            per_round[name].append(sum(variants[name].step() for _ in range(args.steps)) / args.steps)
+        log(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {per_round[n][-1] * 1e3:.1f}" for n in names),
+            flush=True)
+    # the slowest rank's time per round (an engine step waits for both anyway)
+    flat = torch.tensor([per_round[n] for n in names], dtype=torch.float64)
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+    per_round = {n: flat[i].tolist() for i, n in enumerate(names)}
+    dist.barrier()
+    if rank != 0:
+        return None
+    out = {}
+    for kind in ("plain", f"zero{args.deepspeed}"):
+        timing = {n: {"per_round_s": per_round[f"{n}/{kind}"],
+                      "ratio_per_round": [a / b for a, b in zip(per_round[f"{n}/{kind}"], per_round[f"peft/{kind}"])]}
+                  for n in args.variants}
+        out[kind] = timing_rows(timing)
+    return {"timing": out, "world_size": world, "torch_threads": torch.get_num_threads(), "ds_config": config}
+
+
+def table_distributed(result: dict, stage: int) -> str:
+    plain, zero = result["timing"]["plain"], result["timing"][f"zero{stage}"]
+    rows = [[n, plain[n]["median_ms"], f"{plain[n]['ratio_to_peft']:.3f}", zero[n]["median_ms"],
+             f"{zero[n]['ratio_to_peft']:.3f}", f"{zero[n]['ratio_to_peft'] / plain[n]['ratio_to_peft']:.3f}"]
+            for n in plain]
+    return common.markdown_table(["variant", "plain ms", "plain / peft", f"ZeRO-{stage} ms",
+                                  f"ZeRO-{stage} / peft", "ratio ZeRO / plain"], rows)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    args = parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+    logging.getLogger("pace_llm").setLevel(logging.ERROR)
+    if args.memory_child:
+        print(json.dumps(memory_child(args)))
+        return 0
+    if args.deepspeed and "RANK" not in os.environ:
+        return launch_deepspeed(args, argv)
+    machine = common.machine_info(args.device)
+    settings = {k: v for k, v in vars(args).items() if k not in ("memory_child", "local_rank")}
+    if args.deepspeed:
+        result = distributed(args)
+        if result is None:
+            return 0
+        table = table_distributed(result, args.deepspeed)
+    else:
+        result = single_process(args, argv)
+        table = table_single(result)
+    result = {"machine": machine, "command": common.command_line(), "settings": settings, **result}
+    common.save(args.name, result, table, args.out)
+    print(f"\n{args.name} ({args.model}, {args.dtype}, {args.device}, batch {args.batch} x {args.seq_len} tokens, "
+          f"{args.answer_len} supervised; {args.rounds} rounds x {args.steps} steps, interleaved; "
+          f"load average {machine['load_average_at_start']})")
+    print(table, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

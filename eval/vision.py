@@ -1,0 +1,145 @@
+"""Top-1 accuracy of a fine-tuned image classifier (merged folder, or base + PACE adapter).
+
+    python eval/vision.py --model outputs/vtab-cifar100/merged --data DATA --split test --output eval.json
+    python eval/vision.py --model google/vit-base-patch16-224-in21k --adapter outputs/vtab-cifar100/adapter --data DATA
+    python eval/vision.py --model outputs/tiny-vit/merged --data tiny:images        # generated images
+
+--model alone is a merged folder (the trainer's OUTPUT_DIR/merged) or any saved
+AutoModelForImageClassification; with --adapter it is the base model, and the adapter
+folder (pace_llm.save_adapter: lora_mul_vpt's pace_adapter.safetensors or a PEFT LoRA, the
+classifier head included) is applied on top through pace_llm.load_adapter.
+
+DATA is anything a recipe's data.train / data.eval accepts (pace_llm.data.load_rows): a hub
+dataset id (--hub-config, --split), a local image folder (datasets' imagefolder: DIR/train/<class>/*.png,
+DIR/test/<class>/*.png), a local .parquet / .jsonl / .csv, or tiny:images. Columns: an image
+(--image-field, default `image`: a PIL image or a uint8 array [H, W] / [H, W, C]) and an integer
+class (--label-field, default `label`). Images go through pace_llm.data.pixel_values, the
+training preprocessing, at --image-size (default: the model's config.image_size), in
+batches, without writing a preprocessed copy. Prints {"name", "n", "top1"}; --output writes
+it as JSON (+ per-class accuracy and the mean negative log-likelihood `nll`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--model", required=True, help="merged/saved classifier folder, or the base model with --adapter")
+    p.add_argument("--adapter", help="adapter folder from pace_llm.save_adapter, on top of --model")
+    p.add_argument("--num-labels", type=int,
+                   help="classes, with --adapter (default: read from the adapter's classifier weights)")
+    p.add_argument("--data", required=True, help="hub dataset id, image folder, local file, or tiny:images")
+    p.add_argument("--hub-config", help="hub dataset config")
+    p.add_argument("--split", default="test", help="split (default: test)")
+    p.add_argument("--image-field", default="image")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--image-size", type=int, help="resize to this square (default: the model's config.image_size)")
+    p.add_argument("--limit", type=int, help="first N examples only")
+    p.add_argument("--seed", type=int, default=0, help="train.seed of the run (tiny:images generates from it)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--name", help="run name in the result (default: the adapter's or the model's folder name)")
+    p.add_argument("--output", help="FILE.json for the result")
+    return p.parse_args(argv)
+
+
+def adapter_head_shape(adapter_dir: Path):
+    """(num_labels, hidden) of the classifier saved in an adapter folder, or None."""
+    from safetensors import safe_open
+    for name in ("pace_adapter.safetensors", "adapter_model.safetensors"):
+        if (adapter_dir / name).exists():
+            with safe_open(str(adapter_dir / name), "pt") as fh:
+                for key in fh.keys():
+                    if key.endswith("weight") and any(h in key for h in ("classifier", "score")) \
+                            and len(fh.get_slice(key).get_shape()) == 2:
+                        return tuple(fh.get_slice(key).get_shape())
+    return None
+
+
+def load_model(args):
+    import torch
+    import transformers
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.adapter:
+        import pace_llm
+        adapter = Path(args.adapter)
+        shape = adapter_head_shape(adapter)
+        if shape is None:
+            raise SystemExit(f"[vision] {adapter} carries no classifier head: the base model's head would "
+                             f"be untrained (train with the head, as the trainer does)")
+        num_labels = args.num_labels or shape[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = transformers.AutoModelForImageClassification.from_pretrained(
+                args.model, num_labels=num_labels, ignore_mismatched_sizes=True, dtype=torch.float32)
+        model = pace_llm.load_adapter(base, adapter)
+    else:
+        model = transformers.AutoModelForImageClassification.from_pretrained(args.model, dtype=torch.float32)
+    model.eval()
+    return model.to(device), device
+
+
+def predict(model, rows, image_field: str, image_size: int, batch_size: int, device: str):
+    """Logits [N, num_labels] (fp32 numpy), in row order."""
+    import numpy as np
+    import torch
+
+    from pace_llm.data import pixel_values
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            images = rows[start:start + batch_size][image_field]
+            pixels = torch.from_numpy(np.stack([pixel_values(im, image_size) for im in images])).to(device)
+            outputs.append(model(pixel_values=pixels).logits.float().cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), np.float32)
+
+
+def evaluate(args) -> dict:
+    import numpy as np
+
+    from pace_llm.data import load_rows
+    rows = load_rows(args.data, args.split, args.hub_config, args.limit, seed=args.seed)
+    missing = [f for f in (args.image_field, args.label_field) if f not in rows.column_names]
+    if missing:
+        raise SystemExit(f"[vision] field {missing[0]!r} is not in {args.data} (it has: {', '.join(rows.column_names)})")
+    labels = np.asarray(rows[args.label_field], dtype=np.int64)
+    model, device = load_model(args)
+    image_size = args.image_size or model.config.image_size
+    start = time.time()
+    logits = predict(model, rows, args.image_field, image_size, args.batch_size, device)
+    if logits.shape[-1] <= labels.max():
+        raise SystemExit(f"[vision] labels go up to {labels.max()} but the model has {logits.shape[-1]} classes")
+    preds = logits.argmax(-1)
+    per_class = {int(c): float(np.mean(preds[labels == c] == c)) for c in np.unique(labels)}
+    log_probs = logits - np.logaddexp.reduce(logits.astype(np.float64), axis=-1, keepdims=True)
+    result = {"name": args.name or Path(args.adapter or args.model).name, "n": int(len(labels)),
+              "top1": float(np.mean(preds == labels)), "nll": float(-log_probs[np.arange(len(labels)), labels].mean()),
+              "per_class": per_class, "model": args.model,
+              "adapter": args.adapter, "data": args.data, "split": args.split, "image_size": image_size,
+              "seconds": round(time.time() - start, 3)}
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    result["logits"] = logits  # for callers in Python; not in the JSON
+    result["predictions"] = preds
+    return result
+
+
+def main(argv=None) -> dict:
+    result = evaluate(parse_args(argv))
+    print(json.dumps({"name": result["name"], "n": result["n"], "top1": round(result["top1"], 4)}))
+    return result
+
+
+if __name__ == "__main__":
+    main()

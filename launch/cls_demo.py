@@ -1,0 +1,116 @@
+"""What the two offline classification demos share (launch/demo_polarity.py, launch/demo_fashion.py):
+train one recipe per (seed, method) through launch/train.py, evaluate its merged model with
+the eval/ script, time both, print PACE vs LoRA.
+
+The LoRA baseline is the same recipe with `pace.mode=off` (σ = 0: no noise, no consistency
+term); PACE runs the recipe's `pace.mode` (full). Both share the seed, so they share the
+training subset, the adapter and head initialisation and the data order.
+
+Runs are single-process (`python launch/train.py`), one thread each, and `jobs` of them run
+side by side (default 2: PACE and LoRA of a seed together, one per core). For models this
+small, 2 DeepSpeed ranks spend more on start-up (a second process importing torch,
+transformers and DeepSpeed) and on gradient all-reduces than they save, and 2 OpenMP
+threads in one process slow down badly (4-6x measured) whenever the other core is busy.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = {"LoRA": ["pace.mode=off"], "PACE": []}
+
+
+def _env(launcher: str = "python") -> dict:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if launcher == "deepspeed":
+        env["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores
+    return env
+
+
+def _run(cmd: list[str], log: Path, launcher: str = "python") -> float:
+    started = time.time()
+    with open(log, "a") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(launcher), stdout=fh, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    return time.time() - started
+
+
+def train_and_evaluate(recipe: Path, out: Path, overrides: list[str], eval_cmd: list[str],
+                       launcher: str = "python") -> dict:
+    """A fresh run of launch/train.py, then `eval_cmd + [--model OUT/merged --output OUT/eval.json]`.
+    Returns the eval JSON with train_seconds / eval_seconds added. Log: OUT.log."""
+    shutil.rmtree(out, ignore_errors=True)
+    log = out.parent / f"{out.name}.log"
+    log.unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    args = [str(ROOT / "launch" / "train.py"), str(recipe), f"output_dir={out}", *overrides]
+    if launcher == "deepspeed":
+        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", *args]
+    else:
+        cmd = [sys.executable, *args]
+    train_seconds = _run(cmd, log, launcher)
+    eval_seconds = _run([sys.executable, *eval_cmd, "--model", str(out / "merged"),
+                         "--output", str(out / "eval.json")], log)
+    result = json.loads((out / "eval.json").read_text())
+    return {**result, "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1)}
+
+
+def run_all(jobs: list[dict], workers: int, on_done=None) -> list[dict]:
+    """jobs: dicts with the train_and_evaluate arguments plus any labels (seed, method);
+    returns them with the results merged in, in the order given."""
+    def one(job):
+        labels = {k: v for k, v in job.items() if k not in ("recipe", "out", "overrides", "eval_cmd", "launcher")}
+        print(f"[demo] training {labels} -> {job['out']}", flush=True)
+        result = {**labels, **train_and_evaluate(job["recipe"], job["out"], job["overrides"], job["eval_cmd"],
+                                                 job.get("launcher", "python")), "output_dir": str(job["out"])}
+        if on_done is not None:
+            on_done(result)
+        return result
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return list(pool.map(one, jobs))
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+
+def table(results: list[dict], metric: str, title: str) -> str:
+    """Per seed: LoRA, PACE, PACE − LoRA (x100) and training wall times; then mean ± std."""
+    seeds = sorted({r["seed"] for r in results})
+    get = {(r["seed"], r["method"]): r for r in results}
+    head = f"{'seed':>6} | {'LoRA':>11} | {'PACE':>11} | {'PACE - LoRA':>11} | {'LoRA train s':>12} | {'PACE train s':>12}"
+    lines = [title, head, "-" * len(head)]
+    deltas = []
+    for s in seeds:
+        lora, pace = get[s, "LoRA"], get[s, "PACE"]
+        deltas.append(100 * (pace[metric] - lora[metric]))
+        lines.append(f"{s:>6} | {100 * lora[metric]:>11.1f} | {100 * pace[metric]:>11.1f} | {deltas[-1]:>+11.1f} | "
+                     f"{lora['train_seconds']:>12.0f} | {pace['train_seconds']:>12.0f}")
+    lines.append("-" * len(head))
+    (ml, sl), (mp, sp) = (mean_std([100 * get[s, m][metric] for s in seeds]) for m in ("LoRA", "PACE"))
+    md, sd = mean_std(deltas)
+    tl, tp = (sum(get[s, m]["train_seconds"] for s in seeds) / len(seeds) for m in ("LoRA", "PACE"))
+    lines.append(f"{'mean':>6} | {ml:>5.1f} ± {sl:<3.1f} | {mp:>5.1f} ± {sp:<3.1f} | {md:>+5.1f} ± {sd:<3.1f} | "
+                 f"{tl:>12.0f} | {tp:>12.0f}")
+    lines.append(f"PACE better on {sum(d > 0 for d in deltas)} of {len(seeds)} seeds, worse on "
+                 f"{sum(d < 0 for d in deltas)} (± is the standard deviation over seeds)")
+    return "\n".join(lines)
+
+
+def save(results: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(sorted(results, key=lambda r: (r["seed"], r["method"])), indent=2) + "\n")

@@ -1,0 +1,81 @@
+"""The benchmark scripts (bench/) in their --smoke mode: each runs with one command, writes
+its results and prints its table last, with the rows BENCHMARKS.md reports."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run(tmp_path, script, *args, launcher=None, timeout=600):
+    out = tmp_path / "results"
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               TMPDIR=str(tmp_path), TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(out), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout, out
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The cells of the rows of the markdown table printed last (header and rule dropped)."""
+    lines = stdout.rstrip().splitlines()
+    assert lines and lines[-1].startswith("|"), stdout[-2000:]
+    start = len(lines)
+    while start > 0 and lines[start - 1].startswith("|"):
+        start -= 1
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[start + 2:]]
+
+
+def test_train_overhead_smoke(tmp_path):
+    stdout, out = run(tmp_path, "train_overhead.py")
+    rows = table_rows(stdout)
+    assert [r[0] for r in rows] == ["peft", "off", "noise", "fast", "fast_nogram", "lazy_half", "full"]
+    assert rows[0][3] == "1.000"  # the baseline's ratio to itself
+    assert all(float(r[3]) > 0 for r in rows)
+    result = json.loads((out / "train_overhead_tiny_cpu_fp32_smoke.json").read_text())
+    assert result["memory"]["peft"]["peak_bytes"] > 0 and result["memory"]["fast"]["peak_ratio_to_peft"] > 0
+
+
+@pytest.mark.slow
+def test_train_overhead_deepspeed_smoke(tmp_path):
+    stdout, out = run(tmp_path, "train_overhead.py", "--deepspeed", "2")
+    rows = table_rows(stdout)
+    assert [r[0] for r in rows] == ["peft", "off", "noise", "fast", "fast_nogram", "lazy_half", "full"]
+    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)  # plain and ZeRO-2 ratios
+    assert (out / "train_overhead_tiny_cpu_fp32_zero2_smoke.json").exists()
+
+
+def test_cache_size_smoke(tmp_path):
+    stdout, out = run(tmp_path, "cache_size.py")
+    rows = table_rows(stdout)
+    assert [r[0] for r in rows] == ["in memory", "memory-mapped, steady state", "memory-mapped, first epoch"]
+    result = json.loads((out / "cache_size_smoke.json").read_text())
+    sizes = result["sizes_bytes"]
+    ours = [v for k, v in sizes.items() if "ours" in k]
+    naive = [v for k, v in sizes.items() if "logits, bf16" in k]
+    assert ours and all(n / o == pytest.approx(256 / 64) for o, n in zip(ours, naive))  # V / d
+
+
+def test_eval_throughput_smoke(tmp_path):
+    stdout, _ = run(tmp_path, "eval_throughput.py")
+    backends = [r[0] for r in table_rows(stdout)]
+    assert backends == (["hf", "vllm"] if importlib.util.find_spec("vllm") else ["hf"])
+    if len(backends) == 2:
+        assert "4/4 identical completions" in stdout  # greedy fp32: the backends agree
+
+
+def test_analyses_smoke(tmp_path):
+    stdout, out = run(tmp_path, "analyses.py")
+    rows = table_rows(stdout)  # (c), the last table
+    assert [(r[0], r[1]) for r in rows] == [("16", "lora"), ("16", "pace_full"), ("16", "pace_fast")]
+    assert all(0.0 <= float(r[3]) <= 100.0 for r in rows)
+    assert "(a) gradient norm" in stdout and "(b) final FP-distance" in stdout
+    for plot in ("gradnorm", "fp_distance", "accuracy"):
+        assert (out / f"analyses_smoke_{plot}.png").stat().st_size > 0
