@@ -1,12 +1,14 @@
 """The paper's analyses in small, on real pretrained weights: all-MiniLM-L6-v2 fine-tuned
 on few-shot sentence polarity (Pang & Lee, SST-2's source) with LoRA, on CPU.
 
-    python bench/analyses.py                  # (a) + (b) + (c), ~12-15 min on 2 shared cores
+    python bench/analyses.py                  # (a) + (b) + (c), ~13-15 min on 2 shared cores
     python bench/analyses.py --parts a        # one part; --seeds 0,1,2,3,4 --sizes 16,64,256,1024
     python bench/analyses.py --smoke          # a tiny RoBERTa on generated sentences (the test)
 
 (a) Gradient norm over training for λ from 1e-3 to 10, PACE (full) against naive alignment
-    to the pre-trained outputs, FPA: task + λ·‖f(θ) − f(θ0)‖² (paper eq. 5), as Fig. 5.
+    to the pre-trained outputs, FPA: task + λ·‖f(θ) − f(θ0)‖² (paper eq. 5), as Fig. 5:
+    the norm of the gradient of the total loss (what the optimizer steps on) and of the task
+    loss alone (PACE: cross-entropy of the first view), over adapter + head parameters.
 (b) FP-distance ‖f(θ) − f(θ0)‖² on held-out sentences over training, LoRA vs PACE (Fig. 3b).
 (c) Held-out accuracy of LoRA, PACE full and PACE fast, several seeds and training-set sizes.
 
@@ -192,7 +194,8 @@ def train(setup: Setup, method: str, train_set: list[dict], steps: int, seed: in
     f0_probe = logits(setup, model, setup.probe) if track_fp or final_fp else None
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    curves = {"step": [], "loss": [], "task_loss": [], "grad_norm": [], "fp_step": [], "fp_distance": []}
+    curves = {"step": [], "loss": [], "task_loss": [], "grad_norm": [], "task_grad_norm": [], "fp_step": [],
+              "fp_distance": []}
     started = time.perf_counter()
     for step in range(steps):
         if track_fp and step % args.fp_every == 0:
@@ -210,6 +213,9 @@ def train(setup: Setup, method: str, train_set: list[dict], steps: int, seed: in
             task = task_loss(rows)
             loss = task + lam * mean_squared_norm(rows.f.float() - f0_train[batch["sample_id"]])
         optimizer.zero_grad(set_to_none=True)
+        if track_grad:  # ‖∇ task loss‖ alone (PACE: on the first view), then the total's
+            grads = torch.autograd.grad(task, params, retain_graph=True, allow_unused=True)
+            curves["task_grad_norm"].append(torch.stack([g.norm() for g in grads if g is not None]).norm().item())
         loss.backward()
         if track_grad:
             curves["grad_norm"].append(torch.stack([p.grad.norm() for p in params if p.grad is not None]).norm().item())
@@ -250,8 +256,9 @@ def part_a(setup: Setup, log) -> dict:
 def summarise_a(runs: dict, lams: list[float]) -> tuple[list[list], dict]:
     """Mean gradient norm over all steps and over the second half, per method and λ."""
     def stats(c):
-        g = c["grad_norm"]
-        return statistics.fmean(g), statistics.fmean(g[len(g) // 2:]), c["task_loss"][-1]
+        g, t = c["grad_norm"], c["task_grad_norm"]
+        return statistics.fmean(g), statistics.fmean(g[len(g) // 2:]), statistics.fmean(t), \
+            statistics.fmean(t[len(t) // 2:]), c["task_loss"][-1]
     lora = stats(runs["lora"])
     rows = [["LoRA (λ = 0)", "-", *lora]]
     summary = {"lora": lora}
@@ -313,7 +320,7 @@ def plot_a(runs: dict, lams: list[float], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     cmap = plt.get_cmap("viridis")
     for ax, method, title in ((axes[0], "pace_full", "PACE"), (axes[1], "fpa", "FPA (naive alignment)")):
         ax.plot(runs["lora"]["grad_norm"], color="black", lw=1.5, label="LoRA (λ=0)")
@@ -325,16 +332,16 @@ def plot_a(runs: dict, lams: list[float], path: Path) -> None:
         ax.set_ylabel("gradient norm (total loss)")
         ax.set_title(title)
         ax.legend(fontsize=7)
-    ax = axes[2]
-    for method, label, style in (("pace_full", "PACE", "o-"), ("fpa", "FPA", "s--")):
-        ax.plot(lams, [statistics.fmean(runs[f"{method}@{lam:g}"]["grad_norm"]) for lam in lams], style, label=label)
-    ax.axhline(statistics.fmean(runs["lora"]["grad_norm"]), color="black", lw=1, label="LoRA")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("λ")
-    ax.set_ylabel("mean gradient norm over training")
-    ax.set_title("gradient norm vs λ (cf. paper Fig. 5)")
-    ax.legend()
+    for ax, key, what in ((axes[2], "grad_norm", "total loss"), (axes[3], "task_grad_norm", "task loss")):
+        for method, label, style in (("pace_full", "PACE", "o-"), ("fpa", "FPA", "s--")):
+            ax.plot(lams, [statistics.fmean(runs[f"{method}@{lam:g}"][key]) for lam in lams], style, label=label)
+        ax.axhline(statistics.fmean(runs["lora"][key]), color="black", lw=1, label="LoRA")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("λ")
+        ax.set_ylabel(f"mean ‖∇ {what}‖ over training")
+        ax.set_title(f"‖∇ {what}‖ vs λ (cf. paper Fig. 5)")
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -407,14 +414,19 @@ def main(argv=None) -> int:
     if "a" in args.parts:
         runs = part_a(setup, log)
         rows, summary = summarise_a(runs, args.lams)
-        pace_means = [summary[f"pace_full@{lam:g}"][0] for lam in args.lams]
-        fpa_means = [summary[f"fpa@{lam:g}"][0] for lam in args.lams]
-        verdict = (f"PACE's mean gradient norm {'is non-increasing' if monotone(pace_means) else 'is NOT monotonically decreasing'} "
-                   f"as λ grows; FPA's {'is non-increasing too' if monotone(fpa_means) else 'is not monotone'}")
+        verdicts = []
+        for i, what in ((0, "total-loss"), (2, "task-loss")):
+            pace_means = [summary[f"pace_full@{lam:g}"][i] for lam in args.lams]
+            fpa_means = [summary[f"fpa@{lam:g}"][i] for lam in args.lams]
+            verdicts.append(f"{what} gradient norm as λ grows: PACE "
+                            f"{'non-increasing' if monotone(pace_means) else 'NOT monotone'}, FPA "
+                            f"{'non-increasing' if monotone(fpa_means) else 'not monotone'}")
+        verdict = "; ".join(verdicts)
         plot_a(runs, args.lams, out / f"{args.name}_gradnorm.png")
-        tables.append(f"(a) gradient norm of the total loss, n={args.grad_size}, {args.grad_steps} steps, seed 0 "
+        tables.append(f"(a) gradient norms, n={args.grad_size}, {args.grad_steps} steps, seed 0 "
                       f"({verdict})\n\n" + common.markdown_table(
-                          ["method", "λ", "mean grad norm", "mean, 2nd half", "final task loss"], rows))
+                          ["method", "λ", "‖∇ total‖ mean", "2nd half", "‖∇ task‖ mean", "2nd half",
+                           "final task loss"], rows))
         result["a"] = {"curves": runs, "summary": summary, "verdict": verdict}
     if "b" in args.parts or "c" in args.parts:
         bc = part_bc(setup, log)

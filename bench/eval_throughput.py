@@ -1,7 +1,7 @@
 """GSM-8K-style evaluation throughput: the vLLM backend against the HF backend, same model,
 same prompts, same greedy decoding (pace_llm.generation.Generator, as eval/gsm8k.py uses it).
 
-    python bench/eval_throughput.py                          # SmolLM2-135M-Instruct, 16 prompts (~3 min)
+    python bench/eval_throughput.py                          # SmolLM2-135M-Instruct, 16 prompts (~5-7 min)
     python bench/eval_throughput.py --limit 50 --max-new-tokens 512 --rounds 3
     python bench/eval_throughput.py --model outputs/gsm8k-pace/merged --data test.jsonl
     python bench/eval_throughput.py --smoke                  # a tiny Llama, 4 prompts (the test)

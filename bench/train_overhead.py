@@ -1,6 +1,6 @@
 """Training step time and peak memory of PACE's modes against plain LoRA through PEFT alone.
 
-    python bench/train_overhead.py                       # SmolLM2-135M-Instruct, CPU, fp32 (~5 min)
+    python bench/train_overhead.py                       # SmolLM2-135M-Instruct, CPU, fp32 (~7 min)
     python bench/train_overhead.py --model tiny          # a tiny Llama from a config (seconds)
     python bench/train_overhead.py --model PATH --device cuda --dtype bf16 --batch 4 --seq-len 512
     python bench/train_overhead.py --deepspeed 2         # 2 ranks (OMP_NUM_THREADS=1 deepspeed

@@ -218,8 +218,9 @@ class PaceObjective:
         PACE_fast's consistency for a cached hidden state h_o is ‖W(h − h_o)‖²; as
         (h − h_o)ᵀ WᵀW (h − h_o) it costs d² per row, forward and backward, instead of d·V
         and never builds a [rows, V] tensor: 10x fewer FLOPs for Phi-3 (3,072 vs 32,064),
-        85x for SmolLM2 (576 vs 49,152). Measured on SmolLM2 (CPU), PACE_fast's step went from
-        ~1.2-1.7x to ~1.0x that of `off` (bench/train_overhead.py, BENCHMARKS.md).
+        85x for SmolLM2 (576 vs 49,152). Measured on SmolLM2 (CPU): PACE_fast's step went from
+        1.16x to 1.04x that of `off` (the noise alone: 1.05x), its peak memory from 1.075x to
+        0.99x that of plain PEFT LoRA (bench/train_overhead.py, BENCHMARKS.md).
         None (use W itself) when the head has a bias, is quantized or is not wider than d.
         """
         if self._gram is not None and self._gram[0] is head:
