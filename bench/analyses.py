@@ -61,12 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--probe-size", type=int, default=128)
     p.add_argument("--fp-size", type=int, default=64, help="training-set size whose runs log FP-distance curves")
     p.add_argument("--fp-every", type=int, default=4, help="FP-distance every k steps in (b)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: on this shared 2-core machine two OpenMP threads collapse "
-                        "whenever another job holds a core)")
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--out", default=None)
-    p.add_argument("--name", default=None)
+    common.add_run_args(p)
     args = p.parse_args(argv)
     if args.smoke:
         args.seeds, args.sizes, args.steps, args.lams = "0", "16", "4", "0.1,10"

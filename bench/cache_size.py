@@ -63,12 +63,7 @@ def parse_args(argv=None):
                    help="step time to compare with (default: the H100 estimate)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation of the estimate")
     p.add_argument("--disk-dir", default=None, help="folder of the memory-mapped file (default: $TMPDIR)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: on this shared 2-core machine two OpenMP threads make a 3 MB "
-                        "copy ~100x slower whenever another job holds a core)")
-    p.add_argument("--smoke", action="store_true")
-    p.add_argument("--out", default=None)
-    p.add_argument("--name", default=None)
+    common.add_run_args(p)
     args = p.parse_args(argv)
     if args.smoke:
         args.samples, args.dim, args.vocab, args.steps, args.in_memory_samples = 200, 64, 256, 10, 50

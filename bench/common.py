@@ -92,6 +92,18 @@ def quartiles(xs):
     return q[0], q[2]
 
 
+THREADS_HELP = ("torch threads (1: on this shared 2-core machine two OpenMP threads collapse, up to 100x "
+                "slower, whenever another job holds a core)")
+
+
+def add_run_args(parser, threads_default=1, smoke_help: str = "a tiny, seconds-long run (the tests)") -> None:
+    """The options every bench script takes: threads, smoke mode, where results go."""
+    parser.add_argument("--threads", type=int, default=threads_default, help=THREADS_HELP)
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--out", default=None, help="results folder (default bench/results)")
+    parser.add_argument("--name", default=None, help="results file stem")
+
+
 def rotated(items: list, k: int) -> list:
     """The k-th rotation of `items`: round k starts with a different variant."""
     k %= max(1, len(items))

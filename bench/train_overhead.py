@@ -68,12 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-steps", type=int, default=2, help="steps after warm-up in a memory run")
     p.add_argument("--deepspeed", type=int, default=0, choices=[0, 2, 3], help="ZeRO stage, 2 ranks")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads (default on CPU: 1; on this shared 2-core machine two OpenMP "
-                        "threads collapse, up to 100x slower, whenever another job holds a core)")
-    p.add_argument("--smoke", action="store_true", help="tiny model, 2 rounds of 2 steps")
-    p.add_argument("--out", default=None, help="results folder (default bench/results)")
-    p.add_argument("--name", default=None, help="results file stem")
+    common.add_run_args(p, threads_default=None, smoke_help="tiny model, 2 rounds of 2 steps")  # None: 1 on CPU
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -232,8 +227,9 @@ def warmup_steps(args) -> int:
 
 # --------------------------------------------------------------------------- timing
 
-def time_interleaved(variants: dict, args, log=print) -> dict:
-    """{name: {"per_round": [s/step per round], "ratio_per_round": [...]}}."""
+def measure_rounds(variants: dict, args, log=print) -> dict:
+    """{name: [seconds per step, one per round]}: warm-up, then rounds in a rotating order
+    (the same order on every rank, as DeepSpeed variants run collectives)."""
     names = list(variants)
     for name in names:
         for _ in range(warmup_steps(args)):
@@ -242,7 +238,15 @@ def time_interleaved(variants: dict, args, log=print) -> dict:
     for r in range(args.rounds):
         for name in common.rotated(names, r):
             per_round[name].append(sum(variants[name].step() for _ in range(args.steps)) / args.steps)
-        log(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {per_round[n][-1] * 1e3:.1f} ms" for n in names))
+        log(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {per_round[n][-1] * 1e3:.1f} ms" for n in names),
+            flush=True)
+    return per_round
+
+
+def time_interleaved(variants: dict, args, log=print) -> dict:
+    """{name: {"per_round": [s/step per round], "ratio_per_round": [...]}}."""
+    per_round = measure_rounds(variants, args, log)
+    names = list(variants)
     return {n: {"per_round_s": per_round[n],
                 "ratio_per_round": [a / b for a, b in zip(per_round[n], per_round["peft"])]} for n in names}
 
@@ -402,15 +406,7 @@ def distributed(args) -> dict | None:
     if hf_config is not None:
         engine.unset_zero3()
     names = list(variants)
-    for name in names:
-        for _ in range(warmup_steps(args)):
-            variants[name].step()
-    per_round = {n: [] for n in names}
-    for r in range(args.rounds):
-        for name in common.rotated(names, r):  # the same order on every rank (collectives)
-            per_round[name].append(sum(variants[name].step() for _ in range(args.steps)) / args.steps)
-        log(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {per_round[n][-1] * 1e3:.1f}" for n in names),
-            flush=True)
+    per_round = measure_rounds(variants, args, log)
     # the slowest rank's time per round (an engine step waits for both anyway)
     flat = torch.tensor([per_round[n] for n in names], dtype=torch.float64)
     dist.all_reduce(flat, op=dist.ReduceOp.MAX)

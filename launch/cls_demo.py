@@ -83,6 +83,47 @@ def run_all(jobs: list[dict], workers: int, on_done=None) -> list[dict]:
         return list(pool.map(one, jobs))
 
 
+def add_common_args(parser, output_dir: str) -> None:
+    """The options both demos take: seeds, parallel runs, launcher, output folder, overrides."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
+    parser.add_argument("--launcher", choices=["python", "deepspeed"], default="python")
+    parser.add_argument("--output-dir", default=output_dir)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for both methods (section.key=value)")
+
+
+def seed_jobs(args, recipe: Path, out: Path, overrides: dict, eval_cmd: list[str]) -> list[dict]:
+    """One job per (seed, method); `overrides[seed]` comes before the method's and the user's."""
+    return [{"seed": seed, "method": method, "recipe": recipe, "out": out / f"{method.lower()}-s{seed}",
+             "overrides": [*overrides[seed], *extra, *args.overrides], "eval_cmd": eval_cmd,
+             "launcher": args.launcher}
+            for seed in args.seeds for method, extra in METHODS.items()]
+
+
+def run_and_report(jobs: list[dict], args, out: Path, metric: str, metric_label: str, nll_key: str,
+                   title: str, started: float, complete=None) -> list[dict]:
+    """Runs the jobs, saving and printing each result as it lands (`complete(result)` first
+    adds derived fields), then prints the PACE vs LoRA table, mean NLL and wall time."""
+    done: list[dict] = []
+
+    def finished(result):
+        if complete is not None:
+            complete(result)
+        done.append(result)
+        save(done, out / "results.json")
+        print(f"[demo] {result['method']} seed {result['seed']}: {metric_label} {result[metric]:.3f}, test NLL "
+              f"{result[nll_key]:.3f} (trained in {result['train_seconds']:.0f} s)", flush=True)
+
+    results = run_all(jobs, args.jobs, finished)
+    print()
+    print(table(results, metric, title))
+    nll = {m: sum(r[nll_key] for r in results if r["method"] == m) / len(args.seeds) for m in METHODS}
+    print(f"mean test NLL: LoRA {nll['LoRA']:.3f}, PACE {nll['PACE']:.3f}")
+    print(f"overrides: {' '.join(args.overrides) or 'none'}; {args.jobs} run(s) side by side; "
+          f"results: {out / 'results.json'}; wall time {(time.time() - started) / 60:.1f} min")
+    return results
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     m = sum(values) / len(values)
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)

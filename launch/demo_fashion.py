@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
-from cls_demo import METHODS, run_all, save, table  # noqa: E402
+from cls_demo import add_common_args, run_and_report, seed_jobs  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "demo_fashion.yaml"
 SOURCE_CLASSES, TARGET_CLASSES = (0, 2, 4, 6, 8), (1, 3, 5, 7, 9)
@@ -144,13 +144,9 @@ def prepare_data(folder: Path, seeds: list[int], shots: int, test_per_class: int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_common_args(parser, "outputs/demo-fashion")
     parser.add_argument("--shots", type=int, default=10, help="training images per class")
     parser.add_argument("--test-per-class", type=int, default=200)
-    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
-    parser.add_argument("--launcher", choices=["python", "deepspeed"], default="python")
-    parser.add_argument("--output-dir", default="outputs/demo-fashion")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides for both methods (section.key=value)")
     args = parser.parse_args()
     import torch
 
@@ -163,28 +159,13 @@ def main() -> int:
     test_path, train_paths = prepare_data(cache, args.seeds, args.shots, args.test_per_class)
     batch = min(25, args.shots * len(TARGET_CLASSES))
     eval_cmd = [str(ROOT / "eval" / "vision.py"), "--data", str(test_path), "--batch-size", "250"]
-    jobs = [{"seed": seed, "method": method, "recipe": RECIPE, "out": out / f"{method.lower()}-s{seed}",
-             "overrides": [f"model.name={base}", f"data.train={train_paths[seed]}", f"train.seed={seed}",
-                           f"train.micro_batch_size={batch}", *extra, *args.overrides],
-             "eval_cmd": eval_cmd, "launcher": args.launcher}
-            for seed in args.seeds for method, extra in METHODS.items()]
-    done: list[dict] = []
-
-    def finished(result):
-        done.append(result)
-        save(done, out / "results.json")
-        print(f"[demo] {result['method']} seed {result['seed']}: top-1 {result['top1']:.3f}, test NLL "
-              f"{result['nll']:.3f} (trained in {result['train_seconds']:.0f} s)", flush=True)
-
-    results = run_all(jobs, args.jobs, finished)
-    print()
-    print(table(results, "top1", f"ViT (0.46M, pre-trained on 5 Fashion-MNIST classes) + LoRA_mul/VPT_add + head, "
-                                 f"{args.shots}-shot on the other 5: top-1 x100 on {5 * args.test_per_class} test images "
-                                 f"(LoRA = pace.mode=off)"))
-    nll = {m: sum(r["nll"] for r in results if r["method"] == m) / len(args.seeds) for m in METHODS}
-    print(f"mean test NLL: LoRA {nll['LoRA']:.3f}, PACE {nll['PACE']:.3f}")
-    print(f"overrides: {' '.join(args.overrides) or 'none'}; {args.jobs} run(s) side by side; "
-          f"results: {out / 'results.json'}; wall time {(time.time() - started) / 60:.1f} min")
+    jobs = seed_jobs(args, RECIPE, out, {seed: [f"model.name={base}", f"data.train={train_paths[seed]}",
+                                                f"train.seed={seed}", f"train.micro_batch_size={batch}"]
+                                         for seed in args.seeds}, eval_cmd)
+    run_and_report(jobs, args, out, "top1", "top-1", "nll",
+                   f"ViT (0.46M, pre-trained on 5 Fashion-MNIST classes) + LoRA_mul/VPT_add + head, "
+                   f"{args.shots}-shot on the other 5: top-1 x100 on {5 * args.test_per_class} test images "
+                   f"(LoRA = pace.mode=off)", started)
     return 0
 
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
-from cls_demo import METHODS, run_all, save, table  # noqa: E402
+from cls_demo import add_common_args, run_and_report, seed_jobs  # noqa: E402
 
 RECIPE = ROOT / "recipes" / "demo_polarity.yaml"
 
@@ -77,13 +77,9 @@ def test_nll(out: Path) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_common_args(parser, "outputs/demo-polarity")
     parser.add_argument("--train-size", type=int, default=128, help="training sentences per seed (balanced)")
     parser.add_argument("--test-size", type=int, default=1000)
-    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
-    parser.add_argument("--launcher", choices=["python", "deepspeed"], default="python")
-    parser.add_argument("--output-dir", default="outputs/demo-polarity")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides for both methods (section.key=value)")
     args = parser.parse_args()
     from pace_llm import assets
 
@@ -95,27 +91,15 @@ def main() -> int:
                                           args.test_size)
     eval_cmd = [str(ROOT / "eval" / "glue.py"), "--task", "sst2", "--data", str(test_path), "--batch-size", "64",
                 "--max-length", "64", "--quiet", "--save-predictions"]
-    jobs = [{"seed": seed, "method": method, "recipe": RECIPE, "out": out / f"{method.lower()}-s{seed}",
-             "overrides": [f"model.name={model_dir}", f"data.train={train_paths[seed]}", f"train.seed={seed}",
-                           *extra, *args.overrides], "eval_cmd": eval_cmd, "launcher": args.launcher}
-            for seed in args.seeds for method, extra in METHODS.items()]
-    done: list[dict] = []
+    jobs = seed_jobs(args, RECIPE, out, {seed: [f"model.name={model_dir}", f"data.train={train_paths[seed]}",
+                                                f"train.seed={seed}"] for seed in args.seeds}, eval_cmd)
 
-    def finished(result):
+    def complete(result):
         result.update(accuracy=result["metrics"]["accuracy"], test_nll=test_nll(Path(result["output_dir"])))
-        done.append(result)
-        save(done, out / "results.json")
-        print(f"[demo] {result['method']} seed {result['seed']}: accuracy {result['accuracy']:.3f}, test NLL "
-              f"{result['test_nll']:.3f} (trained in {result['train_seconds']:.0f} s)", flush=True)
 
-    results = run_all(jobs, args.jobs, finished)
-    print()
-    print(table(results, "accuracy", f"all-MiniLM-L6-v2 + LoRA(query, value) + head, Pang & Lee polarity: "
-                                     f"{args.train_size} training / {args.test_size} test sentences, accuracy x100"))
-    nll = {m: sum(r["test_nll"] for r in results if r["method"] == m) / len(args.seeds) for m in METHODS}
-    print(f"mean test NLL: LoRA {nll['LoRA']:.3f}, PACE {nll['PACE']:.3f}")
-    print(f"overrides: {' '.join(args.overrides) or 'none'}; {args.jobs} run(s) side by side; "
-          f"results: {out / 'results.json'}; wall time {(time.time() - started) / 60:.1f} min")
+    run_and_report(jobs, args, out, "accuracy", "accuracy", "test_nll",
+                   f"all-MiniLM-L6-v2 + LoRA(query, value) + head, Pang & Lee polarity: "
+                   f"{args.train_size} training / {args.test_size} test sentences, accuracy x100", started, complete)
     return 0
 
 

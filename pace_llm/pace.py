@@ -90,7 +90,7 @@ def consistency_loss(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
 
 # --- Shared dropout masks for paired batches -------------------------------------------
 # nn.Dropout and transformers' eager attention call torch.nn.functional.dropout at call
-# time, so one wrapper covers both. It is active only while `paired_batch(True)` is set;
+# time, so one wrapper covers both. It is active only while `set_paired_batch(True)` holds;
 # the flag stays set through the backward pass so a checkpointed recomputation pairs too.
 _original_dropout = F.dropout
 _paired = False

@@ -118,8 +118,8 @@ def setup(recipe: Recipe):
                  f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total), len(train_set), total_steps)
     return dict(rank=rank, world=world, out=out, tokenizer=tokenizer, engine=engine, loader=loader,
                 sampler=sampler, objective=objective, cache=cache, eval_set=eval_set, collate=collate,
-                total_steps=total_steps, steps_per_epoch=steps_per_epoch, base_source=base_source,
-                ds_config=ds_config, hf_ds=hf_ds)
+                total_steps=total_steps, base_source=base_source,
+                hf_ds=hf_ds)  # held: ZeRO-3 partitioned loading lasts while this object lives
 
 
 def supervised_counts_rows(rows: list[dict]) -> list[int]:
