@@ -40,7 +40,23 @@ def init_distributed() -> tuple[int, int]:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     import deepspeed
     deepspeed.init_distributed(verbose=False)  # NCCL on GPUs, gloo on CPU
+    _unlink_deepspeed_shm()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unlink_deepspeed_shm() -> None:
+    """DeepSpeed's CPU backend (launched by `deepspeed`, all ranks on one host) creates a
+    69 MB /dev/shm segment per rank for its shared-memory all-reduce and never unlinks it,
+    so every run leaks RAM into tmpfs until the machine runs out (an OOM kill after ~200
+    test runs here). Once every rank has mapped every segment (init returns only then; the
+    barrier waits for all ranks), the names can go: the mappings stay valid and the kernel
+    frees the memory when the last process exits, even after SIGKILL."""
+    if not Path("/dev/shm").is_dir():
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def build_config(recipe, world: int) -> dict:

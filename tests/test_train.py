@@ -12,7 +12,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from trainrun import ROOT, env, free_port, launch, metrics
+from trainrun import ROOT, env, free_port, launch, metrics, shm_segments
 
 pytestmark = pytest.mark.slow
 MODES = ["off", "full", "fast", "lazy_half"]
@@ -92,12 +92,14 @@ def test_stop_and_resume_logs_the_same_losses(runs, tmp_path):
 
 def test_kill_during_checkpoint_save_leaves_a_resumable_run(runs, tmp_path):
     out = tmp_path / "killed"
+    segments_before = shm_segments()
     proc = launch("deepspeed", out, "deepspeed.zero_stage=2", "pace.mode=fast", check=False,
                   extra_env={"PACE_FAULT_KILL_IN_SAVE": "8"})
     assert proc.returncode != 0
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step-00000004"  # the save of step 8 never landed
     assert (checkpoints / "step-00000008.tmp").exists()
+    assert shm_segments() <= segments_before  # a killed run leaks no /dev/shm memory (engine.init_distributed)
     launch("deepspeed", out, "deepspeed.zero_stage=2", "pace.mode=fast", "resume=true")
     reference = {r["step"]: r for r in metrics(runs(2, "fast"))}
     final = [r for r in metrics(out) if r["step"] == 16][-1]

@@ -38,6 +38,11 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def shm_segments() -> set[str]:
+    """DeepSpeed's shared-memory all-reduce segments currently in /dev/shm."""
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
