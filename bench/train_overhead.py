@@ -408,9 +408,9 @@ def distributed(args) -> dict | None:
     names = list(variants)
     per_round = measure_rounds(variants, args, log)
     # the slowest rank's time per round (an engine step waits for both anyway)
-    flat = torch.tensor([per_round[n] for n in names], dtype=torch.float64)
-    dist.all_reduce(flat, op=dist.ReduceOp.MAX)
-    per_round = {n: flat[i].tolist() for i, n in enumerate(names)}
+    rounds = len(per_round[names[0]])
+    flat = engine.all_reduce_scalars([x for n in names for x in per_round[n]], dist.ReduceOp.MAX)
+    per_round = {n: flat[i * rounds:(i + 1) * rounds] for i, n in enumerate(names)}
     dist.barrier()
     if rank != 0:
         return None

@@ -106,7 +106,7 @@ class TrainSection:
     log_every: int = 1
     save_every: int = 0                # steps; 0 = only at the end
     keep_checkpoints: int = 2
-    eval_every: int = 0
+    eval_every: int = 0                # steps; with data.eval, also before training and at the end
     fp_distance: bool = False          # log ‖f(θ) − f(θ0)‖² on a fixed held-out batch
     export_check: bool = True          # compare merged-model logits with the trained model's
 

@@ -59,6 +59,15 @@ def _unlink_deepspeed_shm() -> None:
     (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
+def all_reduce_scalars(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    """All-reduce a few Python numbers (metrics, flags). NCCL (GPUs) reduces only CUDA
+    tensors and gloo (CPU) only host ones, so the tensor goes where the backend wants it."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
 def build_config(recipe, world: int) -> dict:
     """The DeepSpeed config from the recipe, or the recipe's JSON with batch sizes filled in."""
     t, d = recipe.train, recipe.deepspeed

@@ -122,10 +122,10 @@ def forward_rows(model, batch: dict) -> Rows:
     return Rows(logits, logits, labels, torch.ones(len(labels), dtype=torch.long, device=labels.device))
 
 
-def task_loss(rows: Rows) -> torch.Tensor:
+def task_loss(rows: Rows, reduction: str = "mean") -> torch.Tensor:
     if rows.f.shape[-1] == 1:  # regression head (STS-B)
-        return F.mse_loss(rows.f.squeeze(-1).float(), rows.target.float())
-    return F.cross_entropy(rows.f.float(), rows.target)
+        return F.mse_loss(rows.f.squeeze(-1).float(), rows.target.float(), reduction=reduction)
+    return F.cross_entropy(rows.f.float(), rows.target, reduction=reduction)
 
 
 # Config keys that hold an attention-probability dropout rate, across architectures.

@@ -10,6 +10,7 @@ ZeRO-3 gathering, checkpoint layout) sit behind the helpers in `engine.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -71,9 +72,7 @@ def lr_lambda(recipe: Recipe, total_steps: int):
 
 
 def all_mean(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return (tensor / dist.get_world_size()).tolist()
+    return [v / dist.get_world_size() for v in ds.all_reduce_scalars(values)]
 
 
 def setup(recipe: Recipe):
@@ -133,14 +132,25 @@ def first_batch(dataset, collate, size: int) -> dict:
 
 
 def evaluate(engine, eval_set, collate, batch_size: int) -> float:
-    """Mean task loss on the eval set (eval mode: no noise, no dropout)."""
-    engine.eval()
-    losses = []
-    with torch.no_grad():
-        for batch in DataLoader(eval_set, batch_size=batch_size, collate_fn=collate, generator=torch.Generator()):
-            losses.append(task_loss(forward_rows(engine, batch)).item())
-    engine.train()
-    return sum(losses) / max(1, len(losses))
+    """Held-out task loss in eval mode (no noise, no dropout): the mean over all supervised
+    rows (answer tokens for LMs, samples for classifiers), so it depends on neither the
+    batch size nor the world size. Rank r scores samples r, r+W, ...; every rank runs the
+    same number of batches (ZeRO-3 forwards are collective), padding with a repeat that
+    counts zero."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(range(rank, len(eval_set), world))
+    per_rank = -(-len(eval_set) // world)
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine += [0] * (per_rank - len(mine))
+    loss_sum, rows_sum = 0.0, 0.0
+    with eval_mode(engine):
+        for i in range(0, per_rank, batch_size):
+            rows = forward_rows(engine, collate([eval_set[j] for j in mine[i:i + batch_size]]))
+            w = torch.tensor(weights[i:i + batch_size]).repeat_interleave(rows.counts.cpu())
+            loss_sum += float((task_loss(rows, reduction="none").float().cpu() * w).sum())
+            rows_sum += float(w.sum())
+    loss_sum, rows_sum = ds.all_reduce_scalars([loss_sum, rows_sum])
+    return loss_sum / max(rows_sum, 1.0)
 
 
 def fit(recipe: Recipe, s: dict) -> str:
@@ -154,9 +164,10 @@ def fit(recipe: Recipe, s: dict) -> str:
     fixed_batch = first_batch(s["eval_set"] or loader.dataset, s["collate"], t.micro_batch_size)
     reference = fixed_outputs(engine, fixed_batch) if t.fp_distance else None
     metrics_path = out / "metrics.jsonl"
-    if t.eval_every and s["eval_set"] is not None and state["step"] == 0:  # the baseline point
+    if s["eval_set"] is not None and state["step"] == 0:  # the baseline point
         eval_loss = evaluate(engine, s["eval_set"], s["collate"], t.micro_batch_size)
         if rank == 0:
+            log.info("eval loss before training %.4f", eval_loss)
             with metrics_path.open("a") as f:
                 f.write(json.dumps({"step": 0, "eval_loss": eval_loss}) + "\n")
     bar = tqdm(total=s["total_steps"], initial=state["step"], disable=rank != 0, desc="train",
@@ -172,9 +183,7 @@ def fit(recipe: Recipe, s: dict) -> str:
                 continue
             started = time.perf_counter()
             result = objective(engine, batch, step)
-            finite = torch.tensor([float(torch.isfinite(result.loss))])
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1:
+            if ds.all_reduce_scalars([float(torch.isfinite(result.loss))], dist.ReduceOp.MIN)[0] < 1:
                 raise FloatingPointError(
                     f"non-finite loss at step {step + 1} (task {result.task_loss.item():.4g}, consistency "
                     f"{result.consistency_loss.item():.4g}): stopping; the last good checkpoint in "
@@ -198,19 +207,21 @@ def fit(recipe: Recipe, s: dict) -> str:
                        "lr": engine.get_lr()[0], "tokens_per_s": tokens_per_s * s["world"]}
                 if reference is not None:
                     row["fp_distance"] = mean_squared_norm(fixed_outputs(engine, fixed_batch) - reference).item()
-                if t.eval_every and s["eval_set"] is not None and step % t.eval_every == 0:
+                if s["eval_set"] is not None and (t.eval_every and step % t.eval_every == 0
+                                                  or step == s["total_steps"]):
                     row["eval_loss"] = evaluate(engine, s["eval_set"], s["collate"], t.micro_batch_size)
+                    if rank == 0:
+                        log.info("step %d: eval loss %.4f", step, row["eval_loss"])
                 if rank == 0:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
                     ds.tensorboard_log(out, row)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
-            stop_now = torch.tensor([float(stop.flag)])
-            dist.all_reduce(stop_now, op=dist.ReduceOp.MAX)
-            if t.save_every and step % t.save_every == 0 or stop_now.item() or step == t.stop_after:
+            stop_now = ds.all_reduce_scalars([float(stop.flag)], dist.ReduceOp.MAX)[0] > 0
+            if t.save_every and step % t.save_every == 0 or stop_now or step == t.stop_after:
                 ds.save_checkpoint(engine, out, state, s["cache"], t.keep_checkpoints)
-            if stop_now.item() or step == t.stop_after:
+            if stop_now or step == t.stop_after:
                 bar.close()
                 return "stopped"
             if step >= s["total_steps"]:
@@ -232,13 +243,29 @@ def stage0_grad_norm(engine) -> float | None:
     return torch.stack(grads).norm().item() if grads else 0.0
 
 
+@contextlib.contextmanager
+def eval_mode(engine):
+    """Eval mode (no noise, no dropout) and no grad, then back to training. bitsandbytes'
+    Linear4bit layers stay in train mode: on CPUs with AVX512-BF16 an eval-mode no-grad
+    forward repacks their weights for inference for good (environment.md), which changes
+    the trained model's outputs (the QLoRA export check fails) and can stop adapter
+    gradients. They have no train/eval behaviour of their own."""
+    engine.eval()
+    bnb = sys.modules.get("bitsandbytes")
+    for module in engine.modules():
+        if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
+            module.train()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        engine.train()
+
+
 def fixed_outputs(engine, batch) -> torch.Tensor:
     """Eval-mode outputs f on a fixed batch (FP-distance and the export check)."""
-    engine.eval()
-    with torch.no_grad():
-        f = forward_rows(engine, batch).f.float().cpu()
-    engine.train()
-    return f
+    with eval_mode(engine):
+        return forward_rows(engine, batch).f.float().cpu()
 
 
 def save_outputs(recipe: Recipe, s: dict) -> None:
@@ -246,10 +273,6 @@ def save_outputs(recipe: Recipe, s: dict) -> None:
     out, engine, rank = s["out"], s["engine"], s["rank"]
     check_batch = first_batch(s["eval_set"] or s["loader"].dataset, s["collate"], 4)
     trained = fixed_outputs(engine, check_batch)  # every rank: ZeRO-3 forwards are collective
-    if s["eval_set"] is not None:
-        eval_loss = evaluate(engine, s["eval_set"], s["collate"], recipe.train.micro_batch_size)
-        if rank == 0:
-            log.info("eval loss %.4f", eval_loss)
     ds.save_adapter(engine, out / "adapter")
     if rank == 0:
         merged = ds.export_merged(recipe, s["base_source"], out / "adapter", out / "merged", s["tokenizer"])

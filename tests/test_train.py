@@ -12,10 +12,15 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from trainrun import ROOT, env, free_port, launch, metrics, shm_segments
+from pace_llm.config import load_recipe
+from pace_llm.data import Collator
+from pace_llm.objectives import forward_rows, task_loss
+from pace_llm.setup import build_datasets
+from trainrun import ROOT, env, eval_losses, free_port, launch, metrics, shm_segments
 
 pytestmark = pytest.mark.slow
 MODES = ["off", "full", "fast", "lazy_half"]
+EVAL_15 = ["data.eval_limit=15"]  # odd: one rank's eval shard is padded with a sample that must not count
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +31,7 @@ def runs(tmp_path_factory):
     def get(stage, mode):
         if (stage, mode) not in done:
             out = tmp_path_factory.mktemp(f"zero{stage}-{mode}")
-            proc = launch("deepspeed", out, f"deepspeed.zero_stage={stage}", f"pace.mode={mode}")
+            proc = launch("deepspeed", out, f"deepspeed.zero_stage={stage}", f"pace.mode={mode}", *EVAL_15)
             (out / "launch.log").write_text(proc.stdout + proc.stderr)
             done[stage, mode] = out
         return done[stage, mode]
@@ -72,6 +77,17 @@ def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
         transformers.AutoModelForCausalLM.from_pretrained(out / "tiny-base"), out / "adapter")
     assert (eval_logits(merged, ids) - eval_logits(adapted, ids)).abs().max() <= 1e-5
     assert (out / "training_curves.png").stat().st_size > 1000
+
+    # held-out loss before training and once at the end, sharded over the 2 ranks: equal to
+    # the merged model's mean answer-token loss over all 15 eval samples, each counted once
+    evals = eval_losses(out)
+    assert [step for step, _ in evals] == [0, 16] and evals[1][1] < evals[0][1]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")
+    _, eval_set = build_datasets(load_recipe(str(ROOT / "recipes" / "tiny.yaml"), EVAL_15), tokenizer)
+    batch = Collator(tokenizer.pad_token_id or 0)([eval_set[i] for i in range(len(eval_set))])
+    merged.eval()
+    with torch.no_grad():
+        assert evals[1][1] == pytest.approx(task_loss(forward_rows(merged, batch)).item(), rel=1e-4)
     assert json.loads((out / "run_status.json").read_text()) == {"status": "done"}
 
 
