@@ -4,7 +4,7 @@
     python eval/gsm8k.py --model BASE --adapter out/adapter --backend vllm ...
     python eval/gsm8k.py --backend openai --base-url http://127.0.0.1:8000 ...   # launch/serve.sh
 
-Writes FILE.json (accuracy, accuracy_strict, n, settings, timing) and FILE.samples.jsonl
+Writes FILE.json (accuracy, accuracy_strict, strict_format_rate, n, settings, timing) and FILE.samples.jsonl
 (one record per question). The work is in pace_llm.tasks.gsm8k.evaluate.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
             for record in samples:
                 f.write(json.dumps(record) + "\n")
         print(f"[gsm8k] wrote {out} and {samples_path}")
-    print(json.dumps({k: result[k] for k in ("accuracy", "accuracy_strict", "n")}))
+    print(json.dumps({k: result[k] for k in ("accuracy", "accuracy_strict", "strict_format_rate", "n")}))
     return result
 
 

@@ -99,7 +99,7 @@ def test_score_counts_flexible_and_strict():
     assert [r["correct"] for r in records] == [True, True, False, False]
     assert [r["correct_strict"] for r in records] == [True, False, False, False]
     assert [r["extracted"] for r in records] == ["72", "1000", None, "4"]
-    assert metrics == {"accuracy": 0.5, "accuracy_strict": 0.25, "n": 4}
+    assert metrics == {"accuracy": 0.5, "accuracy_strict": 0.25, "strict_format_rate": 0.5, "n": 4}
     with pytest.raises(ValueError):
         score(rows, completions[:2])
 

@@ -87,7 +87,8 @@ def load_rows(data: str, limit: int | None = None) -> list[dict]:
 
 
 def score(rows: list[dict], completions: list[str]) -> tuple[list[dict], dict]:
-    """Per-sample records and the two accuracies."""
+    """Per-sample records, the two accuracies, and strict_format_rate: the share of completions
+    that state a final answer as `#### N` at all (what a short fine-tune changes first)."""
     if len(rows) != len(completions):
         raise ValueError(f"{len(rows)} rows but {len(completions)} completions")
     records = []
@@ -101,6 +102,7 @@ def score(rows: list[dict], completions: list[str]) -> tuple[list[dict], dict]:
     n = len(records)
     metrics = {"accuracy": sum(r["correct"] for r in records) / n if n else 0.0,
                "accuracy_strict": sum(r["correct_strict"] for r in records) / n if n else 0.0,
+               "strict_format_rate": sum(r["extracted_strict"] is not None for r in records) / n if n else 0.0,
                "n": n}
     return records, metrics
 
@@ -110,7 +112,7 @@ def evaluate(model_dir, rows: list[dict], backend: str | None = None, adapter=No
              served_model: str | None = None, dtype: str | None = None, verbose: bool = True) -> dict:
     """Greedy GSM-8K evaluation of a merged folder (or base + adapter, or a server).
 
-    Returns {"accuracy", "accuracy_strict", "n", "settings", "timing", "samples"}.
+    Returns {"accuracy", "accuracy_strict", "strict_format_rate", "n", "settings", "timing", "samples"}.
     """
     from .. import generation
     backend = backend or generation.default_backend()
@@ -129,7 +131,8 @@ def evaluate(model_dir, rows: list[dict], backend: str | None = None, adapter=No
     if verbose:
         print(f"[gsm8k] {backend}: {metrics['n']} prompts in {timing['generate_s']:.2f}s "
               f"({timing['prompts_per_s']:.2f} prompts/s, {timing['tokens_per_s']:.1f} generated tokens/s); "
-              f"accuracy {metrics['accuracy']:.4f} (strict {metrics['accuracy_strict']:.4f})", flush=True)
+              f"accuracy {metrics['accuracy']:.4f} (strict {metrics['accuracy_strict']:.4f}; "
+              f"{metrics['strict_format_rate']:.0%} end with '#### N')", flush=True)
     settings = {"model": str(model_dir) if model_dir is not None else gen.model_name,
                 "adapter": str(adapter) if adapter else None, "backend": backend,
                 "base_url": base_url, "max_new_tokens": max_new_tokens,
