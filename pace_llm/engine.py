@@ -39,24 +39,21 @@ def init_distributed() -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     import deepspeed
+    if not torch.cuda.is_available():
+        _skip_deepspeed_shm_allreduce()
     deepspeed.init_distributed(verbose=False)  # NCCL on GPUs, gloo on CPU
-    _unlink_deepspeed_shm()
     return dist.get_rank(), dist.get_world_size()
 
 
-def _unlink_deepspeed_shm() -> None:
-    """DeepSpeed's CPU backend (launched by `deepspeed`, all ranks on one host) creates a
-    69 MB /dev/shm segment per rank for its shared-memory all-reduce and never unlinks it,
-    so every run leaks RAM into tmpfs until the machine runs out (an OOM kill after ~200
-    test runs here). Once every rank has mapped every segment (init returns only then; the
-    barrier waits for all ranks), the names can go: the mappings stay valid and the kernel
-    frees the memory when the last process exits, even after SIGKILL."""
-    if not Path("/dev/shm").is_dir():
-        return
-    dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    (Path("/dev/shm") / name).unlink(missing_ok=True)
+def _skip_deepspeed_shm_allreduce() -> None:
+    """DeepSpeed's CPU backend compiles (~30 s on a fresh machine) and maps a 69 MB /dev/shm
+    segment per rank for a shared-memory all-reduce that only its inference tensor-parallel
+    path uses, and never unlinks it: every run leaked RAM into tmpfs until the machine ran
+    out (the demo's rank was OOM-killed after ~200 test runs here). Marked incompatible (the
+    table DeepSpeed keeps for edits like this), the op is neither built nor mapped, and
+    training's all-reduces go through torch.distributed as before."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def all_reduce_scalars(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:

