@@ -34,15 +34,17 @@ def launch(launcher: str, out: Path, *overrides: str, recipe: str = "recipes/tin
     return proc
 
 
+def _logged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 def metrics(out: Path) -> list[dict]:
     """The logged training steps (the step-0 row holds only the held-out loss before training)."""
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
+    return [r for r in _logged(out) if "loss" in r]
 
 
 def eval_losses(out: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    return [(r["step"], r["eval_loss"]) for r in _logged(out) if "eval_loss" in r]
 
 
 def shm_segments() -> set[str]:
