@@ -9,7 +9,7 @@ Overrides follow the recipe as section.key=value (train.max_steps=100, resume=tr
 """
 import sys
 
-from pace_llm.train import main
+from pace_llm.training import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,6 @@ does not have: a small module of our own below, merged by eq. 13.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Optional, Union
 
@@ -21,8 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .pace import NoiseHook, sigma_for_block
-
-ADAPTERS = ("lora_add", "lora_mul_vpt")
+from .pace_config import ADAPTERS, PaceConfig  # noqa: F401  (PaceConfig: the public name lives here too)
 
 # Per-architecture defaults (config.model_type -> targets), as the paper and PEFT use them.
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,35 +38,6 @@ _BLOCK_RE = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 class TargetError(ValueError):
     """target_modules selected nothing (or no default exists): names the candidates."""
-
-
-@dataclasses.dataclass
-class PaceConfig:
-    """What to adapt and how much noise. Field names are the recipe's `pace.*` keys.
-
-    target_modules: module-name suffixes (["q_proj", "v_proj"]), one regex matched against
-        full module names, "all-linear", or None for the architecture's default.
-    sigma_schedule: "linear" (σ decays with depth, the authors' formula) or "constant";
-        first_noisy_block=1 is the authors' ViT choice (no noise on the first block).
-    """
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: Optional[Union[str, list[str]]] = None
-    adapter: str = "lora_add"
-    sigma: float = 1.0
-    sigma_schedule: str = "linear"
-    first_noisy_block: int = 0
-    train_head: bool = True
-
-    def __post_init__(self):
-        if self.adapter not in ADAPTERS:
-            raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
-        if self.sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
-        sigma_for_block(1.0, 0, 1, self.sigma_schedule)  # validates the schedule name
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -109,7 +78,7 @@ def resolve_targets(model: nn.Module, spec) -> list[str]:
     return chosen
 
 
-def _peft_target_spec(model: nn.Module, chosen: list[str]) -> list[str]:
+def peft_target_spec(model: nn.Module, chosen: list[str]) -> list[str]:
     """The short suffix list when it selects exactly `chosen` (a tidy adapter_config.json
     that vLLM understands), else the full names."""
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in chosen})
@@ -185,13 +154,13 @@ def apply_pace(model: nn.Module, config: PaceConfig) -> nn.Module:
 
     def sigma_of(name):
         block = block_index(name)
-        return sigma_for_block(config.sigma, num_blocks if block is None else block, num_blocks,
+        return sigma_for_block(config.noise_sigma, num_blocks if block is None else block, num_blocks,
                                config.sigma_schedule, config.first_noisy_block)
 
     if config.adapter == "lora_add":
         import peft
         lora = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                               target_modules=_peft_target_spec(model, chosen),
+                               target_modules=peft_target_spec(model, chosen),
                                modules_to_save=heads or None, bias="none")
         model = peft.get_peft_model(model, lora)
         for name, module in model.base_model.model.named_modules():

@@ -1,5 +1,6 @@
-"""Data for the trainer: loading through `datasets`, prompt/answer formatting with the
-model's chat template, answer-only labels, padding-aware collation, stable sample ids.
+"""Rows for training and evaluation: one loader (`load_rows`, through `datasets`), the
+prompt rendering training and generation share, and image pixels. How rows become
+samples and batches is each task kind's (pace_llm/tasks/).
 
 Sources: a local .jsonl/.json/.csv/.parquet file, a hub id (with `data.hub_config`), or
 `tiny:arithmetic|sentences|images` (generated rows for smoke runs). A sample's id is its row index in the
@@ -52,60 +53,8 @@ def load_rows(source: str, split: str = "train", hub_config: Optional[str] = Non
     return rows.select(range(min(limit, len(rows)))) if limit else rows
 
 
-def _require_fields(rows: datasets.Dataset, fields, source: str) -> None:
-    missing = [f for f in fields if f not in rows.column_names]
-    if missing:
-        raise DataError(f"field {missing[0]!r} is missing from the data {source} "
-                        f"(it has: {', '.join(rows.column_names)})")
-
-
 def template_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
-def tokenize_sft(rows: datasets.Dataset, tokenizer, prompt_template: str, answer_field: str,
-                 max_length: int, source: str = "") -> datasets.Dataset:
-    """input_ids = prompt + answer; labels = -100 on the prompt (loss on the answer only)."""
-    _require_fields(rows, template_fields(prompt_template) + [answer_field], source)
-    chat = bool(getattr(tokenizer, "chat_template", None))
-
-    def encode(row):
-        user = prompt_template.format(**row)
-        prompt = render_prompt(tokenizer, user)
-        if chat:
-            full = tokenizer.apply_chat_template(
-                [{"role": "user", "content": user}, {"role": "assistant", "content": row[answer_field]}],
-                tokenize=False)
-            if not full.startswith(prompt):
-                raise DataError("the chat template's prompt is not a prefix of prompt+answer; "
-                                "cannot mask the prompt tokens")
-            answer = full[len(prompt):]
-        else:
-            answer = row[answer_field] + (tokenizer.eos_token or "")
-        # A chat template writes its own special tokens; a plain prompt gets the tokenizer's
-        # (bos), exactly as generation.encode_prompts does at evaluation time.
-        p_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
-        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        ids = (p_ids + a_ids)[:max_length]
-        labels = ([-100] * len(p_ids) + a_ids)[:max_length]
-        return {"input_ids": ids, "labels": labels}
-
-    out = rows.map(encode, remove_columns=[c for c in rows.column_names if c != "sample_id"],
-                   desc="tokenizing")
-    # A sample truncated to its prompt has nothing to learn from; its id is simply unused.
-    return out.filter(lambda r: any(x != -100 for x in r["labels"][1:]), desc="dropping empty answers")
-
-
-def tokenize_classification(rows: datasets.Dataset, tokenizer, text_fields: list[str], label_field: str,
-                            max_length: int, source: str = "") -> datasets.Dataset:
-    _require_fields(rows, list(text_fields) + [label_field], source)
-
-    def encode(batch):
-        enc = tokenizer(*[batch[f] for f in text_fields], truncation=True, max_length=max_length)
-        return {"input_ids": enc["input_ids"], "labels": batch[label_field]}
-
-    return rows.map(encode, batched=True, remove_columns=[c for c in rows.column_names if c != "sample_id"],
-                    desc="tokenizing")
 
 
 def pixel_values(image, image_size: int) -> np.ndarray:
@@ -120,45 +69,3 @@ def pixel_values(image, image_size: int) -> np.ndarray:
     x = torch.nn.functional.interpolate(x / 255.0, size=(image_size, image_size), mode="bilinear",
                                         align_corners=False)[0]
     return ((x - 0.5) / 0.5).numpy()
-
-
-def prepare_images(rows: datasets.Dataset, image_field: str, label_field: str, image_size: int,
-                   source: str = "") -> datasets.Dataset:
-    """pixel_values: resized to image_size², scaled to [-1, 1] (ViT's 0.5/0.5 normalisation)."""
-    _require_fields(rows, [image_field, label_field], source)
-
-    def encode(batch):
-        return {"pixel_values": [pixel_values(image, image_size) for image in batch[image_field]],
-                "labels": batch[label_field]}
-
-    return rows.map(encode, batched=True, remove_columns=[c for c in rows.column_names if c != "sample_id"],
-                    desc="images")
-
-
-class Collator:
-    """Right-pads token rows (labels with -100) and stacks images; keeps sample ids."""
-
-    def __init__(self, pad_token_id: int = 0):
-        self.pad = pad_token_id
-
-    def __call__(self, rows: list[dict]) -> dict:
-        batch = {"sample_id": torch.tensor([r["sample_id"] for r in rows])}
-        if "pixel_values" in rows[0]:
-            batch["pixel_values"] = torch.tensor(np.stack([r["pixel_values"] for r in rows]))
-            batch["labels"] = torch.tensor([r["labels"] for r in rows])
-            return batch
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-            mask[i, : len(r["input_ids"])] = 1
-        batch.update(input_ids=ids, attention_mask=mask)
-        if isinstance(rows[0]["labels"], list):
-            labels = torch.full((len(rows), width), -100, dtype=torch.long)
-            for i, r in enumerate(rows):
-                labels[i, : len(r["labels"])] = torch.tensor(r["labels"])
-            batch["labels"] = labels
-        else:
-            batch["labels"] = torch.tensor([r["labels"] for r in rows])
-        return batch

@@ -89,6 +89,18 @@ def save_merged(model, out_dir, tokenizer=None, dtype: torch.dtype | None = None
     return Path(out_dir)
 
 
+def export_merged(base, adapter_dir, merged_dir, tokenizer=None, quantized: bool = False):
+    """A fresh, unpartitioned base (dequantized first when `quantized`: QLoRA) +
+    the saved adapter, merged in fp32 and saved to merged_dir; returns the merged model.
+    Merging from the saved adapter, not the live training engine, is the one path that
+    works for ZeRO-3 (PEFT cannot merge partitioned weights) and for QLoRA."""
+    if quantized:
+        base = dequantize(base)
+    merged = merge_pace(load_adapter(base, adapter_dir))
+    save_merged(merged, merged_dir, tokenizer)
+    return merged
+
+
 def dequantize(model):
     """Replace bitsandbytes 4-bit / 8-bit linear layers by plain nn.Linear with the
     dequantized weights (what a QLoRA adapter was trained against), for merging."""

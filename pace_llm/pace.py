@@ -30,9 +30,11 @@ The sum over a 32k vocabulary makes it ~300x a 100-class head's: λ must be smal
 
 Shared dropout. In a paired forward on [x; x] every dropout draws its mask for the
 first half and reuses it for the second (the authors' sharable drop-path), so f1 and
-f2 differ only by the adapter noise. Both the noise and the masks come from torch's
-global RNG, which activation checkpointing restores for the recomputed forward: the
-recomputation sees the same draws.
+f2 differ only by the adapter noise. This holds only inside `paired_dropout()`, which
+the objective opens around a paired step's forward and backward (a checkpointed
+recomputation runs during backward and must pair too); outside it torch is untouched.
+Both the noise and the masks come from torch's global RNG, which activation
+checkpointing restores for the recomputed forward: the recomputation sees the same draws.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-SCHEDULES = ("linear", "constant")
+from .pace_config import SCHEDULES
 
 
 def sigma_for_block(sigma: float, block: int, num_blocks: int, schedule: str = "linear",
@@ -89,34 +91,35 @@ def consistency_loss(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
 
 
 # --- Shared dropout masks for paired batches -------------------------------------------
-# nn.Dropout and transformers' eager attention call torch.nn.functional.dropout at call
-# time, so one wrapper covers both. It is active only while `set_paired_batch(True)` holds;
-# the flag stays set through the backward pass so a checkpointed recomputation pairs too.
-_original_dropout = F.dropout
-_paired = False
+# nn.Dropout and transformers' eager attention look up torch.nn.functional.dropout at call
+# time, so replacing that one attribute for the duration of a paired step covers both, and
+# costs nothing per op (a TorchFunctionMode would route every op of the forward through Python).
+_torch_dropout = F.dropout
+_depth = 0  # nested paired_dropout() blocks
 
 
 def _paired_dropout(input, p=0.5, training=True, inplace=False):
-    if not (_paired and training and p > 0 and input.dim() > 0 and input.shape[0] % 2 == 0):
-        return _original_dropout(input, p, training, inplace)
+    if not (training and p > 0 and input.dim() > 0 and input.shape[0] % 2 == 0):
+        return _torch_dropout(input, p, training, inplace)
     half = input.shape[0] // 2
     keep = torch.empty_like(input[:half]).bernoulli_(1 - p).div_(1 - p)
     return input * torch.cat([keep, keep])
 
 
-F.dropout = _paired_dropout  # F is torch.nn.functional: patched once, for every caller
-
-
-def set_paired_batch(paired: bool) -> None:
-    """Declare that the next forward (and its backward) runs on a batch [x; x]."""
-    global _paired
-    _paired = paired
-
-
 @contextlib.contextmanager
-def paired_batch():
-    set_paired_batch(True)
+def paired_dropout(enabled: bool = True):
+    """Inside the block every dropout on a batch [x; x] reuses the first half's mask for
+    the second half; on leaving it, torch's own dropout is back. `enabled=False` is a no-op,
+    so callers need no branch."""
+    global _depth
+    if not enabled:
+        yield
+        return
+    _depth += 1
+    F.dropout = _paired_dropout
     try:
         yield
     finally:
-        set_paired_batch(False)
+        _depth -= 1
+        if _depth == 0:
+            F.dropout = _torch_dropout

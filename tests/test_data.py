@@ -4,10 +4,12 @@ import json
 import pytest
 import torch
 
-from pace_llm import engine
+from pace_llm import deepspeed_engine
 from pace_llm.config import RecipeError, load_recipe
-from pace_llm.data import (Collator, DataError, load_rows, render_prompt, tokenize_classification,
-                           tokenize_sft)
+from pace_llm.data import DataError, load_rows, render_prompt
+from pace_llm.tasks import get_task
+from pace_llm.tasks.causal_lm import tokenize_sft
+from pace_llm.tasks.classification import tokenize_classification
 from pace_llm.tiny import tiny_tokenizer
 
 TEMPLATE = "Q: {question}"
@@ -67,7 +69,7 @@ def test_missing_file_is_named(tmp_path):
 def test_collator_pads_right_and_masks_labels():
     rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "sample_id": 3},
             {"input_ids": [8], "labels": [8], "sample_id": 9}]
-    batch = Collator(pad_token_id=0)(rows)
+    batch = get_task(load_recipe(None, ["model.task=causal_lm"])).collate(rows)  # no tokenizer: pad id 0
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -79,14 +81,15 @@ def test_classification_rows_and_pairs(tmp_path):
     rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [{"s1": "a b", "s2": "c", "label": 1}]))
     ex = tokenize_classification(rows, tok, ["s1", "s2"], "label", 32)[0]
     assert ex["labels"] == 1 and len(ex["input_ids"]) >= 4
-    batch = Collator()(list(tokenize_classification(rows, tok, ["s1"], "label", 32)))
+    task = get_task(load_recipe(None, ["model.task=seq_cls", "model.num_labels=2"]), tok)
+    batch = task.collate(list(tokenize_classification(rows, tok, ["s1"], "label", 32)))
     assert batch["labels"].dtype == torch.long and batch["labels"].shape == (1,)
 
 
 def test_deepspeed_config_from_recipe_and_from_json(tmp_path):
     recipe = load_recipe(None, ["deepspeed.zero_stage=3", "train.micro_batch_size=2",
                                 "train.gradient_accumulation=4", "model.dtype=bf16", "train.grad_clip=1.0"])
-    config = engine.build_config(recipe, world=8)
+    config = deepspeed_engine.build_config(recipe, world=8)
     assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 2
     assert config["zero_optimization"]["stage"] == 3 and config["bf16"]["enabled"] is True
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
@@ -94,10 +97,10 @@ def test_deepspeed_config_from_recipe_and_from_json(tmp_path):
     path.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
                                 "zero_optimization": {"stage": 1}}))
     recipe = load_recipe(None, [f"deepspeed.config={path}", "train.micro_batch_size=2"])
-    config = engine.build_config(recipe, world=2)
+    config = deepspeed_engine.build_config(recipe, world=2)
     assert config["train_batch_size"] == 4 and config["zero_optimization"] == {"stage": 1}
     path.write_text(json.dumps({"train_batch_size": 32}))
     with pytest.raises(RecipeError, match="train_batch_size=32 but the recipe and world size"):
-        engine.build_config(recipe, world=2)
+        deepspeed_engine.build_config(recipe, world=2)
     with pytest.raises(RecipeError, match="offload_params needs deepspeed.zero_stage=3"):
-        engine.build_config(load_recipe(None, ["deepspeed.offload_params=true"]), world=1)
+        deepspeed_engine.build_config(load_recipe(None, ["deepspeed.offload_params=true"]), world=1)

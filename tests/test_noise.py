@@ -6,21 +6,21 @@ import re
 import peft
 import pytest
 import torch
+import torch.nn.functional as F
 
 import pace_llm
-from pace_llm.pace import set_paired_batch, sigma_for_block
+from pace_llm.pace import sigma_for_block
 from pace_llm.tiny import tiny_model
 
-from conftest import make_batch, model_inputs, perturb_adapters
+from conftest import TORCH_DROPOUT, make_batch, model_inputs, perturb_adapters
 
 BLOCK = re.compile(r"\.layers?\.(\d+)\.")  # llama/phi3/vit "layers.N.", roberta "layer.N."
 
 
 @pytest.fixture(autouse=True)
 def _unpaired():
-    set_paired_batch(False)
     yield
-    set_paired_batch(False)
+    assert F.dropout is TORCH_DROPOUT  # no test leaves PACE's paired dropout in place
 
 
 def adapted(kind, adapter="lora_add", sigma=1.0, seed=0, **cfg):
@@ -225,10 +225,10 @@ def _grads(kind, seed, checkpointing, mode, **overrides):
     calls = []
     handle = lora_b.register_forward_hook(lambda *a: calls.append(1))
     torch.manual_seed(seed)
-    out = pace_llm.PaceObjective(mode, lam=1.0)(model, make_batch(kind, batch=4), 0)
-    out.loss.backward()
+    objective = pace_llm.PaceObjective(mode, lam=1.0)
+    with objective.scope(0):  # the checkpointed recomputation runs in backward: it must pair too
+        objective(model, make_batch(kind, batch=4), 0).loss.backward()
     handle.remove()
-    set_paired_batch(False)
     assert len(calls) == (2 if checkpointing else 1)  # the checkpointed layer was recomputed
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -1,6 +1,8 @@
 """The PACE objectives (off, full, fast, lazy_half) against their definitions (eq. 12, App. C),
 with hand computations from the models' own full outputs."""
 import contextlib
+import subprocess
+import sys
 import logging
 
 import pytest
@@ -8,19 +10,18 @@ import torch
 import torch.nn.functional as F
 
 import pace_llm
-from pace_llm.pace import paired_batch, set_paired_batch
+from pace_llm.pace import paired_dropout
 from pace_llm.tiny import tiny_model
 
-from conftest import make_batch, model_inputs, perturb_adapters
+from conftest import TORCH_DROPOUT, make_batch, model_inputs, perturb_adapters
 
 NO_DROPOUT = {"roberta": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
 
 
 @pytest.fixture(autouse=True)
 def _unpaired():
-    set_paired_batch(False)
     yield
-    set_paired_batch(False)
+    assert F.dropout is TORCH_DROPOUT  # no test leaves PACE's paired dropout in place
 
 
 def adapted(kind, sigma=1.0, adapter="lora_add", seed=0, **overrides):
@@ -53,8 +54,7 @@ def duplicated(batch):
 def rows_by_hand(model, batch, paired=False):
     """f from model(...)'s full outputs: classifier logits, or the LM's next-token logits at
     the supervised positions (labels[:, 1:] != -100), row-major."""
-    ctx = paired_batch() if paired else contextlib.nullcontext()
-    with ctx:
+    with paired_dropout(paired):
         logits = model(**model_inputs(batch)).logits
     labels = batch["labels"]
     if labels.dim() == 1:
@@ -281,3 +281,23 @@ def test_lazy_half_alternates_paired_half_and_plain_steps(kind):
             assert got.consistency_loss.item() == 0.0
             assert got.supervised_rows == int(pace_llm.supervised_counts(batch["labels"]).sum())
         got.loss.backward()
+
+
+# --- paired dropout stays inside a PACE step ---------------------------------------------
+
+def test_importing_pace_llm_leaves_torch_dropout_untouched():
+    code = ("import torch.nn.functional as F; before = F.dropout; import pace_llm, pace_llm.training, "
+            "pace_llm.tasks; assert F.dropout is before, F.dropout")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dropout_is_unpaired_again_after_a_full_step():
+    model = adapted("phi3", resid_pdrop=0.1)
+    objective = pace_llm.PaceObjective("full", lam=1.0)
+    with objective.scope(0):
+        y = torch.nn.Dropout(0.5).train()(torch.ones(4, 64))
+        assert torch.equal(y[:2], y[2:])  # inside the step the halves of [x; x] share a mask
+        objective(model, make_batch("phi3"), 0).loss.backward()
+    assert F.dropout is TORCH_DROPOUT
+    y = torch.nn.Dropout(0.5).train()(torch.ones(4, 64))
+    assert not torch.equal(y[:2], y[2:])  # independent masks for the two halves

@@ -13,9 +13,8 @@ import transformers
 from safetensors.torch import load_file
 
 from pace_llm.config import load_recipe
-from pace_llm.data import Collator
-from pace_llm.objectives import forward_rows, task_loss
-from pace_llm.setup import build_datasets
+from pace_llm.rows import TokenRows
+from pace_llm.tasks import get_task
 from trainrun import ROOT, env, eval_losses, free_port, launch, metrics, shm_segments
 
 pytestmark = pytest.mark.slow
@@ -83,11 +82,13 @@ def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
     evals = eval_losses(out)
     assert [step for step, _ in evals] == [0, 16] and evals[1][1] < evals[0][1]
     tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")
-    _, eval_set = build_datasets(load_recipe(str(ROOT / "recipes" / "tiny.yaml"), EVAL_15), tokenizer)
-    batch = Collator(tokenizer.pad_token_id or 0)([eval_set[i] for i in range(len(eval_set))])
+    task = get_task(load_recipe(str(ROOT / "recipes" / "tiny.yaml"), EVAL_15), tokenizer)
+    _, eval_set = task.datasets()
+    batch = task.collate([eval_set[i] for i in range(len(eval_set))])
     merged.eval()
     with torch.no_grad():
-        assert evals[1][1] == pytest.approx(task_loss(forward_rows(merged, batch)).item(), rel=1e-4)
+        rows = TokenRows()
+        assert evals[1][1] == pytest.approx(rows.loss(rows.forward(merged, batch)).item(), rel=1e-4)
     assert json.loads((out / "run_status.json").read_text()) == {"status": "done"}
 
 
@@ -110,12 +111,12 @@ def test_kill_during_checkpoint_save_leaves_a_resumable_run(runs, tmp_path):
     out = tmp_path / "killed"
     segments_before = shm_segments()
     proc = launch("deepspeed", out, "deepspeed.zero_stage=2", "pace.mode=fast", check=False,
-                  extra_env={"PACE_FAULT_KILL_IN_SAVE": "8"})
+                  script=ROOT / "tests" / "kill_in_save.py", extra_env={"KILL_AT_STEP": "8"})
     assert proc.returncode != 0
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step-00000004"  # the save of step 8 never landed
     assert (checkpoints / "step-00000008.tmp").exists()
-    assert shm_segments() <= segments_before  # a killed run leaks no /dev/shm memory (engine.init_distributed)
+    assert shm_segments() <= segments_before  # a killed run leaks no /dev/shm memory (distributed.init_distributed)
     launch("deepspeed", out, "deepspeed.zero_stage=2", "pace.mode=fast", "resume=true")
     reference = {r["step"]: r for r in metrics(runs(2, "fast"))}
     final = [r for r in metrics(out) if r["step"] == 16][-1]
@@ -176,12 +177,12 @@ def test_qlora_nf4_trains_on_cpu(tmp_path):
 
     import pace_llm
     from pace_llm.config import load_recipe
-    from pace_llm.setup import load_base
+    from pace_llm.tasks import get_task
     from pace_llm.tiny import tiny_model
 
     tiny_model("llama").save_pretrained(tmp_path / "base")
     recipe = load_recipe("recipes/tiny.yaml", ["model.quantization=nf4"])
-    model = load_base(recipe, tmp_path / "base")
+    model = get_task(recipe).load_model(tmp_path / "base")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     model = pace_llm.apply_pace(model, pace_llm.PaceConfig(rank=4))
     model.train()  # before any forward: the CPU repacking trap of environment.md
@@ -251,3 +252,40 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(runs):
     assert proc.returncode == 2
     assert "holds checkpoints of an earlier run: pass resume=true" in proc.stderr
     assert [r["step"] for r in metrics(out)] == list(range(1, 17))  # nothing was touched
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """One process, ZeRO-0, stopped (and checkpointed) after step 3 of 16."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    launch("python", out, "deepspeed.zero_stage=0", "train.stop_after=3")
+    return out
+
+
+@pytest.mark.parametrize("override, listed", [
+    ("pace.mode=off", "pace.mode: 'full' -> 'off'"),
+    ("train.micro_batch_size=2", "train.micro_batch_size: 4 -> 2"),
+    ("train.seed=1", "train.seed: 0 -> 1"),
+    ("data.limit=32", "data.limit: None -> 32"),
+])
+def test_resume_refuses_a_change_that_breaks_exactness(stopped_run, override, listed):
+    proc = launch("python", stopped_run, "deepspeed.zero_stage=0", "resume=true", override, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "break an exact resume" in proc.stderr and listed in proc.stderr and "resume_force=true" in proc.stderr
+    assert [r["step"] for r in metrics(stopped_run)] == [1, 2, 3]  # nothing trained, nothing overwritten
+
+
+def test_resume_force_and_harmless_changes(stopped_run, tmp_path):
+    import shutil
+    forced = tmp_path / "forced"
+    shutil.copytree(stopped_run, forced)
+    proc = launch("python", forced, "deepspeed.zero_stage=0", "resume=true", "resume_force=true",
+                  "train.lr=0.005", "train.stop_after=5")
+    assert "resume_force=true: resuming although the recipe changed (train.lr: 0.01 -> 0.005)" in proc.stdout
+    assert [r["step"] for r in metrics(forced)] == [1, 2, 3, 4, 5]
+    # logging / eval / save frequencies change silently; the run length with a warning
+    proc = launch("python", stopped_run, "deepspeed.zero_stage=0", "resume=true", "train.log_every=2",
+                  "train.save_every=0", "train.max_steps=12")
+    assert "train.max_steps changed 16 -> 12: the LR schedule changes from the resume point on" in proc.stdout
+    assert "break an exact resume" not in proc.stdout + proc.stderr
+    assert [r["step"] for r in metrics(stopped_run)] == [1, 2, 3, 4, 6, 8, 10, 12]

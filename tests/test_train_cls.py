@@ -20,7 +20,10 @@ from safetensors.torch import load_file
 
 import pace_llm
 from pace_llm.config import RecipeError, load_recipe
-from pace_llm.data import Collator, load_rows, prepare_images, tokenize_classification
+from pace_llm.data import load_rows
+from pace_llm.tasks import get_task
+from pace_llm.tasks.classification import tokenize_classification
+from pace_llm.tasks.images import prepare_images
 from pace_llm.tasks import glue
 from trainrun import ROOT, launch, metrics
 
@@ -76,9 +79,11 @@ def eval_batch(kind: str, out):
     if kind == "roberta":
         tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")
         rows = tokenize_classification(load_rows("tiny:sentences", "test"), tokenizer, ["sentence"], "label", 96)
-        return Collator(tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])
+        task = get_task(load_recipe(None, ["model.task=seq_cls", "model.num_labels=3"]), tokenizer)
+        return task.collate([rows[i] for i in range(len(rows))])
     rows = prepare_images(load_rows("tiny:images", "test"), "image", "label", 32)
-    return Collator()([rows[i] for i in range(len(rows))])
+    return get_task(load_recipe(None, ["model.task=image_cls", "model.num_labels=4"])).collate(
+        [rows[i] for i in range(len(rows))])
 
 
 def check_training_log(out, mode):
@@ -186,7 +191,8 @@ def test_stsb_shaped_regression_through_the_data_path():
                                        {"sentence1": "dark film", "sentence2": "bright day", "label": 0.4}])
     rows = rows.add_column("sample_id", [0, 1])
     encoded = tokenize_classification(rows, tokenizer, ["sentence1", "sentence2"], "label", 64)
-    batch = Collator(tokenizer.pad_token_id)([encoded[i] for i in range(2)])
+    task = get_task(load_recipe(None, ["model.task=seq_cls", "model.num_labels=1"]), tokenizer)
+    batch = task.collate([encoded[i] for i in range(2)])
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == pytest.approx([4.6, 0.4])
     model = pace_llm.apply_pace(tiny_model("roberta", num_labels=1, pad_token_id=tokenizer.pad_token_id),
                                 pace_llm.PaceConfig(rank=4, sigma=1.0))
@@ -240,7 +246,7 @@ def test_vtab_recipe_follows_the_authors_cifar100_setting():
 
 
 def test_warmup_ratio_and_linear_decay():
-    from pace_llm.train import lr_lambda, warmup_steps
+    from pace_llm.training import lr_lambda, warmup_steps
     r = load_recipe(None, ["train.warmup_ratio=0.06", "train.lr_schedule=linear", "train.lr=1.0"])
     assert warmup_steps(r, 6900) == 414 and warmup_steps(r, 6240) == 375  # ceil, as HF's warmup_ratio
     f = lr_lambda(r, 100)  # 6 warmup steps, then linear to 0 at step 100

@@ -19,8 +19,9 @@ def env(**extra) -> dict:
 
 
 def launch(launcher: str, out: Path, *overrides: str, recipe: str = "recipes/tiny.yaml", timeout: int = 400,
-           extra_env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    args = [str(ROOT / "launch" / "train.py"), recipe, f"output_dir={out}", *overrides]
+           extra_env: dict | None = None, check: bool = True,
+           script: Path = ROOT / "launch" / "train.py") -> subprocess.CompletedProcess:
+    args = [str(script), recipe, f"output_dir={out}", *overrides]
     if launcher == "deepspeed":
         cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *args]
     elif launcher == "python":

@@ -1,13 +1,15 @@
-"""DeepSpeed glue behind a few named functions: process group, config, engine, ZeRO-3
-gathering, atomic checkpoints, export from the trained adapter.
+"""DeepSpeed behind a few named functions: config, engine, ZeRO-3 gathering, checkpoints.
 
 Checkpoint layout (OUTPUT_DIR/checkpoints/):
     step-00000040/     DeepSpeed's files (trainable parameters, optimizer, scheduler) plus
-                       pace_rank{r}.pt (RNG states, this rank's PACE_fast cache shard)
+                       pace_rank{r}.pt (RNG states, this rank's PACE_fast cache shard) and
+                       recipe.json (the recipe and world size the run was started with)
     latest             the tag of the newest complete checkpoint
 A checkpoint is written as step-N.tmp and renamed when every rank has finished, and only
 then does `latest` move (atomic os.replace): a kill during a save leaves the previous
-checkpoint and `latest` untouched.
+checkpoint and `latest` untouched. `before_commit(step)`, when given, runs on every rank
+after the files are written and before the rename: the crash-safety test kills the
+process there.
 """
 from __future__ import annotations
 
@@ -17,9 +19,8 @@ import logging
 import os
 import random
 import shutil
-import signal
-import socket
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -27,42 +28,7 @@ import torch.distributed as dist
 
 from .config import RecipeError
 
-log = logging.getLogger("pace_llm.engine")
-
-
-def init_distributed() -> tuple[int, int]:
-    """torchrun / deepspeed / Slurm launches set RANK etc.; plain python gets one process."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
-    import deepspeed
-    if not torch.cuda.is_available():
-        _skip_deepspeed_shm_allreduce()
-    deepspeed.init_distributed(verbose=False)  # NCCL on GPUs, gloo on CPU
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _skip_deepspeed_shm_allreduce() -> None:
-    """DeepSpeed's CPU backend compiles (~30 s on a fresh machine) and maps a 69 MB /dev/shm
-    segment per rank for a shared-memory all-reduce that only its inference tensor-parallel
-    path uses, and never unlinks it: every run leaked RAM into tmpfs until the machine ran
-    out (the demo's rank was OOM-killed after ~200 test runs here). Marked incompatible (the
-    table DeepSpeed keeps for edits like this), the op is neither built nor mapped, and
-    training's all-reduces go through torch.distributed as before."""
-    import deepspeed.ops
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def all_reduce_scalars(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    """All-reduce a few Python numbers (metrics, flags). NCCL (GPUs) reduces only CUDA
-    tensors and gloo (CPU) only host ones, so the tensor goes where the backend wants it."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
+log = logging.getLogger("pace_llm.deepspeed")
 
 
 def build_config(recipe, world: int) -> dict:
@@ -133,16 +99,6 @@ def grad_norm(engine) -> float | None:
     return None if norm is None else float(norm)
 
 
-@contextlib.contextmanager
-def rank0_first():
-    """Rank 0 runs the block first (downloads, dataset caches), then the others."""
-    if dist.get_rank() != 0:
-        dist.barrier()
-    yield
-    if dist.get_rank() == 0:
-        dist.barrier()
-
-
 def _gathered(params, engine):
     if engine.zero_optimization_stage() == 3:
         import deepspeed
@@ -161,22 +117,6 @@ def save_adapter(engine, path: Path) -> None:
     dist.barrier()
 
 
-def export_merged(recipe, base_source, adapter_dir: Path, merged_dir: Path, tokenizer):
-    """Rank 0: a fresh unpartitioned base (dequantized for QLoRA) + the saved adapter,
-    merged in fp32 and saved. Merging from the saved adapter, not the live engine, is the
-    one path that works for ZeRO-3 (PEFT cannot merge partitioned weights) and QLoRA."""
-    from .adapters import merge_pace
-    from .export import dequantize, load_adapter, save_merged
-    from .setup import load_base
-    unset_zero3()
-    base = load_base(recipe, base_source)
-    if recipe.model.quantization:
-        base = dequantize(base)
-    merged = merge_pace(load_adapter(base, adapter_dir))
-    save_merged(merged, merged_dir, tokenizer)
-    return merged
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -192,7 +132,20 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, out: Path, state: dict, cache, keep: int) -> None:
+def latest_tag(out: Path) -> Optional[str]:
+    latest = Path(out) / "checkpoints" / "latest"
+    return latest.read_text().strip() if latest.exists() else None
+
+
+def saved_recipe(out: Path) -> Optional[dict]:
+    """{"recipe": ..., "world_size": ...} of the newest checkpoint, or None (none, or older)."""
+    tag = latest_tag(out)
+    path = Path(out) / "checkpoints" / str(tag) / "recipe.json"
+    return json.loads(path.read_text()) if tag and path.exists() else None
+
+
+def save_checkpoint(engine, out: Path, state: dict, cache, keep: int, recipe: dict,
+                    before_commit: Optional[Callable[[int], None]] = None) -> None:
     root = out / "checkpoints"
     tag = f"step-{state['step']:08d}"
     tmp = root / f"{tag}.tmp"
@@ -205,8 +158,10 @@ def save_checkpoint(engine, out: Path, state: dict, cache, keep: int) -> None:
                            save_latest=False, exclude_frozen_parameters=True)
     extra = {"rng": _rng_state(), "cache": cache.state_dict() if cache is not None else None}
     torch.save(extra, tmp / f"pace_rank{rank}.pt")
-    if os.environ.get("PACE_FAULT_KILL_IN_SAVE") == str(state["step"]):  # crash-safety test hook
-        os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 0:
+        (tmp / "recipe.json").write_text(json.dumps({"recipe": recipe, "world_size": dist.get_world_size()}))
+    if before_commit is not None:
+        before_commit(state["step"])
     dist.barrier()
     if rank == 0:
         final = root / tag
@@ -224,10 +179,10 @@ def save_checkpoint(engine, out: Path, state: dict, cache, keep: int) -> None:
 
 def load_checkpoint(engine, out: Path, cache) -> dict | None:
     root = out / "checkpoints"
-    if not (root / "latest").exists():
+    tag = latest_tag(out)
+    if tag is None:
         log.info("resume: no checkpoint in %s, starting from scratch", root)
         return None
-    tag = (root / "latest").read_text().strip()
     _, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False,
                                        load_optimizer_states=True, load_lr_scheduler_states=True)
     if client is None:
@@ -243,21 +198,13 @@ def load_checkpoint(engine, out: Path, cache) -> dict | None:
     return client["pace_state"]
 
 
-_writer = None
 
 
-def tensorboard_log(out: Path, row: dict) -> None:
-    """Scalars to OUTPUT_DIR/tensorboard when tensorboard is installed."""
-    global _writer
-    if _writer is None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            _writer = False
-            return
-        _writer = SummaryWriter(str(out / "tensorboard"))
-    if _writer:
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                _writer.add_scalar(key, value, row["step"])
-        _writer.flush()
+def stage0_grad_norm(engine) -> float | None:
+    """DeepSpeed reports the global gradient norm for ZeRO >= 1 only; for stage 0 the
+    (already all-reduced) gradients are on the parameters at the accumulation boundary,
+    between backward and step. None otherwise: ask `grad_norm` after the step."""
+    if engine.zero_optimization_stage() != 0 or not engine.is_gradient_accumulation_boundary():
+        return None
+    grads = [p.grad.float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return torch.stack(grads).norm().item() if grads else 0.0

@@ -1,0 +1,74 @@
+"""The process group and the few collectives the trainer needs, for every launcher.
+
+torchrun, deepspeed and Slurm launches set RANK / WORLD_SIZE / MASTER_ADDR; a plain
+`python launch/train.py` becomes a one-process group on a free local port. DeepSpeed
+initialises the group (NCCL on GPUs, gloo on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); one local process when no launcher set RANK."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    import deepspeed
+    if not torch.cuda.is_available():
+        _skip_deepspeed_shm_allreduce()
+    deepspeed.init_distributed(verbose=False)  # NCCL on GPUs, gloo on CPU
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _skip_deepspeed_shm_allreduce() -> None:
+    """DeepSpeed's CPU backend compiles (~30 s on a fresh machine) and maps a 69 MB /dev/shm
+    segment per rank for a shared-memory all-reduce that only its inference tensor-parallel
+    path uses, and never unlinks it: every run leaked RAM into tmpfs until the machine ran
+    out (the demo's rank was OOM-killed after ~200 test runs here). Marked incompatible (the
+    table DeepSpeed keeps for edits like this), the op is neither built nor mapped, and
+    training's all-reduces go through torch.distributed as before."""
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def all_reduce_scalars(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    """All-reduce a few Python numbers (metrics, flags). NCCL (GPUs) reduces only CUDA
+    tensors and gloo (CPU) only host ones, so the tensor goes where the backend wants it."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def all_mean(values: list[float]) -> list[float]:
+    return [v / dist.get_world_size() for v in all_reduce_scalars(values)]
+
+
+def any_rank(flag: bool) -> bool:
+    return all_reduce_scalars([float(flag)], dist.ReduceOp.MAX)[0] > 0
+
+
+def all_ranks(flag: bool) -> bool:
+    return all_reduce_scalars([float(flag)], dist.ReduceOp.MIN)[0] > 0
+
+
+@contextlib.contextmanager
+def rank0_first():
+    """Rank 0 runs the block first (downloads, dataset caches), then the others."""
+    if dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if dist.get_rank() == 0:
+        dist.barrier()

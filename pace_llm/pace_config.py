@@ -1,0 +1,60 @@
+"""PaceConfig: the one declaration of PACE's settings.
+
+The recipe's `pace:` section is this dataclass (pace_llm/config.py builds it from YAML and
+turns a ValueError into an error naming `pace.<field>`), `apply_pace` reads its adapter
+fields, `PaceObjective.from_config` its objective fields, and the saved adapter's
+pace_config.json is `dataclasses.asdict` of it. Fields, defaults and checks live here only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional, Union
+
+MODES = ("off", "full", "fast", "lazy_half")
+ADAPTERS = ("lora_add", "lora_mul_vpt")
+SCHEDULES = ("linear", "constant")
+
+
+@dataclasses.dataclass
+class PaceConfig:
+    """What to adapt, how much noise, and which objective.
+
+    mode: off (task loss only; no noise either: plain LoRA), full ([x; x] with the
+        consistency term), fast (one forward, last epoch's output as target), lazy_half.
+    target_modules: module-name suffixes (["q_proj", "v_proj"]), one regex matched against
+        full module names, "all-linear", or None for the architecture's default.
+    sigma_schedule: "linear" (σ decays with depth, the authors' formula) or "constant";
+        first_noisy_block=1 is the authors' ViT choice (no noise on the first block).
+    cache_memory_gb: PACE_fast's per-rank store stays in memory up to this size, else it is
+        a memory-mapped file in the output folder.
+    """
+    mode: Literal[MODES] = "full"
+    lam: float = 0.1
+    sigma: float = 1.0
+    sigma_schedule: Literal[SCHEDULES] = "linear"
+    first_noisy_block: int = 0
+    lazy_every: int = 2
+    adapter: Literal[ADAPTERS] = "lora_add"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: Optional[Union[str, list[str]]] = None
+    train_head: bool = True            # a task head (classifier / score) is trained in full
+    cache_memory_gb: float = 2.0
+
+    def __post_init__(self):
+        def need(ok: bool, field: str, what: str):
+            if not ok:
+                raise ValueError(f"{field}: expected {what}, got {getattr(self, field)!r}")
+        for field, choices in (("mode", MODES), ("adapter", ADAPTERS), ("sigma_schedule", SCHEDULES)):
+            if getattr(self, field) not in choices:  # (a recipe's type check names these first)
+                raise ValueError(f"{field} must be one of {list(choices)}, got {getattr(self, field)!r}")
+        need(self.sigma >= 0, "sigma", "a value >= 0")
+        need(self.lam >= 0, "lam", "a value >= 0")
+        need(self.rank >= 1, "rank", "an integer >= 1")
+        need(self.lazy_every >= 1, "lazy_every", "an integer >= 1")
+
+    @property
+    def noise_sigma(self) -> float:
+        """The σ the adapters get: none in mode `off`, which is plain LoRA."""
+        return 0.0 if self.mode == "off" else self.sigma

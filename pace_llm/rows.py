@@ -1,0 +1,145 @@
+"""What PACE regularises: the rows f of a forward pass, per model family.
+
+  TokenRows   causal LMs (labels [B, T], -100 where not supervised): the next-token logits
+              at the supervised positions, one row per answer token. They are computed from
+              the decoder's final hidden states at those positions only, so the full
+              [B, T, V] logits are never built. Task loss: token-mean cross-entropy.
+  SampleRows  classifiers (labels [B]): the head's logits, one row per sample. Task loss:
+              cross-entropy, or MSE for a one-output regression head (STS-B).
+
+A task kind (pace_llm/tasks/) says which one it uses; the objectives and the trainer
+only call `forward`, `loss`, `row_count` and `cache_dim`. `rows_for_model` picks one
+from a model's class for callers of the bare library API who pass no task.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .adapters import base_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Rows:
+    """A forward pass's outputs, one row per sample (classifier) or supervised token (LM)."""
+    f: torch.Tensor          # [N, C] logits PACE regularises
+    stored: torch.Tensor     # [N, D] what the PACE_fast cache keeps (hidden states or logits)
+    target: torch.Tensor     # [N] labels
+    counts: torch.Tensor     # [B] rows per sample
+    head: Optional[nn.Module] = None  # maps `stored` to `f` when they differ (a frozen lm_head)
+
+    def first(self, n_samples: int) -> "Rows":
+        n = int(self.counts[:n_samples].sum())
+        return Rows(self.f[:n], self.stored[:n], self.target[:n], self.counts[:n_samples], self.head)
+
+    def last(self, n_samples: int) -> "Rows":
+        n = int(self.counts[-n_samples:].sum())
+        return Rows(self.f[-n:], self.stored[-n:], self.target[-n:], self.counts[-n_samples:], self.head)
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k not in ("labels", "sample_id")}
+
+
+def supervised_counts(labels: torch.Tensor) -> torch.Tensor:
+    """Rows per sample: supervised next-token positions for LM labels [B, T], 1 for class
+    labels [B] (a convenience for sizing an OutputCache by hand)."""
+    if labels.dim() == 1:
+        return torch.ones(len(labels), dtype=torch.long)
+    return (labels[:, 1:] != -100).sum(1)
+
+
+def lm_head_trainable(model) -> bool:
+    return any(p.requires_grad for p in base_model(model).get_output_embeddings().parameters())
+
+
+def zero3_start_of_forward(model) -> None:
+    """What DeepSpeed ZeRO-3's pre-hook on the engine's root module does at each forward:
+    reset the parameter coordinator's step. A forward through `get_decoder()` bypasses that
+    hook, so the coordinator never completes a trace and fetches every module's parameters on
+    demand, without prefetching (measured: ~1.9x the all-gathers and ~1.35x the step time of
+    `engine(**inputs)` on a tiny Llama, 2 gloo ranks; bench/train_overhead.py --deepspeed 3)."""
+    offload = getattr(getattr(model, "optimizer", None), "parameter_offload", None)
+    if offload is not None:
+        offload.get_param_coordinator().reset_step()
+
+
+class TokenRows:
+    """Causal LM: f = next-token logits at the supervised positions."""
+
+    def forward(self, model, batch: dict) -> Rows:
+        base = base_model(model)
+        zero3_start_of_forward(model)
+        hidden = base.get_decoder()(**model_inputs(batch)).last_hidden_state
+        labels = batch["labels"]
+        mask = labels[:, 1:] != -100
+        h = hidden[:, :-1][mask]
+        head = base.get_output_embeddings()
+        logits = head(h)
+        if lm_head_trainable(base):
+            return Rows(logits, logits, labels[:, 1:][mask], mask.sum(1))
+        return Rows(logits, h, labels[:, 1:][mask], mask.sum(1), head)
+
+    def loss(self, rows: Rows, reduction: str = "mean") -> torch.Tensor:
+        return F.cross_entropy(rows.f.float(), rows.target, reduction=reduction)
+
+    def row_count(self, example: dict) -> int:
+        """Rows one encoded example gives: its supervised next-token positions."""
+        return sum(1 for x in example["labels"][1:] if x != -100)
+
+    def cache_dim(self, model) -> int:
+        """A PACE_fast cache row: the hidden state when the lm_head is frozen, else logits."""
+        head = base_model(model).get_output_embeddings()
+        if lm_head_trainable(model):
+            log.warning("lm_head is trainable: the PACE_fast cache stores full logits "
+                        "(%d per token) instead of hidden states", head.out_features)
+            return head.out_features
+        return head.in_features
+
+
+class SampleRows:
+    """Classifier: f = the head's logits; a one-output head is regression (MSE)."""
+
+    def __init__(self, regression: bool = False):
+        self.regression = regression
+
+    def forward(self, model, batch: dict) -> Rows:
+        logits = model(**model_inputs(batch)).logits
+        labels = batch["labels"]
+        return Rows(logits, logits, labels, torch.ones(len(labels), dtype=torch.long, device=labels.device))
+
+    def loss(self, rows: Rows, reduction: str = "mean") -> torch.Tensor:
+        if self.regression:
+            return F.mse_loss(rows.f.squeeze(-1).float(), rows.target.float(), reduction=reduction)
+        return F.cross_entropy(rows.f.float(), rows.target, reduction=reduction)
+
+    def row_count(self, example: dict) -> int:
+        return 1
+
+    def cache_dim(self, model) -> int:
+        return base_model(model).config.num_labels
+
+
+def rows_for_model(model):
+    """TokenRows for a *ForCausalLM, else SampleRows (regression when num_labels == 1)."""
+    base = base_model(model)
+    if hasattr(base, "get_decoder") and type(base).__name__.endswith("ForCausalLM"):
+        return TokenRows()
+    return SampleRows(regression=getattr(base.config, "num_labels", 2) == 1)
+
+
+def forward_rows(model, batch: dict) -> Rows:
+    """The rows f of `model` on `batch`, read the way its model family is (rows_for_model)."""
+    return rows_for_model(model).forward(model, batch)
+
+
+def cache_dim(model) -> int:
+    """Width of a PACE_fast cache row for `model`."""
+    return rows_for_model(model).cache_dim(model)

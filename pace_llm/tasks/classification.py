@@ -1,0 +1,44 @@
+"""Sequence classification (GLUE-style): one text or a pair (`data.text_fields`) and a
+label (`data.label_field`); PACE regularises the head's logits (SampleRows). A
+one-output head (`model.num_labels: 1`) is regression with an MSE loss (STS-B)."""
+from __future__ import annotations
+
+import datasets
+import torch
+import transformers
+
+from ..rows import SampleRows
+from .base import Task, encoded_columns, pad_tokens, require_fields
+
+
+def tokenize_classification(rows: datasets.Dataset, tokenizer, text_fields: list[str], label_field: str,
+                            max_length: int, source: str = "") -> datasets.Dataset:
+    require_fields(rows, list(text_fields) + [label_field], source)
+
+    def encode(batch):
+        enc = tokenizer(*[batch[f] for f in text_fields], truncation=True, max_length=max_length)
+        return {"input_ids": enc["input_ids"], "labels": batch[label_field]}
+
+    return rows.map(encode, batched=True, remove_columns=encoded_columns(rows), desc="tokenizing")
+
+
+class SequenceClassificationTask(Task):
+    name = "seq_cls"
+    auto_class = transformers.AutoModelForSequenceClassification
+
+    def __init__(self, recipe, tokenizer=None):
+        super().__init__(recipe, tokenizer)
+        self.rows = SampleRows(regression=recipe.model.num_labels == 1)
+
+    def model_kwargs(self):
+        return {"num_labels": self.model_section.num_labels, "ignore_mismatched_sizes": True}
+
+    def encode(self, rows, source):
+        d = self.data
+        return tokenize_classification(rows, self.tokenizer, d.text_fields, d.label_field, d.max_length, source)
+
+    def collate(self, samples):
+        return {**pad_tokens(samples, self.pad_id), "labels": torch.tensor([s["labels"] for s in samples])}
+
+    def count_tokens(self, batch):
+        return int(batch["attention_mask"].sum())

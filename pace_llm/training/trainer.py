@@ -1,0 +1,305 @@
+"""The one training loop: setup / fit / evaluate / save, under DeepSpeed ZeRO 0-3.
+
+    trainer = Trainer(recipe)     # builds everything (setup)
+    status = trainer.fit()        # "done" or "stopped" (checkpointed); raises on NaN
+    trainer.save_outputs()        # adapter/, merged/, export_check.json, training_curves.png
+
+Task specifics (data, batches, model class, what PACE regularises) come from
+`recipe.model.task` (pace_llm/tasks/); DeepSpeed specifics from deepspeed_engine.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .. import deepspeed_engine as zero
+from ..adapters import apply_pace, trainable_parameter_count
+from ..cache import OutputCache, ShardedEpochSampler
+from ..config import Recipe, to_dict
+from ..distributed import all_mean, all_ranks, all_reduce_scalars, any_rank, init_distributed, rank0_first
+from ..export import export_merged
+from ..models import load_tokenizer, model_source
+from ..objectives import PaceObjective
+from ..pace import mean_squared_norm
+from ..plots import plot_metrics
+from ..tasks import TASKS, Task
+from .metrics import MetricWriter
+from .resume import check_resume
+from .schedule import lr_lambda
+from .state import MicroStep, Progress, StepStats
+
+log = logging.getLogger("pace_llm.train")
+
+
+class StopRequested:
+    """SIGTERM / SIGUSR1 (Slurm time limit, preemption): finish the step, checkpoint, exit."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %d: checkpointing after this step", signum)
+        self.flag = True
+
+
+class Trainer:
+    rank: int
+    world: int
+    out: Path
+    task: Task
+    engine: "deepspeed.DeepSpeedEngine"  # noqa: F821
+    loader: DataLoader
+    sampler: ShardedEpochSampler
+    objective: PaceObjective
+    cache: OutputCache | None
+    eval_set: "datasets.Dataset | None"  # noqa: F821
+    total_steps: int
+
+    def __init__(self, recipe: Recipe):
+        self.recipe, self.stats = recipe, StepStats()
+        self.setup()
+
+    # --- setup ---------------------------------------------------------------------------
+    def setup(self) -> None:
+        r = self.recipe
+        self.rank, self.world = init_distributed()
+        self.out = Path(r.output_dir)
+        if r.resume:  # before any heavy work: a changed recipe is refused by name
+            check_resume(zero.saved_recipe(self.out), to_dict(r), self.world, r.resume_force)
+        torch.manual_seed(r.train.seed + self.rank)
+        ds_config = zero.build_config(r, self.world)
+        self._zero3 = zero.zero3_context(ds_config)  # held: ZeRO-3 partitioned loading lasts while it lives
+        self.base_source = model_source(r.model, self.out)
+        task_kind = TASKS[r.model.task]
+        tokenizer = load_tokenizer(self.base_source) if task_kind.uses_tokenizer else None
+        self.task = task_kind(r, tokenizer)
+        model = self.task.load_model(self.base_source)
+        if self._zero3 is not None and self.rank == 0:
+            partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())
+            log.info("ZeRO-3: model built partitioned (%d of %d tensors)", partitioned, len(list(model.parameters())))
+        with rank0_first():  # downloads and dataset caches once
+            train_set, self.eval_set = self.task.datasets()
+        model = apply_pace(model, r.pace)
+        if r.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()  # before any forward: bitsandbytes' CPU 4-bit layers repack in eval mode
+        t = r.train
+        steps_per_epoch = math.ceil(math.ceil(len(train_set) / self.world) / t.micro_batch_size
+                                    / t.gradient_accumulation)
+        self.total_steps = t.max_steps or steps_per_epoch * t.epochs
+        self.engine = zero.initialize(model, ds_config, r, lr_lambda(r, self.total_steps))
+        self.sampler = ShardedEpochSampler(len(train_set), self.rank, self.world, seed=t.seed)
+        self.loader = DataLoader(train_set, batch_size=t.micro_batch_size, sampler=self.sampler,
+                                 collate_fn=self.task.collate,
+                                 generator=torch.Generator())  # not the global RNG: resumes replay it exactly
+        self.cache = self._build_cache(train_set) if r.pace.mode == "fast" else None
+        self.objective = PaceObjective.from_config(r.pace, self.cache, self.task.rows)
+        trainable, total = trainable_parameter_count(model)
+        if self.rank == 0:
+            log.info("trainable parameters: %s of %s (%.3f%%); %d train samples, %d steps", f"{trainable:,}",
+                     f"{total:,}", 100 * trainable / max(1, total), len(train_set), self.total_steps)
+
+    def _build_cache(self, train_set) -> OutputCache:
+        shard = [train_set[i] for i in self.sampler.shard]
+        cache = OutputCache([self.task.rows.row_count(s) for s in shard], self.task.rows.cache_dim(self.engine),
+                            sample_ids=[s["sample_id"] for s in shard], disk_dir=str(self.out),
+                            memory_budget_bytes=int(self.recipe.pace.cache_memory_gb * 2**30))
+        log.info("PACE_fast cache: %d samples on this rank, %.1f MiB", len(shard), cache.nbytes / 2**20)
+        return cache
+
+    # --- fit -----------------------------------------------------------------------------
+    def fit(self) -> str:
+        """Returns "done", "stopped" (stop_after or a signal: checkpointed) or raises on NaN."""
+        t = self.recipe.train
+        progress = self.resume() if self.recipe.resume else Progress()
+        stop, self.writer = StopRequested(), MetricWriter(self.out, enabled=self.rank == 0)
+        self.fixed_batch = self.first_batch(t.micro_batch_size)
+        self.reference = self.fixed_outputs(self.fixed_batch) if t.fp_distance else None
+        if self.eval_set is not None and progress.step == 0:  # the baseline point
+            self.log_eval(0)
+        bar = tqdm(total=self.total_steps, initial=progress.step, disable=self.rank != 0, desc="train",
+                   dynamic_ncols=True)
+        try:
+            for batch_index, batch in self.batches(progress):
+                self.stats.add(self.train_micro_step(batch, progress.step))
+                if len(self.stats) < t.gradient_accumulation:
+                    continue
+                progress.finish_step(batch_index)
+                self.log_step(progress, batch_index, bar)
+                bar.update(1)
+                stop_now = any_rank(stop.flag)
+                if stop_now or progress.step == t.stop_after or t.save_every and progress.step % t.save_every == 0:
+                    self.save_checkpoint(progress)
+                if stop_now or progress.step == t.stop_after:
+                    return "stopped"
+            if not (t.save_every and progress.step % t.save_every == 0):
+                self.save_checkpoint(progress)
+            return "done"
+        finally:
+            bar.close()
+            self.writer.close()
+
+    def batches(self, progress: Progress):
+        """(index in epoch, batch) until the last step; a resumed epoch skips what it consumed."""
+        while progress.step < self.total_steps:
+            self.sampler.set_epoch(progress.epoch)
+            self.stats.clear()  # an epoch's leftover micro-steps do not join the next step's
+            for batch_index, batch in enumerate(self.loader):
+                if batch_index >= progress.batches_in_epoch:
+                    yield batch_index, batch
+                if progress.step >= self.total_steps:
+                    return
+            progress.next_epoch()
+
+    def train_micro_step(self, batch: dict, step: int) -> MicroStep:
+        started = time.perf_counter()
+        with self.objective.scope(step):  # shared dropout masks through forward and backward
+            result = self.objective(self.engine, batch, step)
+            if not all_ranks(bool(torch.isfinite(result.loss))):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step + 1} (task {result.task_loss.item():.4g}, consistency "
+                    f"{result.consistency_loss.item():.4g}): stopping; the last good checkpoint in "
+                    f"{self.out / 'checkpoints'} is intact (lower train.lr or pace.lam?)")
+            self.engine.backward(result.loss)
+        self.stage0_norm = zero.stage0_grad_norm(self.engine)
+        self.engine.step()
+        return MicroStep(result.loss.item(), result.task_loss.item(), result.consistency_loss.item(),
+                         self.task.count_tokens(batch), time.perf_counter() - started)
+
+    def log_step(self, progress: Progress, batch_index: int, bar) -> None:
+        loss, task, cons, tokens_per_s = all_mean(list(self.stats.pop()))
+        t, step = self.recipe.train, progress.step
+        if not (step % t.log_every == 0 or step == self.total_steps):
+            return
+        norm = zero.grad_norm(self.engine) if self.stage0_norm is None else self.stage0_norm
+        row = {"step": step, "epoch": progress.epoch + (batch_index + 1) / len(self.loader), "loss": loss,
+               "task_loss": task, "consistency_loss": cons, "grad_norm": norm,
+               "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s * self.world}
+        if self.reference is not None:
+            row["fp_distance"] = mean_squared_norm(self.fixed_outputs(self.fixed_batch) - self.reference).item()
+        if self.eval_set is not None and (t.eval_every and step % t.eval_every == 0 or step == self.total_steps):
+            row["eval_loss"] = self.evaluate()
+            if self.rank == 0:
+                log.info("step %d: eval loss %.4f", step, row["eval_loss"])
+        self.writer.write(row)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+    def log_eval(self, step: int) -> None:
+        eval_loss = self.evaluate()
+        if self.rank == 0:
+            log.info("eval loss before training %.4f", eval_loss)
+        self.writer.write({"step": step, "eval_loss": eval_loss})
+
+    # --- evaluate ------------------------------------------------------------------------
+    def evaluate(self) -> float:
+        """Held-out task loss in eval mode (no noise, no dropout): the mean over all supervised
+        rows (answer tokens for LMs, samples for classifiers), so it depends on neither the
+        batch size nor the world size. Rank r scores samples r, r+W, ...; every rank runs the
+        same number of batches (ZeRO-3 forwards are collective), padding with a repeat that
+        counts zero."""
+        eval_set, size, rows = self.eval_set, self.recipe.train.micro_batch_size, self.task.rows
+        mine = list(range(self.rank, len(eval_set), self.world))
+        per_rank = -(-len(eval_set) // self.world)
+        weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+        mine += [0] * (per_rank - len(mine))
+        loss_sum, rows_sum = 0.0, 0.0
+        with eval_mode(self.engine):
+            for i in range(0, per_rank, size):
+                out = rows.forward(self.engine, self.task.collate([eval_set[j] for j in mine[i:i + size]]))
+                w = torch.tensor(weights[i:i + size]).repeat_interleave(out.counts.cpu())
+                loss_sum += float((rows.loss(out, reduction="none").float().cpu() * w).sum())
+                rows_sum += float(w.sum())
+        loss_sum, rows_sum = all_reduce_scalars([loss_sum, rows_sum])
+        return loss_sum / max(rows_sum, 1.0)
+
+    def first_batch(self, size: int) -> dict:
+        dataset = self.eval_set or self.loader.dataset
+        return self.task.collate([dataset[i] for i in range(min(size, len(dataset)))])
+
+    def fixed_outputs(self, batch) -> torch.Tensor:
+        """Eval-mode outputs f on a fixed batch (FP-distance and the export check)."""
+        with eval_mode(self.engine):
+            return self.task.rows.forward(self.engine, batch).f.float().cpu()
+
+    # --- save ----------------------------------------------------------------------------
+    def resume(self) -> Progress:
+        state = zero.load_checkpoint(self.engine, self.out, self.cache)
+        return Progress(**state) if state else Progress()
+
+    def save_checkpoint(self, progress: Progress) -> None:
+        zero.save_checkpoint(self.engine, self.out, progress.to_dict(), self.cache,
+                             self.recipe.train.keep_checkpoints, to_dict(self.recipe),
+                             before_commit=self.before_checkpoint_commit)
+
+    def before_checkpoint_commit(self, step: int) -> None:
+        """Runs on every rank once a checkpoint's files are written, before it is committed.
+        Nothing by default; the crash-safety test overrides it to kill the process here."""
+
+    def save_outputs(self) -> None:
+        """OUTPUT_DIR/adapter (PEFT format) and OUTPUT_DIR/merged (HF folder), from rank 0."""
+        r, out = self.recipe, self.out
+        check_batch = self.first_batch(4)
+        trained = self.fixed_outputs(check_batch)  # every rank: ZeRO-3 forwards are collective
+        zero.save_adapter(self.engine, out / "adapter")
+        if self.rank == 0:
+            zero.unset_zero3()  # the base for merging is a plain, unpartitioned model
+            merged = export_merged(self.task.load_model(self.base_source), out / "adapter", out / "merged",
+                                   self.task.tokenizer, quantized=bool(r.model.quantization))
+            if r.train.export_check:
+                self.check_export(merged, check_batch, trained)
+            plot_metrics(out / "metrics.jsonl", out / "training_curves.png")
+            log.info("adapter: %s  merged: %s", out / "adapter", out / "merged")
+        dist.barrier()
+
+    def check_export(self, merged, batch: dict, trained: torch.Tensor) -> None:
+        merged.eval()
+        with torch.no_grad():
+            diff = (self.task.rows.forward(merged, batch).f.float() - trained).abs().max().item()
+        # Merging W + sBA re-rounds every weight, and the error grows with the logits' size
+        # (SmolLM2, fp32, 30 layers, |logit| up to ~43: 0.8-1.1e-4), so the bound is relative
+        # with an absolute floor; a wrong merge (noise or scaling left in) is off by O(1).
+        scale = trained.abs().max().item()
+        exact = self.recipe.model.dtype == "fp32" and not self.recipe.model.quantization
+        tol = max(1e-4, 1e-5 * scale) if exact else max(5e-2, 5e-3 * scale)
+        (self.out / "export_check.json").write_text(json.dumps(
+            {"max_abs_logit_diff": diff, "max_abs_logit": scale, "tolerance": tol, "rows": len(trained)}))
+        if diff > tol:
+            raise RuntimeError(f"merged model differs from the trained model by {diff:.3g} (> {tol})")
+        log.info("merged model matches the trained model (max |Δlogit| %.2e)", diff)
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+
+@contextlib.contextmanager
+def eval_mode(engine):
+    """Eval mode (no noise, no dropout) and no grad, then back to training. bitsandbytes'
+    Linear4bit layers stay in train mode: on CPUs with AVX512-BF16 an eval-mode no-grad
+    forward repacks their weights for inference for good (environment.md), which changes
+    the trained model's outputs (the QLoRA export check fails) and can stop adapter
+    gradients. They have no train/eval behaviour of their own."""
+    engine.eval()
+    bnb = sys.modules.get("bitsandbytes")  # a model holding bnb layers has imported it
+    if bnb is not None:
+        for module in engine.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.train()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        engine.train()
