@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 
+from pace_llm import data, evaluation  # noqa: E402
 from pace_llm.tasks import glue  # noqa: E402
-
-_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
 def parse_args(argv=None):
@@ -61,59 +59,24 @@ def parse_args(argv=None):
 
 
 def load_rows(args, spec: glue.GlueTask):
-    import datasets
-    path = Path(args.data)
-    if path.suffix in _FILE_FORMATS:
-        if not path.exists():
-            raise SystemExit(f"[glue] data file {path} does not exist")
-        kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-        rows = datasets.load_dataset(_FILE_FORMATS[path.suffix], data_files=str(path), split="train", **kwargs)
-    else:
-        rows = datasets.load_dataset(args.data, args.hub_config or spec.name,
-                                     split=args.split or spec.validation_split)
-    if args.limit:
-        rows = rows.select(range(min(args.limit, len(rows))))
-    return rows
-
-
-def _adapter_has_head(adapter_dir: Path) -> bool:
-    from safetensors import safe_open
-    for name in ("adapter_model.safetensors", "pace_adapter.safetensors"):
-        if (adapter_dir / name).exists():
-            with safe_open(str(adapter_dir / name), "pt") as fh:
-                return any(h in key for key in fh.keys() for h in ("classifier", "score"))
-    return True  # unknown format: let load_adapter complain
+    try:
+        return data.load_rows(args.data, args.split or spec.validation_split, args.hub_config or spec.name,
+                              args.limit)
+    except data.DataError as err:
+        raise SystemExit(f"[glue] {err}") from None
 
 
 def load_model(args, spec: glue.GlueTask):
-    import torch
     import transformers
-    dtype = getattr(torch, args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.adapter:
-        import pace_llm
-        adapter = Path(args.adapter)
-        # The head comes from the adapter (modules_to_save): the base's own head, if any,
-        # may have another label count, hence ignore_mismatched_sizes.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            base = transformers.AutoModelForSequenceClassification.from_pretrained(
-                args.model, num_labels=spec.num_labels, dtype=torch.float32, ignore_mismatched_sizes=True)
-        if not _adapter_has_head(adapter):
-            print(f"[glue] warning: {adapter} carries no classification head; the base model's head "
-                  f"is used (save adapters with the head trained: pace.train_head)", file=sys.stderr)
-        model = pace_llm.load_adapter(base, adapter)
-        model = model.to(dtype)
-    else:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(args.model, dtype=dtype)
-        if model.config.num_labels != spec.num_labels:
-            raise SystemExit(f"[glue] {args.model} has {model.config.num_labels} labels, "
-                             f"{spec.name} needs {spec.num_labels}")
+    try:
+        model = evaluation.load_classifier(transformers.AutoModelForSequenceClassification, args.model,
+                                           args.adapter, num_labels=spec.num_labels, dtype=args.dtype,
+                                           device=args.device, require_head=False)
+    except evaluation.ModelError as err:
+        raise SystemExit(f"[glue] {err}") from None
     tok_dir = args.tokenizer or (args.adapter if args.adapter and
                                  (Path(args.adapter) / "tokenizer_config.json").exists() else args.model)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir)
-    model.eval()
-    return model.to(device), tokenizer
+    return model, transformers.AutoTokenizer.from_pretrained(tok_dir)
 
 
 def run_name(args) -> str:
@@ -134,21 +97,18 @@ def evaluate(args) -> dict:
                            label_field=args.label_field, progress=not args.quiet)
     outputs = result.pop("outputs")
     result = {"name": run_name(args), **result, "model": args.model, "adapter": args.adapter,
-              "data": args.data, "split": None if Path(args.data).suffix in _FILE_FORMATS
-              else (args.split or spec.validation_split),
+              "data": args.data, "split": None if Path(args.data).is_file() else (args.split or spec.validation_split),
               "settings": {"batch_size": args.batch_size, "max_length": args.max_length,
                            "dtype": args.dtype, "limit": args.limit, "text_fields": fields}}
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        predictions = None
         if args.save_predictions:
-            preds = glue.to_predictions(spec, outputs)
-            refs = glue.references_of(spec, rows, args.label_field)
-            with out.with_name(out.stem + ".predictions.jsonl").open("w") as fh:
-                for i, (p, r, o) in enumerate(zip(preds.tolist(), refs.tolist(), outputs.tolist())):
-                    fh.write(json.dumps({"idx": i, "prediction": p, "label": r, "outputs": o}) + "\n")
-        print(f"[glue] wrote {out}", file=sys.stderr)
+            columns = zip(glue.to_predictions(spec, outputs).tolist(),
+                          glue.references_of(spec, rows, args.label_field).tolist(), outputs.tolist())
+            predictions = ({"idx": i, "prediction": p, "label": r, "outputs": o}
+                           for i, (p, r, o) in enumerate(columns))
+        evaluation.write_results(args.output, result, predictions, kind="predictions")
+        print(f"[glue] wrote {args.output}", file=sys.stderr)
     result["outputs"] = outputs  # for callers in Python; not in the JSON
     return result
 

@@ -17,6 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 
 from pace_llm import generation  # noqa: E402
+from pace_llm.data import DataError  # noqa: E402
+from pace_llm.evaluation import write_results  # noqa: E402
 from pace_llm.tasks import gsm8k  # noqa: E402
 
 
@@ -51,7 +53,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    rows = gsm8k.load_rows(args.data, args.limit)
+    try:
+        rows = gsm8k.load_rows(args.data, args.limit)
+    except DataError as err:
+        raise SystemExit(f"[gsm8k] {err}") from None
     result = gsm8k.evaluate(args.model, rows, backend=args.backend, adapter=args.adapter,
                             base_url=args.base_url, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, served_model=args.served_model,
@@ -60,14 +65,8 @@ def main(argv=None) -> dict:
     result["settings"]["data"] = args.data
     result["settings"]["limit"] = args.limit
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        samples_path = out.with_name(out.stem + ".samples.jsonl")
-        with samples_path.open("w") as f:
-            for record in samples:
-                f.write(json.dumps(record) + "\n")
-        print(f"[gsm8k] wrote {out} and {samples_path}")
+        samples_path = write_results(args.output, result, samples)
+        print(f"[gsm8k] wrote {args.output} and {samples_path}")
     print(json.dumps({k: result[k] for k in ("accuracy", "accuracy_strict", "strict_format_rate", "n")}))
     return result
 

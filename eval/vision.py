@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
@@ -52,86 +51,35 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def adapter_head_shape(adapter_dir: Path):
-    """(num_labels, hidden) of the classifier saved in an adapter folder, or None."""
-    from safetensors import safe_open
-    for name in ("pace_adapter.safetensors", "adapter_model.safetensors"):
-        if (adapter_dir / name).exists():
-            with safe_open(str(adapter_dir / name), "pt") as fh:
-                for key in fh.keys():
-                    if key.endswith("weight") and any(h in key for h in ("classifier", "score")) \
-                            and len(fh.get_slice(key).get_shape()) == 2:
-                        return tuple(fh.get_slice(key).get_shape())
-    return None
-
-
-def load_model(args):
-    import torch
-    import transformers
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.adapter:
-        import pace_llm
-        adapter = Path(args.adapter)
-        shape = adapter_head_shape(adapter)
-        if shape is None:
-            raise SystemExit(f"[vision] {adapter} carries no classifier head: the base model's head would "
-                             f"be untrained (train with the head, as the trainer does)")
-        num_labels = args.num_labels or shape[0]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            base = transformers.AutoModelForImageClassification.from_pretrained(
-                args.model, num_labels=num_labels, ignore_mismatched_sizes=True, dtype=torch.float32)
-        model = pace_llm.load_adapter(base, adapter)
-    else:
-        model = transformers.AutoModelForImageClassification.from_pretrained(args.model, dtype=torch.float32)
-    model.eval()
-    return model.to(device), device
-
-
-def predict(model, rows, image_field: str, image_size: int, batch_size: int, device: str):
-    """Logits [N, num_labels] (fp32 numpy), in row order."""
-    import numpy as np
-    import torch
-
-    from pace_llm.data import pixel_values
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            images = rows[start:start + batch_size][image_field]
-            pixels = torch.from_numpy(np.stack([pixel_values(im, image_size) for im in images])).to(device)
-            outputs.append(model(pixel_values=pixels).logits.float().cpu().numpy())
-    return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), np.float32)
-
-
 def evaluate(args) -> dict:
     import numpy as np
+    import transformers
 
+    from pace_llm import evaluation
     from pace_llm.data import load_rows
     rows = load_rows(args.data, args.split, args.hub_config, args.limit, seed=args.seed)
     missing = [f for f in (args.image_field, args.label_field) if f not in rows.column_names]
     if missing:
         raise SystemExit(f"[vision] field {missing[0]!r} is not in {args.data} (it has: {', '.join(rows.column_names)})")
     labels = np.asarray(rows[args.label_field], dtype=np.int64)
-    model, device = load_model(args)
+    try:  # --num-labels sizes the adapter's head; a merged folder has its own
+        model = evaluation.load_classifier(transformers.AutoModelForImageClassification, args.model, args.adapter,
+                                           num_labels=args.num_labels if args.adapter else None, device=args.device)
+    except evaluation.ModelError as err:
+        raise SystemExit(f"[vision] {err}") from None
     image_size = args.image_size or model.config.image_size
     start = time.time()
-    logits = predict(model, rows, args.image_field, image_size, args.batch_size, device)
+    logits = evaluation.predict_images(model, rows, args.image_field, image_size, args.batch_size)
     if logits.shape[-1] <= labels.max():
         raise SystemExit(f"[vision] labels go up to {labels.max()} but the model has {logits.shape[-1]} classes")
-    preds = logits.argmax(-1)
-    per_class = {int(c): float(np.mean(preds[labels == c] == c)) for c in np.unique(labels)}
-    log_probs = logits - np.logaddexp.reduce(logits.astype(np.float64), axis=-1, keepdims=True)
     result = {"name": args.name or Path(args.adapter or args.model).name, "n": int(len(labels)),
-              "top1": float(np.mean(preds == labels)), "nll": float(-log_probs[np.arange(len(labels)), labels].mean()),
-              "per_class": per_class, "model": args.model,
+              **evaluation.top1_metrics(logits, labels), "model": args.model,
               "adapter": args.adapter, "data": args.data, "split": args.split, "image_size": image_size,
               "seconds": round(time.time() - start, 3)}
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        evaluation.write_results(args.output, result)
     result["logits"] = logits  # for callers in Python; not in the JSON
-    result["predictions"] = preds
+    result["predictions"] = logits.argmax(-1)
     return result
 
 

@@ -80,11 +80,9 @@ def main() -> int:
 
 
 def save_eval(result: dict, path: Path) -> None:
+    from pace_llm.evaluation import write_results
     samples = result.pop("samples")
-    path.write_text(json.dumps(result, indent=2))
-    with path.with_suffix(".samples.jsonl").open("w") as f:
-        for s in samples:
-            f.write(json.dumps(s) + "\n")
+    write_results(path, result, samples)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import datasets
 import numpy as np
 import torch
 
-_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# suffix -> datasets builder (a .json file may hold JSON lines or one list of objects)
+_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
 class DataError(ValueError):
@@ -35,6 +36,9 @@ def render_prompt(tokenizer, user_text: str) -> str:
 
 def load_rows(source: str, split: str = "train", hub_config: Optional[str] = None,
               limit: Optional[int] = None, seed: int = 0) -> datasets.Dataset:
+    """Rows of a local .jsonl/.json/.csv/.tsv/.parquet file, a hub dataset (`split`,
+    `hub_config`) or `tiny:*` (generated from `seed`), each with its `sample_id`; the first
+    `limit` only when given. Training and every eval/*.py entry point load through this."""
     if source.startswith("tiny:"):
         from . import tiny
         generators = {"tiny:arithmetic": tiny.tiny_arithmetic, "tiny:sentences": tiny.tiny_sentences,
@@ -46,7 +50,9 @@ def load_rows(source: str, split: str = "train", hub_config: Optional[str] = Non
     elif Path(source).suffix in _FILE_FORMATS:
         if not Path(source).exists():
             raise DataError(f"data file {source} does not exist")
-        rows = datasets.load_dataset(_FILE_FORMATS[Path(source).suffix], data_files=source, split="train")
+        options = {"delimiter": "\t"} if Path(source).suffix == ".tsv" else {}
+        rows = datasets.load_dataset(_FILE_FORMATS[Path(source).suffix], data_files=source, split="train",
+                                     **options)
     else:
         rows = datasets.load_dataset(source, hub_config, split=split)
     rows = rows.add_column("sample_id", list(range(len(rows))))

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from pace_llm.tasks.gsm8k import (INSTRUCTION, extract_answer, extract_answer_strict, load_rows,
+from pace_llm.tasks.generation_task import GenerationTask
+from pace_llm.tasks.gsm8k import (INSTRUCTION, TASK, extract_answer, extract_answer_strict, load_rows,
                                   normalize_number, prompt_text, reference_answer, score)
 
 
@@ -110,3 +111,26 @@ def test_load_rows_from_jsonl(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
     assert load_rows(str(path)) == [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(5)]
     assert len(load_rows(str(path), limit=2)) == 2
+
+
+def test_load_rows_from_a_json_list(tmp_path):
+    path = tmp_path / "gsm.json"
+    path.write_text(json.dumps([{"question": "q0", "answer": "#### 0"}, {"question": "q1", "answer": "#### 1"}]))
+    assert load_rows(str(path)) == [{"question": "q0", "answer": "#### 0"}, {"question": "q1", "answer": "#### 1"}]
+
+
+def test_gsm8k_as_a_generation_task():
+    rows = [{"question": " What is 3 plus 4?\n", "answer": "3 + 4 = 7\n#### 7"},
+            {"question": "Tom has 5 apples and eats 2.", "answer": "#### 3"}]
+    assert isinstance(TASK, GenerationTask) and TASK.name == "gsm8k"
+    assert TASK.prompt(rows[0]) == INSTRUCTION + "What is 3 plus 4?"
+    first = TASK.score("3 + 4 = 7\n#### 7", rows[0])
+    assert first == {"question": rows[0]["question"], "completion": "3 + 4 = 7\n#### 7", "extracted": "7",
+                     "extracted_strict": "7", "reference": "7", "correct": True, "correct_strict": True}
+    second = TASK.score("He has 3 left.", rows[1])
+    assert (second["extracted"], second["extracted_strict"], second["correct"], second["correct_strict"]) == \
+        ("3", None, True, False)
+    assert TASK.summarize([first, second]) == {"accuracy": 1.0, "accuracy_strict": 0.5,
+                                               "strict_format_rate": 0.5, "n": 2}
+    assert TASK.summarize([])["accuracy"] == 0.0
+    assert TASK.settings() == {"instruction": INSTRUCTION}

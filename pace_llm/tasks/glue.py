@@ -187,32 +187,19 @@ def max_sequence_length(model, tokenizer, requested: int | None = None) -> int:
 def predict(model, tokenizer, spec: GlueTask, rows, batch_size: int = 32, max_length: int | None = None,
             text_fields: Sequence[str] | None = None, progress: bool = False) -> np.ndarray:
     """Raw outputs [N, num_labels] (logits, or scores for regression), in row order, fp32."""
-    import torch
+    from ..evaluation import predict_logits
     texts = text_inputs(spec, rows, text_fields)
-    n = len(texts[0])
     max_length = max_sequence_length(model, tokenizer, max_length)
-    device = next(model.parameters()).device
-    model.eval()
-    outputs = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n, desc=f"glue/{spec.name}", unit="ex")
-    with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            batch = [t[start:start + batch_size] for t in texts]
-            enc = tokenizer(*batch, padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            if "token_type_ids" in enc and getattr(model.config, "type_vocab_size", 2) <= 1:
-                enc.pop("token_type_ids")
-            logits = model(**enc).logits
-            outputs.append(logits.float().cpu().numpy())
-            if bar is not None:
-                bar.update(len(batch[0]))
-    if bar is not None:
-        bar.close()
-    return np.concatenate(outputs, axis=0) if outputs else np.zeros((0, spec.num_labels), np.float32)
+    # token_type_ids only for models with more than one token type (BERT, not RoBERTa)
+    inputs = {"input_ids", "attention_mask"} | (
+        {"token_type_ids"} if getattr(model.config, "type_vocab_size", 2) > 1 else set())
+
+    def batches():
+        for start in range(0, len(texts[0]), batch_size):
+            enc = tokenizer(*[t[start:start + batch_size] for t in texts], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+            yield {k: v for k, v in enc.items() if k in inputs}
+    return predict_logits(model, batches(), total=len(texts[0]), desc=f"glue/{spec.name}" if progress else None)
 
 
 def references_of(spec: GlueTask, rows, label_field: str | None = None) -> np.ndarray:

@@ -1,5 +1,6 @@
-"""GSM-8K: the paper's prompt (Appendix G), answer extraction and scoring, and
-`evaluate(model_dir, rows, backend=...)`, the in-process evaluation `eval/gsm8k.py` wraps.
+"""GSM-8K: the paper's prompt (Appendix G), answer extraction and scoring, as a
+generation task (`GSM8K`, pace_llm.tasks.generation_task), and `evaluate(model_dir, rows,
+backend=...)`, the in-process evaluation `eval/gsm8k.py` and launch/demo.py run.
 
 Scoring follows lm-evaluation-harness: "strict" reads only `#### N`; "flexible" reads
 `#### N` when present, else the last number in the completion. Numbers are normalized
@@ -7,10 +8,9 @@ Scoring follows lm-evaluation-harness: "strict" reads only `#### N`; "flexible" 
 """
 from __future__ import annotations
 
-import json
 import re
-import time
-from pathlib import Path
+
+from .generation_task import GenerationTask, evaluate as evaluate_task, score_all
 
 INSTRUCTION = "Answer below question. First think step-by-step and then answer the final number:\n\n"
 
@@ -71,73 +71,56 @@ def reference_answer(answer_field: str) -> str:
 
 
 def load_rows(data: str, limit: int | None = None) -> list[dict]:
-    """Rows with `question` and `answer`: a local .jsonl / .json file, or a hub dataset id
-    (`openai/gsm8k`, config "main", split "test")."""
-    path = Path(data)
-    if path.is_file():
-        if path.suffix == ".json":
-            rows = json.loads(path.read_text())
-        else:
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
-        import datasets
-        rows = list(datasets.load_dataset(data, "main", split="test"))
-    rows = [{"question": r["question"], "answer": r["answer"]} for r in rows]
-    return rows[:limit] if limit is not None else rows
+    """Rows with `question` and `answer` (other columns dropped): a local .jsonl / .json
+    file, or a hub dataset id (`openai/gsm8k`, config "main", split "test"), through
+    pace_llm.data.load_rows."""
+    from ..data import load_rows as load
+    return [{"question": r["question"], "answer": r["answer"]} for r in load(data, "test", "main", limit)]
+
+
+class GSM8K(GenerationTask):
+    """The paper's prompt; flexible and strict accuracy, and strict_format_rate: the share of
+    completions that state a final answer as `#### N` at all (what a short fine-tune changes first)."""
+    name = "gsm8k"
+
+    def prompt(self, row: dict) -> str:
+        return prompt_text(row["question"])
+
+    def score(self, completion: str, row: dict) -> dict:
+        reference = reference_answer(row["answer"])
+        flexible, strict = extract_answer(completion), extract_answer_strict(completion)
+        return {"question": row["question"], "completion": completion,
+                "extracted": flexible, "extracted_strict": strict,
+                "reference": reference, "correct": flexible == reference,
+                "correct_strict": strict == reference}
+
+    def summarize(self, records: list[dict]) -> dict:
+        n = max(len(records), 1)  # no records: 0.0 everywhere
+        return {"accuracy": sum(r["correct"] for r in records) / n,
+                "accuracy_strict": sum(r["correct_strict"] for r in records) / n,
+                "strict_format_rate": sum(r["extracted_strict"] is not None for r in records) / n,
+                "n": len(records)}
+
+    def settings(self) -> dict:
+        return {"instruction": INSTRUCTION}
+
+    def describe(self, summary: dict) -> str:
+        return (f"accuracy {summary['accuracy']:.4f} (strict {summary['accuracy_strict']:.4f}; "
+                f"{summary['strict_format_rate']:.0%} end with '#### N')")
+
+
+TASK = GSM8K()
 
 
 def score(rows: list[dict], completions: list[str]) -> tuple[list[dict], dict]:
-    """Per-sample records, the two accuracies, and strict_format_rate: the share of completions
-    that state a final answer as `#### N` at all (what a short fine-tune changes first)."""
-    if len(rows) != len(completions):
-        raise ValueError(f"{len(rows)} rows but {len(completions)} completions")
-    records = []
-    for row, completion in zip(rows, completions):
-        reference = reference_answer(row["answer"])
-        flexible, strict = extract_answer(completion), extract_answer_strict(completion)
-        records.append({"question": row["question"], "completion": completion,
-                        "extracted": flexible, "extracted_strict": strict,
-                        "reference": reference, "correct": flexible == reference,
-                        "correct_strict": strict == reference})
-    n = len(records)
-    metrics = {"accuracy": sum(r["correct"] for r in records) / n if n else 0.0,
-               "accuracy_strict": sum(r["correct_strict"] for r in records) / n if n else 0.0,
-               "strict_format_rate": sum(r["extracted_strict"] is not None for r in records) / n if n else 0.0,
-               "n": n}
-    return records, metrics
+    """Per-sample records and {"accuracy", "accuracy_strict", "strict_format_rate", "n"}."""
+    return score_all(TASK, rows, completions)
 
 
-def evaluate(model_dir, rows: list[dict], backend: str | None = None, adapter=None,
-             base_url: str | None = None, max_new_tokens: int = 512, batch_size: int = 16,
-             served_model: str | None = None, dtype: str | None = None, verbose: bool = True) -> dict:
-    """Greedy GSM-8K evaluation of a merged folder (or base + adapter, or a server).
+def evaluate(model_dir, rows: list[dict], backend: str | None = None, **options) -> dict:
+    """Greedy GSM-8K evaluation of a merged folder (or base + adapter, or a server); options
+    as pace_llm.tasks.generation_task.evaluate (adapter, base_url, max_new_tokens, batch_size, ...).
 
     Returns {"accuracy", "accuracy_strict", "strict_format_rate", "n", "settings", "timing", "samples"}.
     """
-    from .. import generation
-    backend = backend or generation.default_backend()
-    with generation.Generator(model_dir, backend=backend, adapter=adapter, base_url=base_url,
-                              batch_size=batch_size, served_model=served_model, dtype=dtype) as gen:
-        prompts = gen.render([prompt_text(r["question"]) for r in rows])
-        result = gen.generate(prompts, max_new_tokens=max_new_tokens, progress=verbose)
-    records, metrics = score(rows, result.texts)
-    for record, prompt, n_tokens in zip(records, prompts, result.num_tokens):
-        record["prompt"] = prompt
-        record["completion_tokens"] = n_tokens
-    timing = {"load_s": round(gen.load_s, 3), "generate_s": round(result.seconds, 3),
-              "prompts_per_s": round(len(prompts) / max(result.seconds, 1e-9), 3),
-              "generated_tokens": sum(result.num_tokens),
-              "tokens_per_s": round(sum(result.num_tokens) / max(result.seconds, 1e-9), 3)}
-    if verbose:
-        print(f"[gsm8k] {backend}: {metrics['n']} prompts in {timing['generate_s']:.2f}s "
-              f"({timing['prompts_per_s']:.2f} prompts/s, {timing['tokens_per_s']:.1f} generated tokens/s); "
-              f"accuracy {metrics['accuracy']:.4f} (strict {metrics['accuracy_strict']:.4f}; "
-              f"{metrics['strict_format_rate']:.0%} end with '#### N')", flush=True)
-    settings = {"model": str(model_dir) if model_dir is not None else gen.model_name,
-                "adapter": str(adapter) if adapter else None, "backend": backend,
-                "base_url": base_url, "max_new_tokens": max_new_tokens,
-                "batch_size": batch_size if backend == "hf" else None,
-                "dtype": gen.dtype, "stop_token_ids": gen.stop_token_ids,
-                "decoding": "greedy", "instruction": INSTRUCTION}
-    return {**metrics, "settings": settings, "timing": timing, "samples": records,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return evaluate_task(TASK, model_dir, rows, backend=backend, **options)
