@@ -11,7 +11,7 @@
 Importing pace_llm changes nothing in torch: PACE's shared dropout masks hold only inside
 an objective's scope (pace.paired_dropout).
 """
-from .adapters import apply_pace, merge_pace, noise_layers, resolve_targets
+from .adapters import apply_pace, head_noise, merge_pace, noise_layers, resolve_targets
 from .cache import OutputCache, ShardedEpochSampler
 from .export import load_adapter, save_adapter, save_merged
 from .objectives import PaceObjective
@@ -19,7 +19,7 @@ from .pace_config import MODES, PaceConfig
 from .rows import SampleRows, TokenRows, cache_dim, forward_rows, supervised_counts
 
 __all__ = [
-    "PaceConfig", "apply_pace", "merge_pace", "noise_layers", "resolve_targets",
+    "PaceConfig", "apply_pace", "merge_pace", "noise_layers", "head_noise", "resolve_targets",
     "OutputCache", "ShardedEpochSampler", "load_adapter", "save_adapter", "save_merged",
     "MODES", "PaceObjective", "TokenRows", "SampleRows", "cache_dim", "forward_rows", "supervised_counts",
 ]

@@ -175,8 +175,24 @@ def apply_pace(model: nn.Module, config: PaceConfig) -> nn.Module:
                                                           sigma_of(name)))
         for head in heads:
             getattr(model, head).requires_grad_(True)
+    if config.noise_head:
+        for head in heads:  # the head's id is the one after the last block
+            add_head_noise(getattr(base_model(model), head), sigma_of(head))
     model.pace_config = config
     return model
+
+
+def add_head_noise(head: nn.Module, sigma: float) -> None:
+    """The head's output (logits, bias included) × Z, one draw per sample and class, in
+    training mode only: the authors' HeadLinear. A hook, not a weight: merging ignores it."""
+    head.pace_head_noise = NoiseHook(sigma)
+    head.pace_head_hook = head.register_forward_hook(head.pace_head_noise)
+
+
+def head_noise(model: nn.Module) -> dict[str, NoiseHook]:
+    """Head name -> its noise, for every task head that has head noise."""
+    return {n: m.pace_head_noise for n, m in model.named_modules()
+            if isinstance(getattr(m, "pace_head_noise", None), NoiseHook)}
 
 
 def noise_layers(model: nn.Module) -> dict[str, NoiseHook]:
@@ -217,6 +233,10 @@ def merge_pace(model: nn.Module) -> nn.Module:
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraMulVptLinear):
                 _set_submodule(model, name, module.merged())
+    for module in model.modules():  # lora_mul_vpt keeps its head module: drop the noise hook
+        if hasattr(module, "pace_head_hook"):
+            module.pace_head_hook.remove()
+            del module.pace_head_hook, module.pace_head_noise
     for attr in ("pace_config",):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -12,6 +12,7 @@ Reductions (pace.py): task loss = mean over rows; consistency = mean over rows o
 squared L2 distance summed over classes / vocabulary.
 
   off        task loss only (plain LoRA when σ = 0).
+  noise      the same loss with PACE's noise on (σ > 0): the paper's noise-only ablation.
   full       one forward on [x; x] with shared dropout masks; task loss on the first
              half; λ·consistency(f1, f2). Both halves get gradients (as the authors).
   fast       one forward; λ·consistency(f, o) with o this sample's output stored in
@@ -114,7 +115,7 @@ class PaceObjective:
                 return self._paired(model, _duplicate(batch, half))
             rows = self.rows.forward(model, batch)
             task = self.rows.loss(rows)
-            if self.mode != "fast":
+            if self.mode != "fast":  # off, noise, and lazy_half's unpaired steps
                 return LossOutput(task, task, task.new_zeros(()), len(rows.target))
             return self._fast(batch, rows, task)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional, Union
 
-MODES = ("off", "full", "fast", "lazy_half")
+MODES = ("off", "noise", "full", "fast", "lazy_half")
 ADAPTERS = ("lora_add", "lora_mul_vpt")
 SCHEDULES = ("linear", "constant")
 
@@ -19,12 +19,17 @@ SCHEDULES = ("linear", "constant")
 class PaceConfig:
     """What to adapt, how much noise, and which objective.
 
-    mode: off (task loss only; no noise either: plain LoRA), full ([x; x] with the
-        consistency term), fast (one forward, last epoch's output as target), lazy_half.
+    mode: off (task loss only; no noise either: plain LoRA), noise (the noise alone, no
+        consistency term: the paper's ablation), full ([x; x] with the consistency term),
+        fast (one forward, last epoch's output as target), lazy_half.
     target_modules: module-name suffixes (["q_proj", "v_proj"]), one regex matched against
         full module names, "all-linear", or None for the architecture's default.
     sigma_schedule: "linear" (σ decays with depth, the authors' formula) or "constant";
         first_noisy_block=1 is the authors' ViT choice (no noise on the first block).
+    noise_head: the authors' HeadLinear: a trained task head's output (the logits, bias
+        included) × Z ~ N(1, σ_head²), one draw per sample and class, σ_head the head's σ
+        from the depth schedule (its id comes after the last block). No effect without a
+        task head: a causal LM's lm_head is frozen under LoRA, so there is nothing to noise.
     cache_memory_gb: PACE_fast's per-rank store stays in memory up to this size, else it is
         a memory-mapped file in the output folder.
     """
@@ -40,6 +45,7 @@ class PaceConfig:
     dropout: float = 0.0
     target_modules: Optional[Union[str, list[str]]] = None
     train_head: bool = True            # a task head (classifier / score) is trained in full
+    noise_head: bool = True            # ...and its logits get noise too (σ_head), as the authors
     cache_memory_gb: float = 2.0
 
     def __post_init__(self):

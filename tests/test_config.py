@@ -26,7 +26,7 @@ def test_overrides_and_yaml_1_2_scalars():
 @pytest.mark.parametrize("override, message", [
     ("pace.lamda=1", "unknown recipe key 'pace.lamda' (did you mean pace.lam?)"),
     ("trian.lr=1", "unknown recipe key 'trian' (did you mean train?)"),
-    ("pace.mode=slow", "pace.mode: expected one of ['off', 'full', 'fast', 'lazy_half'], got 'slow'"),
+    ("pace.mode=slow", "pace.mode: expected one of ['off', 'noise', 'full', 'fast', 'lazy_half'], got 'slow'"),
     ("train.epochs=1.5", "train.epochs: expected int, got 1.5"),
     ("resume=yes", "resume: expected bool, got 'yes'"),
     ("deepspeed.zero_stage=4", "deepspeed.zero_stage: expected 0, 1, 2 or 3, got 4"),

@@ -137,7 +137,7 @@ def test_no_noise_in_eval_mode(kind, adapter):
         first, second = model(**inputs).logits, model(**inputs).logits
         model.train()
         noisy = model(**inputs).logits
-        for hook in pace_llm.noise_layers(model).values():
+        for hook in [*pace_llm.noise_layers(model).values(), *pace_llm.head_noise(model).values()]:
             hook.sigma = 0.0
         silent = model(**inputs).logits
     assert torch.equal(first, second)
@@ -248,3 +248,65 @@ def test_gradient_checkpointing_replays_the_same_noise(kind, mode, overrides):
         assert torch.allclose(plain[name], ckpt[name], rtol=1e-5, atol=1e-7), name
     worst = max(((plain[n] - other[n]).abs().max() / plain[n].abs().max()).item() for n in plain)
     assert worst > 1e-2  # another seed, other noise: the comparison above can fail
+
+
+# --- head noise (the authors' HeadLinear) ------------------------------------------------
+NO_DROPOUT = {"roberta": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
+
+
+@pytest.mark.parametrize("kind,adapter", [("roberta", "lora_add"), ("vit", "lora_mul_vpt"), ("vit", "lora_add")])
+def test_head_noise_multiplies_each_sample_and_class_by_z(kind, adapter):
+    sigma = 1.2
+    model = pace_llm.apply_pace(tiny_model(kind, **NO_DROPOUT.get(kind, {})),
+                                pace_llm.PaceConfig(adapter=adapter, sigma=sigma, rank=4))
+    (name, hook), = pace_llm.head_noise(model).items()
+    layers = model.config.num_hidden_layers
+    assert hook.sigma == pytest.approx(sigma_for_block(sigma, layers, layers)) and hook.sigma > 0
+    batch = model_inputs(make_batch(kind, batch=64))
+    with torch.no_grad():  # every adapter factor still zero: only the head's noise acts
+        model.eval()
+        clean = model(**batch).logits
+        assert torch.equal(clean, model(**batch).logits)  # eval: deterministic
+        model.train()
+        ratio = model(**batch).logits / clean
+    assert ratio.mean().item() == pytest.approx(1.0, abs=0.15)
+    assert ratio.std().item() == pytest.approx(hook.sigma, rel=0.15)
+    assert (ratio[0] - ratio[0, 0]).abs().max() > 1e-3  # one draw per class ...
+    assert (ratio[:, 0] - ratio[0, 0]).abs().max() > 1e-3  # ... and per sample
+
+
+@pytest.mark.parametrize("adapter", ["lora_add", "lora_mul_vpt"])
+def test_head_noise_off_is_todays_model_and_merge_ignores_it(adapter):
+    kind, batch = "vit", model_inputs(make_batch("vit", batch=8))
+    torch.manual_seed(0)
+    plain = pace_llm.apply_pace(tiny_model(kind), pace_llm.PaceConfig(adapter=adapter, sigma=1.0, rank=4,
+                                                                      noise_head=False))
+    assert pace_llm.head_noise(plain) == {}
+    with torch.no_grad():
+        plain.eval()
+        clean = plain(**batch).logits
+        plain.train()
+        assert torch.equal(plain(**batch).logits, clean)  # adapters at zero, no head noise: exact
+    noisy = pace_llm.apply_pace(tiny_model(kind), pace_llm.PaceConfig(adapter=adapter, sigma=1.0, rank=4))
+    perturb_adapters(noisy)
+    with torch.no_grad():
+        noisy.eval()
+        unmerged = noisy(**batch).logits
+        merged = pace_llm.merge_pace(noisy)
+        merged.train()  # no noise is left in the merged model, even in training mode
+        assert pace_llm.head_noise(merged) == {}
+        assert (merged(**batch).logits - unmerged).abs().max() <= 1e-5
+
+
+def test_noise_mode_is_noisy_without_a_consistency_term():
+    model = pace_llm.apply_pace(tiny_model("llama"), pace_llm.PaceConfig(mode="noise", sigma=1.0, rank=4))
+    perturb_adapters(model)
+    model.train()
+    objective = pace_llm.PaceObjective.from_config(model.pace_config)
+    batch = make_batch("llama")
+    torch.manual_seed(0)
+    first = objective(model, batch, 0)
+    torch.manual_seed(1)
+    second = objective(model, batch, 0)
+    assert first.consistency_loss.item() == 0.0 and first.loss is first.task_loss
+    assert abs(first.loss.item() - second.loss.item()) > 1e-4  # another draw, another loss: noise is on

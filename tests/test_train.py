@@ -289,3 +289,15 @@ def test_resume_force_and_harmless_changes(stopped_run, tmp_path):
     assert "train.max_steps changed 16 -> 12: the LR schedule changes from the resume point on" in proc.stdout
     assert "break an exact resume" not in proc.stdout + proc.stderr
     assert [r["step"] for r in metrics(stopped_run)] == [1, 2, 3, 4, 6, 8, 10, 12]
+
+
+def test_noise_mode_trains_with_noise_and_no_consistency(tmp_path):
+    """pace.mode=noise: PACE's noise alone (the paper's ablation), against off (σ = 0)."""
+    logged = {}
+    for mode in ("noise", "off"):
+        launch("python", tmp_path / mode, "deepspeed.zero_stage=0", f"pace.mode={mode}", "train.max_steps=4",
+               "train.export_check=false")
+        logged[mode] = metrics(tmp_path / mode)
+    assert all(r["consistency_loss"] == 0.0 for r in logged["noise"])
+    assert logged["noise"][0]["loss"] == logged["off"][0]["loss"]  # step 1: adapters at zero, noise acts on 0
+    assert all(abs(a["loss"] - b["loss"]) > 1e-6 for a, b in zip(logged["noise"][1:], logged["off"][1:]))
