@@ -57,15 +57,16 @@ def to_pixels(images):
 
 def prepare_base(folder: Path) -> Path:
     """The pre-trained base (ViTModel, no head), built once; a marker file says it is complete."""
+    from pace_llm.files import prepare_once
+    return prepare_once(folder, _pretrain_base, BASE_VERSION)
+
+
+def _pretrain_base(out: Path) -> dict:
     import numpy as np
     import torch
     import transformers
 
     from pace_llm import assets
-    from pace_llm.export import atomic_dir
-    marker = folder / ".complete"
-    if marker.exists() and json.loads(marker.read_text()).get("version") == BASE_VERSION:
-        return folder
     print(f"[demo] pre-training the base ViT on {len(SOURCE_CLASSES)} source classes (once, ~1-3 min)", flush=True)
     started = time.time()
     images, labels = assets.fashion_mnist("train")
@@ -96,14 +97,11 @@ def prepare_base(folder: Path) -> Path:
     with torch.no_grad():
         preds = torch.cat([model(pixel_values=chunk).logits.argmax(-1) for chunk in to_pixels(test_images[keep]).split(500)])
     source_acc = (preds == torch.from_numpy(test_labels[keep] // 2)).float().mean().item()
-    with atomic_dir(folder) as tmp:
-        model.vit.save_pretrained(tmp)  # no head: each fine-tuning run initialises its own
-        info = {"version": BASE_VERSION, "source_classes": [CLASS_NAMES[c] for c in SOURCE_CLASSES],
-                "steps": PRETRAIN_STEPS, "batch": PRETRAIN_BATCH, "source_test_accuracy": round(source_acc, 4),
-                "seconds": round(time.time() - started, 1)}
-        (tmp / ".complete").write_text(json.dumps(info, indent=2) + "\n")
-    print(f"[demo]   base ready: source-class test accuracy {source_acc:.3f} ({info['seconds']:.0f} s)", flush=True)
-    return folder
+    model.vit.save_pretrained(out)  # no head: each fine-tuning run initialises its own
+    print(f"[demo]   base ready: source-class test accuracy {source_acc:.3f} ({time.time() - started:.0f} s)",
+          flush=True)
+    return {"source_classes": [CLASS_NAMES[c] for c in SOURCE_CLASSES], "steps": PRETRAIN_STEPS,
+            "batch": PRETRAIN_BATCH, "source_test_accuracy": round(source_acc, 4)}
 
 
 def write_parquet(path: Path, images, labels) -> Path:

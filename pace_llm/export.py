@@ -8,38 +8,18 @@ as pace_adapter.safetensors + pace_config.json).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .adapters import PaceConfig, apply_pace, merge_pace
+from .files import atomic_dir
 
 PACE_CONFIG = "pace_config.json"
 PACE_WEIGHTS = "pace_adapter.safetensors"
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike):
-    """Yields a temporary folder that replaces `path` only when the block succeeds."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_adapter(model, out_dir) -> Path:

