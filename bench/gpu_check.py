@@ -23,8 +23,8 @@ PACE_GPU_CHECK_BUDGET_S) runs out, the remaining phases and runs are skipped and
                LoRA baseline (pace.mode=off, σ=0) of the same model and checkpointing.
                The Llama full-mode run without checkpointing also merges and exports
                (bf16 export check, on a short held-out batch).
-Modes: lora (off, σ=0: the trainer zeroes σ for mode off, so "noise without consistency"
-cannot be run through it), fast, lazy_half, full. Timing runs stop with train.stop_after,
+Modes: lora (off: PEFT's LoRA, no noise), noise (the noise alone, no consistency term),
+fast, lazy_half, full. Timing runs stop with train.stop_after,
 which skips the merged export (7.6 GB per Phi-3 run otherwise).
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ SMOKE_MODELS = {  # the same two architectures, CPU-sized (GQA and tied embeddin
                       num_attention_heads=2, num_key_value_heads=2, vocab_size=256,
                       max_position_embeddings=256, tie_word_embeddings=False),
 }
-MODES = {"lora": ["pace.mode=off", "pace.sigma=0"], "fast": ["pace.mode=fast"],
+MODES = {"lora": ["pace.mode=off"], "noise": ["pace.mode=noise"], "fast": ["pace.mode=fast"],
          "lazy_half": ["pace.mode=lazy_half"], "full": ["pace.mode=full"]}
 BASELINE = "lora"
 EXPORT_RUN = ("full", False)  # (mode, gradient checkpointing) of the run that also exports, first

@@ -188,6 +188,8 @@ class Trainer:
         row = {"step": step, "epoch": progress.epoch + (batch_index + 1) / len(self.loader), "loss": loss,
                "task_loss": task, "consistency_loss": cons, "grad_norm": norm,
                "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s * self.world}
+        if torch.cuda.is_available():  # this rank's peak since the start
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if self.reference is not None:
             row["fp_distance"] = mean_squared_norm(self.fixed_outputs(self.fixed_batch) - self.reference).item()
         if self.eval_set is not None and (t.eval_every and step % t.eval_every == 0 or step == self.total_steps):
