@@ -36,8 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common  # bench/common.py: this script's folder is first on sys.path
 
 METHODS = ["lora", "pace_full", "pace_fast"]
 

@@ -26,11 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "launch"))
+from pace_llm.demos.pace_vs_lora import add_common_args, run_and_report, seed_jobs
+from pace_llm.logs import route_logs
 
-from cls_demo import add_common_args, run_and_report, seed_jobs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE = ROOT / "recipes" / "demo_fashion.yaml"
 SOURCE_CLASSES, TARGET_CLASSES = (0, 2, 4, 6, 8), (1, 3, 5, 7, 9)
@@ -149,9 +148,10 @@ def main() -> int:
     import torch
 
     from pace_llm import assets
-    torch.set_num_threads(1)  # robust on a shared 2-core machine (see launch/cls_demo.py)
+    torch.set_num_threads(1)  # robust on a shared 2-core machine (see pace_llm/demos/pace_vs_lora.py)
     started = time.time()
     out = ROOT / args.output_dir
+    route_logs(out, "demo.log")  # library chatter to the file; the terminal shows [demo] lines
     cache = assets.cache_dir() / "demo-fashion"
     base = prepare_base(cache / BASE_NAME)
     test_path, train_paths = prepare_data(cache, args.seeds, args.shots, args.test_per_class)

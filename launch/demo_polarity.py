@@ -10,7 +10,7 @@
 2. per seed, trains recipes/demo_polarity.yaml through launch/train.py twice: PACE (full)
    and the LoRA baseline (pace.mode=off), same seed, same sentences; each merged model is
    evaluated on the test sentences with eval/glue.py (--task sst2: one sentence, 2 labels);
-3. prints accuracy PACE vs LoRA per seed, mean ± std, and wall times (launch/cls_demo.py
+3. prints accuracy PACE vs LoRA per seed, mean ± std, and wall times (pace_llm/demos/pace_vs_lora.py
    says why runs are single-process, one thread each, two side by side).
 Outputs: outputs/demo-polarity/{lora,pace}-s{seed}/ (adapter, merged, metrics, eval.json), results.json.
 """
@@ -25,11 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "launch"))
+from pace_llm.demos.pace_vs_lora import add_common_args, run_and_report, seed_jobs
+from pace_llm.logs import route_logs
 
-from cls_demo import add_common_args, run_and_report, seed_jobs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE = ROOT / "recipes" / "demo_polarity.yaml"
 
@@ -85,6 +84,7 @@ def main() -> int:
 
     started = time.time()
     out = ROOT / args.output_dir
+    route_logs(out, "demo.log")  # library chatter to the file; the terminal shows [demo] lines
     print("[demo] preparing all-MiniLM-L6-v2 and the polarity sentences (.cache/)", flush=True)
     model_dir = assets.minilm_dir()
     test_path, train_paths = prepare_data(assets.cache_dir() / "demo-polarity", args.seeds, args.train_size,

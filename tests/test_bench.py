@@ -2,21 +2,20 @@
 its results and prints its table last, with the rows BENCHMARKS.md reports."""
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from pace_llm.launcher import launch_env
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
-def run(tmp_path, script, *args, launcher=None, timeout=600):
+def run(tmp_path, script, *args, timeout=600):
     out = tmp_path / "results"
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               TMPDIR=str(tmp_path), TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
+    env = launch_env(threads=None, TMPDIR=tmp_path)  # the scripts set their own threads (--threads)
     cmd = [sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(out), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -1,7 +1,6 @@
 """The PACE_fast output store and its rank-local sampler, including 2 real gloo ranks."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pace_llm import OutputCache, ShardedEpochSampler
+from pace_llm.launcher import free_port as _free_port
 
 BF16 = torch.bfloat16
 
@@ -186,12 +186,6 @@ def _dp_worker(rank, world, port, out_dir):
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_read_their_own_previous_epoch(tmp_path):

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import transformers
 import pace_llm
 from pace_llm.data import render_prompt
 from pace_llm.generation import Generator, encode_prompts, stop_token_ids
+from pace_llm.launcher import free_port as _free_port
 from pace_llm.tasks.gsm8k import INSTRUCTION, evaluate, load_rows, prompt_text
 from pace_llm.tiny import tiny_model
 
@@ -228,12 +228,6 @@ def test_vllm_lora_adapter_matches_merged(exported, vllm_merged):
     assert result["settings"]["adapter"] == str(exported.adapter)
     assert completions(samples) == completions(vllm_merged[1])
     assert token_counts(samples) == token_counts(vllm_merged[1])
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:

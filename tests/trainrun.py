@@ -1,33 +1,26 @@
-"""Run launch/train.py as users do (deepspeed / torchrun / python) and read its outputs."""
+"""Run launch/train.py as users do (deepspeed / torchrun / python) and read its outputs.
+Commands and environment come from pace_llm.launcher, as for the demos and bench/."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
+from pace_llm.launcher import free_port, launch_env, train_command  # noqa: F401  (free_port: for the tests)
+
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 
 
 def env(**extra) -> dict:
-    e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-             TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"), PYTHONUNBUFFERED="1")
-    e.update(extra)
-    return e
+    """A run's environment: one OpenMP thread per process (2 ranks on 2 cores), offline."""
+    return launch_env(threads=1, **extra)
 
 
 def launch(launcher: str, out: Path, *overrides: str, recipe: str = "recipes/tiny.yaml", timeout: int = 400,
            extra_env: dict | None = None, check: bool = True,
            script: Path = ROOT / "launch" / "train.py") -> subprocess.CompletedProcess:
-    args = [str(script), recipe, f"output_dir={out}", *overrides]
-    if launcher == "deepspeed":
-        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *args]
-    elif launcher == "python":
-        cmd = [sys.executable, *args]
-    else:
-        raise ValueError(launcher)
+    """SCRIPT RECIPE output_dir=OUT overrides... (2 ranks under deepspeed / torchrun)."""
+    cmd = train_command(launcher, recipe, [f"output_dir={out}", *overrides], script=script, nproc=2)
     proc = subprocess.run(cmd, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:
@@ -52,9 +45,3 @@ def shm_segments() -> set[str]:
     """DeepSpeed's shared-memory all-reduce segments currently in /dev/shm."""
     return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

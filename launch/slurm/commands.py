@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pace_llm.launcher import train_command
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -53,16 +55,14 @@ def node_commands(env, recipe_args: list[str]) -> list[list[str]]:
     nnodes = int(env.get("SLURM_NNODES", len(hosts)))
     port = 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000
     gpus = gpus_per_node(env)
-    torchrun = Path(sys.executable).with_name("torchrun")  # the venv's, not whatever is on PATH
-    return [[str(torchrun) if torchrun.exists() else "torchrun", f"--nnodes={nnodes}", f"--nproc_per_node={gpus}", f"--node_rank={rank}",
-             f"--master_addr={hosts[0]}", f"--master_port={port}",
-             "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGUSR1",
-             str(ROOT / "launch" / "train.py"), *recipe_args, "resume=true"]
+    # this checkout's launch/train.py: on a cluster pace_llm may be installed elsewhere
+    return [train_command("torchrun", recipe_args[0], [*recipe_args[1:], "resume=true"],
+                          script=ROOT / "launch" / "train.py", nproc=gpus, nnodes=nnodes, node_rank=rank,
+                          master_addr=hosts[0], master_port=port)
             for rank in range(nnodes)]
 
 
 def run_status(recipe_args: list[str]) -> str:
-    sys.path.insert(0, str(ROOT))
     from pace_llm.config import load_recipe
     status = Path(load_recipe(recipe_args[0], recipe_args[1:]).output_dir) / "run_status.json"
     return json.loads(status.read_text())["status"] if status.exists() else "none"

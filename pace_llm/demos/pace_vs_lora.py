@@ -18,33 +18,24 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ..launcher import launch_env, run_logged, train_command
+
 METHODS = {"LoRA": ["pace.mode=off"], "PACE": []}
 
 
-def _env(launcher: str = "python") -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    if launcher == "deepspeed":
-        env["OMP_NUM_THREADS"] = "1"  # 2 ranks on 2 cores
-    return env
-
-
 def _run(cmd: list[str], log: Path, launcher: str = "python") -> float:
+    """Seconds cmd took; its output goes to `log` (the error shows its tail)."""
     started = time.time()
-    with open(log, "a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(launcher), stdout=fh, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    # one thread per run (a user's OMP_NUM_THREADS wins for single-process runs); 2 ranks on 2 cores
+    threads = 1 if launcher == "deepspeed" else os.environ.get("OMP_NUM_THREADS", "1")
+    returncode = run_logged(cmd, log, launch_env(threads=threads))
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {returncode}:\n{log.read_text()[-3000:]}")
     return time.time() - started
 
 
@@ -56,11 +47,7 @@ def train_and_evaluate(recipe: Path, out: Path, overrides: list[str], eval_cmd: 
     log = out.parent / f"{out.name}.log"
     log.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
-    args = [str(ROOT / "launch" / "train.py"), str(recipe), f"output_dir={out}", *overrides]
-    if launcher == "deepspeed":
-        cmd = [str(Path(sys.executable).with_name("deepspeed")), "--num_gpus", "2", *args]
-    else:
-        cmd = [sys.executable, *args]
+    cmd = train_command(launcher, recipe, [f"output_dir={out}", *overrides], nproc=2)
     train_seconds = _run(cmd, log, launcher)
     eval_seconds = _run([sys.executable, *eval_cmd, "--model", str(out / "merged"),
                          "--output", str(out / "eval.json")], log)

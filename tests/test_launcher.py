@@ -1,0 +1,127 @@
+"""pace_llm.launcher (the commands and environment every launch here uses) and
+pace_llm.logs (library chatter to a file, our progress and all warnings to the terminal)."""
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pace_llm import launcher
+from pace_llm.launcher import for_terminal, free_port, launch_env, run_logged, script_command, train_command
+
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    return str(BIN / name) if (BIN / name).exists() else name
+
+
+def test_free_port_can_be_bound():
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_python_command_runs_train_py_in_one_process():
+    cmd = train_command("python", "recipes/tiny.yaml", ["pace.mode=fast", "output_dir=x"])
+    assert cmd == [sys.executable, str(launcher.REPO / "launch" / "train.py"), "recipes/tiny.yaml",
+                   "pace.mode=fast", "output_dir=x"]
+
+
+def test_deepspeed_command_has_ranks_and_a_port():
+    cmd = train_command("deepspeed", Path("recipes/tiny.yaml"), ["train.max_steps=4"], nproc=2, master_port=29611)
+    assert cmd == [tool("deepspeed"), "--num_gpus", "2", "--master_port", "29611",
+                   str(launcher.TRAIN_SCRIPT), "recipes/tiny.yaml", "train.max_steps=4"]
+    default_port = train_command("deepspeed", "r.yaml")[4]
+    assert default_port.isdigit() and int(default_port) > 0  # a free one when not given
+    with pytest.raises(ValueError, match="torchrun"):
+        train_command("deepspeed", "r.yaml", nnodes=2)
+
+
+def test_torchrun_command_places_the_node():
+    cmd = script_command("torchrun", "bench/x.py", ["--smoke"], nproc=4, nnodes=2, node_rank=1,
+                         master_addr="gpu07", master_port=29734)
+    assert cmd == [tool("torchrun"), "--nnodes=2", "--nproc_per_node=4", "--node_rank=1", "--master_addr=gpu07",
+                   "--master_port=29734", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGUSR1", "bench/x.py",
+                   "--smoke"]
+    with pytest.raises(ValueError, match="launcher must be one of"):
+        script_command("mpirun", "x.py")
+
+
+def test_launch_env(monkeypatch):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    env = launch_env(threads=1, BENCH_COMMAND="python x.py", TMPDIR=Path("/tmp/t"))
+    assert env["OMP_NUM_THREADS"] == "1" and env["TOKENIZERS_PARALLELISM"] == "false"
+    assert env["HF_HUB_OFFLINE"] == "1" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["TORCH_EXTENSIONS_DIR"] == str(launcher.REPO / ".cache" / "torch_extensions")
+    assert env["BENCH_COMMAND"] == "python x.py" and env["TMPDIR"] == "/tmp/t"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")
+    kept = launch_env(threads=None, offline=False)
+    assert kept["OMP_NUM_THREADS"] == "8" and kept["HF_HUB_OFFLINE"] == "0"
+    assert kept["TORCH_EXTENSIONS_DIR"] == "/elsewhere"
+
+
+DEEPSPEED_LINES = [
+    "[2026-12-02 01:00:39,701] [INFO] [launch.py:152:main] WORLD INFO DICT: {'localhost': [0, 1]}",
+    "[2026-12-02 01:00:37,406] [INFO] [runner.py:618:main] cmd = python -u -m deepspeed.launcher.launch",
+]
+
+
+def test_deepspeed_info_lines_stay_off_the_terminal():
+    assert not any(for_terminal(line) for line in DEEPSPEED_LINES)
+    assert for_terminal("[2026-12-02 01:00:37,405] [WARNING] [runner.py:214:fetch_hostfile] Unable to find hostfile")
+    assert for_terminal("2026-12-02 01:00:52,566 pace_llm.train: trainable parameters: 14,336 of 109,632")
+    assert for_terminal("error: data.train: no such file")
+
+
+def test_run_logged_echoes_all_but_deepspeed_info(tmp_path):
+    script = "; ".join(f"print({line!r})" for line in [*DEEPSPEED_LINES, "ours"]) + \
+        "; import sys; print('on stderr', file=sys.stderr); sys.exit(3)"
+    code = (f"from pathlib import Path; from pace_llm.launcher import run_logged; import sys; "
+            f"sys.exit(run_logged([sys.executable, '-c', {script!r}], Path({str(tmp_path / 'echo.log')!r}), echo=True))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "ours\n" and proc.stderr == "on stderr\n"
+    logged = (tmp_path / "echo.log").read_text().splitlines()
+    assert logged[0].startswith("$ ") and logged[1:] == [*DEEPSPEED_LINES, "ours"]
+    # echo=False: both streams into the log, nothing on the terminal
+    assert run_logged([sys.executable, "-c", script], tmp_path / "quiet.log") == 3
+    assert "on stderr" in (tmp_path / "quiet.log").read_text()
+
+
+ROUTE = textwrap.dedent("""
+    import logging, sys
+    # a library with its own console handler that does not propagate (as DeepSpeed, vLLM)
+    own = logging.getLogger("DeepSpeed")
+    own.addHandler(logging.StreamHandler(sys.stdout))
+    own.setLevel(logging.INFO)
+    own.propagate = False
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout)  # as pace_llm.train's main does
+    from pace_llm.logs import route_logs
+    route_logs(sys.argv[1])
+    route_logs(sys.argv[1], "run.log")  # a second call replaces the handlers, no doubled lines
+    logging.getLogger("vllm.config").info("third-party info")
+    own.info("deepspeed info")
+    logging.getLogger("transformers.modeling_utils").warning("third-party warning")
+    logging.getLogger("pace_llm.train").info("our progress")
+    logging.getLogger("pace_llm.train").debug("our debug")
+    logging.getLogger().info("root info")
+""")
+
+
+def test_route_logs_splits_file_and_terminal(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", ROUTE, str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    terminal = proc.stdout.splitlines()
+    assert [line.split(" ", 2)[2] for line in terminal] == [
+        "transformers.modeling_utils: third-party warning", "pace_llm.train: our progress"]
+    logged = [line.split(" ", 2)[2] for line in (tmp_path / "out" / "run.log").read_text().splitlines()]
+    assert logged == ["INFO vllm.config: third-party info", "INFO DeepSpeed: deepspeed info",
+                      "WARNING transformers.modeling_utils: third-party warning",
+                      "INFO pace_llm.train: our progress", "INFO root: root info"]
+    assert proc.stderr == ""
