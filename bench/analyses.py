@@ -169,8 +169,8 @@ def train(setup: Setup, method: str, train_set: list[dict], steps: int, seed: in
     import torch
 
     import pace_llm
-    from pace_llm.objectives import forward_rows, task_loss
     from pace_llm.pace import mean_squared_norm
+    from pace_llm.rows import rows_for_model
     args = setup.args
     sigma = args.sigma if method.startswith("pace") else 0.0
     model = setup.model(seed, sigma)
@@ -203,8 +203,9 @@ def train(setup: Setup, method: str, train_set: list[dict], steps: int, seed: in
             out = objective(model, batch, step)
             loss, task = out.loss, out.task_loss
         else:  # FPA: λ·‖f(θ) − f(θ0)‖², f(θ0) the initial model's logits
-            rows = forward_rows(model, batch)
-            task = task_loss(rows)
+            reader = rows_for_model(model)
+            rows = reader.forward(model, batch)
+            task = reader.loss(rows)
             loss = task + lam * mean_squared_norm(rows.f.float() - f0_train[batch["sample_id"]])
         optimizer.zero_grad(set_to_none=True)
         if track_grad:  # ‖∇ task loss‖ alone (PACE: on the first view), then the total's

@@ -81,7 +81,7 @@ def token_counts(smoke: bool) -> tuple[dict, str]:
     import transformers
 
     from pace_llm import assets
-    from pace_llm.data import tokenize_sft
+    from pace_llm.tasks.causal_lm import tokenize_sft
     from pace_llm.objectives import supervised_counts
     from pace_llm.tasks.gsm8k import INSTRUCTION
     tokenizer = transformers.AutoTokenizer.from_pretrained(assets.smollm2_dir())

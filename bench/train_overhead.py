@@ -32,7 +32,6 @@ so both ratio columns come from the same run; memory is not measured there.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import re
@@ -211,28 +210,16 @@ class Variant:
 
 def peft_lora_config(model, args):
     """PEFT's LoRA on the layers apply_pace adapts, listed as apply_pace lists them."""
-    import peft
-
-    from pace_llm import adapters
-    # TODO: the private name until adapters makes this public (asked of its owner)
-    targets = adapters._peft_target_spec(model, adapters.resolve_targets(model, None))
-    return peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets,
-                           bias="none")
+    from pace_llm import PaceConfig
+    from pace_llm.adapters import peft_lora_config as lora_config
+    return lora_config(model, PaceConfig(rank=args.rank, alpha=args.alpha, dropout=0.0, train_head=False))
 
 
 def pace_objective(mode: str, args, cache, model, head_gram: bool = True):
     """PaceObjective(mode); head_gram=False: PACE_fast's consistency through the lm_head
     itself, ‖W(h − h_o)‖², instead of the WᵀW form."""
     import pace_llm
-    kwargs = dict(lam=args.lam, lazy_every=2, cache=cache)
-    if "head_gram" in inspect.signature(pace_llm.PaceObjective).parameters:
-        return pace_llm.PaceObjective(mode, **kwargs, head_gram=head_gram)
-    # TODO: drop with the PaceObjective that takes head_gram (asked of objectives.py's owner)
-    objective = pace_llm.PaceObjective(mode, **kwargs)
-    if not head_gram:
-        from pace_llm.adapters import base_model
-        objective._gram = (base_model(model).get_output_embeddings(), None)
-    return objective
+    return pace_llm.PaceObjective(mode, lam=args.lam, lazy_every=2, cache=cache, head_gram=head_gram)
 
 
 def n_samples(args) -> int:
@@ -391,19 +378,20 @@ def launch_deepspeed(args, argv) -> int:
 
 def ds_config(args, world: int) -> dict:
     """The config launch/train.py would build for this batch, ZeRO stage and dtype."""
-    from pace_llm import engine
+    from pace_llm import deepspeed_engine
     from pace_llm.config import load_recipe
     recipe = load_recipe(None, [f"train.micro_batch_size={args.batch}", f"deepspeed.zero_stage={args.deepspeed}",
                                 f"model.dtype={args.dtype}"])
-    return engine.build_config(recipe, world)
+    return deepspeed_engine.build_config(recipe, world)
 
 
 def distributed(args) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from pace_llm import engine
-    rank, world = engine.init_distributed()
+    from pace_llm import deepspeed_engine
+    from pace_llm.distributed import all_reduce_scalars, init_distributed
+    rank, world = init_distributed()
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     config = ds_config(args, world)
@@ -414,16 +402,16 @@ def distributed(args) -> dict | None:
     log(f"building {len(args.variants)} variants x (plain, ZeRO-{args.deepspeed}) of {args.model} "
         f"on {world} ranks", flush=True)
     variants = {f"{n}/plain": Variant(n, args, data) for n in args.variants}
-    hf_config = engine.zero3_context(config)  # models built partitioned under ZeRO-3
+    hf_config = deepspeed_engine.zero3_context(config)  # models built partitioned under ZeRO-3
     for n in args.variants:
         variants[f"{n}/zero{args.deepspeed}"] = Variant(n, args, data, ds_config=config)
     if hf_config is not None:
-        engine.unset_zero3()
+        deepspeed_engine.unset_zero3()
     names = list(variants)
     per_round = measure_rounds(variants, args, log)
     # the slowest rank's time per round (an engine step waits for both anyway)
     rounds = len(per_round[names[0]])
-    flat = engine.all_reduce_scalars([x for n in names for x in per_round[n]], dist.ReduceOp.MAX)
+    flat = all_reduce_scalars([x for n in names for x in per_round[n]], dist.ReduceOp.MAX)
     per_round = {n: flat[i * rounds:(i + 1) * rounds] for i, n in enumerate(names)}
     dist.barrier()
     if rank != 0:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 from pace_llm import generation  # noqa: E402
 from pace_llm.data import DataError  # noqa: E402
 from pace_llm.evaluation import write_results  # noqa: E402
+from pace_llm.logs import route_logs  # noqa: E402
 from pace_llm.tasks import gsm8k  # noqa: E402
 
 
@@ -53,6 +54,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.output:  # vLLM's engine INFO to FILE.log beside the results; warnings still here
+        route_logs(Path(args.output).parent, Path(args.output).stem + ".log")
     try:
         rows = gsm8k.load_rows(args.data, args.limit)
     except DataError as err:

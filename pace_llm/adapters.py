@@ -142,6 +142,16 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
+def peft_lora_config(model: nn.Module, config: PaceConfig):
+    """The peft.LoraConfig apply_pace's lora_add builds: the same targets, rank, alpha,
+    dropout and task heads (modules_to_save); plain PEFT LoRA with it is PACE without noise."""
+    import peft
+    heads = head_names(model) if config.train_head else []
+    return peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                           target_modules=peft_target_spec(model, resolve_targets(model, config.target_modules)),
+                           modules_to_save=heads or None, bias="none")
+
+
 def apply_pace(model: nn.Module, config: PaceConfig) -> nn.Module:
     """Inject PACE adapters; only adapter (and task-head) parameters stay trainable.
 
@@ -159,10 +169,7 @@ def apply_pace(model: nn.Module, config: PaceConfig) -> nn.Module:
 
     if config.adapter == "lora_add":
         import peft
-        lora = peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                               target_modules=peft_target_spec(model, chosen),
-                               modules_to_save=heads or None, bias="none")
-        model = peft.get_peft_model(model, lora)
+        model = peft.get_peft_model(model, peft_lora_config(model, config))
         for name, module in model.base_model.model.named_modules():
             if isinstance(module, peft.tuners.lora.LoraLayer):
                 module.pace_noise = NoiseHook(sigma_of(name))

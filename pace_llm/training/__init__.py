@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ..adapters import TargetError
 from ..config import Recipe, RecipeError, load_recipe, to_dict
 from ..data import DataError
+from ..logs import route_logs
 from .schedule import lr_lambda, warmup_steps
 from .trainer import Trainer
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None, trainer_class: type[Trainer] = Trainer) 
     except RecipeError as err:
         print(f"recipe error: {err}", file=sys.stderr)
         return 2
+    route_logs(recipe.output_dir, "train.log")  # third-party INFO to the file; warnings and ours to the terminal
     try:
         status = run(recipe, trainer_class)
     except (RecipeError, DataError, TargetError, FloatingPointError) as err:

@@ -29,6 +29,7 @@ from ..cache import OutputCache, ShardedEpochSampler
 from ..config import Recipe, to_dict
 from ..distributed import all_mean, all_ranks, all_reduce_scalars, any_rank, init_distributed, rank0_first
 from ..export import export_merged
+from ..logs import route_logs
 from ..models import load_tokenizer, model_source
 from ..objectives import PaceObjective
 from ..pace import mean_squared_norm
@@ -77,6 +78,7 @@ class Trainer:
         r = self.recipe
         self.rank, self.world = init_distributed()
         self.out = Path(r.output_dir)
+        route_logs(self.out, "train.log")  # again: DeepSpeed, imported just now, added a console handler
         if r.resume:  # before any heavy work: a changed recipe is refused by name
             check_resume(zero.saved_recipe(self.out), to_dict(r), self.world, r.resume_force)
         torch.manual_seed(r.train.seed + self.rank)
