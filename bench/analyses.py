@@ -116,16 +116,11 @@ class Setup:
 
     def batch(self, examples: list[dict], ids=None) -> dict:
         import torch
-        pad = self.tokenizer.pad_token_id or 0
-        width = max(len(e["input_ids"]) for e in examples)
-        input_ids = torch.full((len(examples), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for i, e in enumerate(examples):
-            input_ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
-            mask[i, : len(e["input_ids"])] = 1
-        out = {"input_ids": input_ids, "attention_mask": mask,
-               "labels": torch.tensor([e["label"] for e in examples])}
-        out["sample_id"] = torch.as_tensor(ids if ids is not None else range(len(examples)))
+
+        from pace_llm.tasks.base import pad_tokens
+        ids = range(len(examples)) if ids is None else ids
+        out = pad_tokens([{**e, "sample_id": i} for e, i in zip(examples, ids)], self.tokenizer.pad_token_id or 0)
+        out["labels"] = torch.tensor([e["label"] for e in examples])
         return out
 
     def model(self, seed: int, sigma: float):
