@@ -51,6 +51,10 @@ class SweepError(RuntimeError):
     pass
 
 
+class RunStopped(SweepError):
+    """The run checkpointed and exited on a signal (Slurm time limit, preemption)."""
+
+
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:
     """["pace.lam=0.02,0.1", "pace.sigma=1"] -> {"pace.lam": ["0.02", "0.1"], "pace.sigma": ["1"]}.
     Values stay the strings the user wrote: they become `key=value` overrides and folder names."""
@@ -156,9 +160,14 @@ def read_metric(run_dir: Path, metric: str) -> float:
     return float(values[-1])
 
 
-def run_done(run_dir: Path) -> bool:
+def run_status(run_dir: Path) -> str:
+    """done | stopped (checkpointed on a signal) | none, as launch/train.py wrote it."""
     status = run_dir / "run_status.json"
-    return status.exists() and json.loads(status.read_text()).get("status") == "done"
+    return json.loads(status.read_text()).get("status", "none") if status.exists() else "none"
+
+
+def run_done(run_dir: Path) -> bool:
+    return run_status(run_dir) == "done"
 
 
 def train(sweep: Sweep, point: dict[str, str]) -> float:
@@ -175,6 +184,8 @@ def train(sweep: Sweep, point: dict[str, str]) -> float:
             log.flush()
             proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
                                   env=env)  # in the caller's folder, as a direct launch would be
+        if proc.returncode == 0 and run_status(run_dir) == "stopped":
+            raise RunStopped(f"{run_dir.name} checkpointed and stopped on a signal")
         if proc.returncode != 0 or not run_done(run_dir):
             tail = (run_dir / "train.log").read_text()[-3000:]
             raise SweepError(f"training {run_dir.name} exited {proc.returncode}; end of its train.log:\n{tail}")
@@ -295,7 +306,11 @@ def run_worker(sweep: Sweep, n_trials: int | None = None) -> dict:
         try:
             with heartbeat(storage, trial._trial_id, sweep.heartbeat_interval):
                 value = train(sweep, point)
-        except SweepError as err:
+        except RunStopped as err:
+            # Not a failure: the trial is left as it is, goes stale, and its retry resumes it.
+            _say(sweep, f"[trial {trial.number}] stopped: {err}; this worker leaves")
+            break
+        except SweepError as err:  # a crashed run: failed, not retried (it would crash again)
             study.tell(trial, state=TrialState.FAIL)
             _say(sweep, f"[trial {trial.number}] FAILED {_label(point)}\n{err}")
             continue
