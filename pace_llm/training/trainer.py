@@ -34,6 +34,7 @@ from ..models import load_tokenizer, model_source
 from ..objectives import PaceObjective
 from ..pace import mean_squared_norm
 from ..plots import plot_metrics
+from ..rows import SampleRows
 from ..tasks import TASKS, Task
 from .metrics import MetricWriter
 from .resume import check_resume
@@ -195,39 +196,46 @@ class Trainer:
         if self.reference is not None:
             row["fp_distance"] = mean_squared_norm(self.fixed_outputs(self.fixed_batch) - self.reference).item()
         if self.eval_set is not None and (t.eval_every and step % t.eval_every == 0 or step == self.total_steps):
-            row["eval_loss"] = self.evaluate()
+            row.update(self.evaluate())
             if self.rank == 0:
                 log.info("step %d: eval loss %.4f", step, row["eval_loss"])
         self.writer.write(row)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
 
     def log_eval(self, step: int) -> None:
-        eval_loss = self.evaluate()
+        scores = self.evaluate()
         if self.rank == 0:
-            log.info("eval loss before training %.4f", eval_loss)
-        self.writer.write({"step": step, "eval_loss": eval_loss})
+            log.info("eval loss before training %.4f", scores["eval_loss"])
+        self.writer.write({"step": step, **scores})
 
     # --- evaluate ------------------------------------------------------------------------
-    def evaluate(self) -> float:
-        """Held-out task loss in eval mode (no noise, no dropout): the mean over all supervised
-        rows (answer tokens for LMs, samples for classifiers), so it depends on neither the
-        batch size nor the world size. Rank r scores samples r, r+W, ...; every rank runs the
-        same number of batches (ZeRO-3 forwards are collective), padding with a repeat that
-        counts zero."""
+    def evaluate(self) -> dict:
+        """{"eval_loss": held-out task loss} in eval mode (no noise, no dropout): the mean over
+        all supervised rows (answer tokens for LMs, samples for classifiers), so it depends on
+        neither the batch size nor the world size; a classifier (not regression) also gets
+        "eval_accuracy", the fraction of samples whose argmax logit is the label. Rank r scores
+        samples r, r+W, ...; every rank runs the same number of batches (ZeRO-3 forwards are
+        collective), padding with a repeat that counts zero."""
         eval_set, size, rows = self.eval_set, self.recipe.train.micro_batch_size, self.task.rows
         mine = list(range(self.rank, len(eval_set), self.world))
         per_rank = -(-len(eval_set) // self.world)
         weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
         mine += [0] * (per_rank - len(mine))
-        loss_sum, rows_sum = 0.0, 0.0
+        classifier = isinstance(rows, SampleRows) and not rows.regression
+        loss_sum, rows_sum, correct_sum = 0.0, 0.0, 0.0
         with eval_mode(self.engine):
             for i in range(0, per_rank, size):
                 out = rows.forward(self.engine, self.task.collate([eval_set[j] for j in mine[i:i + size]]))
                 w = torch.tensor(weights[i:i + size]).repeat_interleave(out.counts.cpu())
                 loss_sum += float((rows.loss(out, reduction="none").float().cpu() * w).sum())
                 rows_sum += float(w.sum())
-        loss_sum, rows_sum = all_reduce_scalars([loss_sum, rows_sum])
-        return loss_sum / max(rows_sum, 1.0)
+                if classifier:  # one row per sample: w is the sample weight
+                    correct_sum += float(((out.f.argmax(-1) == out.target).float().cpu() * w).sum())
+        loss_sum, rows_sum, correct_sum = all_reduce_scalars([loss_sum, rows_sum, correct_sum])
+        scores = {"eval_loss": loss_sum / max(rows_sum, 1.0)}
+        if classifier:
+            scores["eval_accuracy"] = correct_sum / max(rows_sum, 1.0)
+        return scores
 
     def first_batch(self, size: int) -> dict:
         dataset = self.eval_set or self.loader.dataset

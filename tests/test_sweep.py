@@ -1,0 +1,130 @@
+"""Sweeps (pace_llm/sweep.py, launch/sweep.py): real Optuna on SQLite, real tiny training runs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from trainrun import ROOT, env, metrics
+
+SWEEP = ROOT / "launch" / "sweep.py"
+FAST = ["deepspeed.zero_stage=0", "train.max_steps=4", "train.log_every=1"]
+
+
+def sweep_command(sweep_dir: Path, recipe: str, *args: str) -> list[str]:
+    return [sys.executable, str(SWEEP), recipe, *FAST, *args, "--sweep-dir", str(sweep_dir),
+            "--heartbeat-interval", "1", "--grace-period", "3"]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    # Its own process group: the kill test takes the worker and its training run down together.
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: int = 240) -> str:
+    assert proc.wait(timeout=timeout) == 0, log.read_text()[-4000:]
+    return log.read_text()
+
+
+def trial_states(sweep_dir: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(sweep_dir / "sweep.db") as db:
+        return db.execute("select number, state from trials order by number").fetchall()
+
+
+def launches(run_dir: Path) -> list[str]:
+    """The training commands the sweep ran in this run's folder (train.log's '$ ...' lines)."""
+    return [line for line in (run_dir / "train.log").read_text().splitlines() if line.startswith("$ ")]
+
+
+@pytest.mark.slow
+def test_two_workers_split_a_2x2x2_grid_and_write_the_table(tmp_path):
+    """Two workers started at once on one SQLite study run the 8 trials of a 2 x 2 grid x 2
+    seeds between them, each exactly once, and write the mean ± std table; the metric is the
+    classifier's eval_accuracy from the runs' own metrics.jsonl."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = sweep_command(sweep_dir, "recipes/tiny_cls.yaml", "--grid", "pace.lam=0.1,0.5", "pace.sigma=0.5,1",
+                        "--seeds", "0,1", "--metric", "eval_accuracy", "--direction", "max")
+    workers = [start(cmd, tmp_path / f"worker{i}.log") for i in range(2)]
+    logs = [finish(w, tmp_path / f"worker{i}.log") for i, w in enumerate(workers)]
+
+    started = [[line.split("start")[1].strip() for line in log.splitlines() if "] start" in line] for log in logs]
+    assert all(started), f"a worker ran no trial: {started}"  # the grid was split
+    assert sorted(started[0] + started[1]) == sorted(set(started[0] + started[1])) and \
+        len(started[0] + started[1]) == 8, started  # 8 distinct points, none run twice
+    runs = sorted((sweep_dir / "runs").iterdir())
+    assert len(runs) == 8 and all(len(launches(r)) == 1 for r in runs)
+    assert [state for _, state in trial_states(sweep_dir)] == ["COMPLETE"] * 8
+
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert summary["trials_complete"] == 8 and len(summary["points"]) == 4
+    assert [p["n"] for p in summary["points"]] == [2, 2, 2, 2]
+    assert sum(p["best"] for p in summary["points"]) == 1
+    best = next(p for p in summary["points"] if p["best"])
+    assert best["mean"] == max(p["mean"] for p in summary["points"])
+    for p in summary["points"]:
+        assert 0 <= p["mean"] <= 1 and p["std"] >= 0
+        for seed, value in p["values"].items():  # the table's numbers are the runs' last eval_accuracy
+            point = {**p["params"], "train.seed": seed}
+            run = sweep_dir / "runs" / ",".join(f"{k}={v}" for k, v in point.items())
+            logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                      if "eval_accuracy" in r]
+            assert logged[0]["step"] == 0 and logged[-1]["eval_accuracy"] == value
+    table = (sweep_dir / "sweep.md").read_text()
+    assert "| pace.lam | pace.sigma | eval_accuracy | n |" in table
+    assert sum("**" in line for line in table.splitlines() if line.startswith("|")) == 1  # the best, in bold
+    assert (sweep_dir / "heatmap.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_killed_sweep_reruns_no_finished_trial_and_resumes_the_interrupted_one(tmp_path):
+    """SIGKILL the sweep (worker + its training run) while its second trial runs: the rerun
+    keeps the finished trial, and continues the killed one from its own checkpoint."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = sweep_command(sweep_dir, "recipes/tiny.yaml", "train.max_steps=8", "train.save_every=2",
+                        "--grid", "pace.lam=0.1", "--seeds", "0,1")
+    worker = start(cmd, tmp_path / "first.log")
+    deadline = time.time() + 200
+    while True:  # wait until one run is done and the other has a checkpoint
+        assert worker.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        runs = sorted((sweep_dir / "runs").glob("*")) if (sweep_dir / "runs").exists() else []
+        done = [r for r in runs if (r / "run_status.json").exists()]
+        busy = [r for r in runs if r not in done and (r / "checkpoints" / "latest").exists()]
+        if done and busy:
+            break
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    finished, killed = done[0], busy[0]
+    assert not (killed / "run_status.json").exists()
+    assert sorted(state for _, state in trial_states(sweep_dir)) == ["COMPLETE", "RUNNING"]
+
+    log = finish(start(cmd, tmp_path / "rerun.log"), tmp_path / "rerun.log")
+    assert log.count("] start") == 1 and killed.name.replace(",", " ") in log  # only the killed one
+    assert len(launches(finished)) == 1  # the finished run was not rerun
+    first, again = launches(killed)
+    assert "resume=false" in first and "resume=true" in again  # continued from its checkpoint
+    steps = [r["step"] for r in metrics(killed)]
+    assert steps[-1] == 8 and steps.count(1) == 1  # the resumed run did not start over
+    states = dict(trial_states(sweep_dir))
+    assert sorted(states.values()) == ["COMPLETE", "COMPLETE", "FAIL"]  # the killed one, retried
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert summary["trials_complete"] == 2 and summary["points"][0]["n"] == 2
+
+
+def test_slurm_array_dry_run_prints_each_tasks_command():
+    out = subprocess.run(["bash", str(ROOT / "launch/slurm/sweep.sbatch"), "recipes/tiny.yaml",
+                          "--grid", "pace.lam=0.1,0.5", "--storage", "postgresql://db/pace"],
+                         cwd=ROOT, env=env(PACE_DRY_RUN="1", SLURM_ARRAY_TASK_COUNT="3", SLURM_GPUS_ON_NODE="h100:4"),
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [line.split("]")[0] for line in out] == ["[array task 0", "[array task 1", "[array task 2"]
+    for line in out:
+        assert "launch/sweep.py --launcher torchrun --nproc 4 recipes/tiny.yaml --grid pace.lam=0.1,0.5 " \
+               "--storage postgresql://db/pace" in line
