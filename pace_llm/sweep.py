@@ -29,10 +29,8 @@ import itertools
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -40,6 +38,7 @@ from pathlib import Path
 
 from .config import RecipeError, _yaml, load_recipe
 from .files import file_lock
+from .launcher import train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "launch" / "train.py"
@@ -128,27 +127,9 @@ class Sweep:
 
     # --- one run -------------------------------------------------------------------------
     def command(self, point: dict[str, str], resume: bool) -> list[str]:
-        args = [str(TRAIN_SCRIPT), self.recipe, *self.overrides, *(f"{k}={v}" for k, v in point.items()),
-                f"output_dir={self.run_dir(point)}", f"resume={'true' if resume else 'false'}"]
-        return launch_command(self.launcher, self.nproc, args)
-
-
-def launch_command(launcher: str, nproc: int, args: list[str]) -> list[str]:
-    """`python train.py ...`, `deepspeed --num_gpus N train.py ...` or `torchrun ...`, from this
-    interpreter's environment, on a free port (array tasks may share a node)."""
-    bin_dir = Path(sys.executable).parent
-    if launcher == "python":
-        return [sys.executable, *args]
-    port = str(free_port())
-    if launcher == "deepspeed":
-        return [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, *args]
-    return [str(bin_dir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, *args]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        overrides = [*self.overrides, *(f"{k}={v}" for k, v in point.items()),
+                     f"output_dir={self.run_dir(point)}", f"resume={'true' if resume else 'false'}"]
+        return train_command(self.launcher, self.recipe, overrides, script=TRAIN_SCRIPT, nproc=self.nproc)
 
 
 def read_metric(run_dir: Path, metric: str) -> float:
