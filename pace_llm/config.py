@@ -52,15 +52,49 @@ class ModelSection:
     gradient_checkpointing: bool = False
 
 
+DATA_FORMATS = Literal["auto", "prompt_answer", "messages", "sharegpt", "alpaca"]
+
+
+@dataclasses.dataclass
+class DataSource:
+    """One source of a mixture (`data.train` / `data.eval` as a list); unset keys take the
+    data section's value."""
+    path: str = ""                     # local file, hub id, or tiny:* (required)
+    weight: float = 1.0                # repetitions per epoch; a fraction samples rows with train.seed
+    split: Optional[str] = None
+    hub_config: Optional[str] = None
+    limit: Optional[int] = None
+    format: Optional[DATA_FORMATS] = None
+    prompt_template: Optional[str] = None
+    answer_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    conversations_field: Optional[str] = None
+    instruction_field: Optional[str] = None
+    input_field: Optional[str] = None
+    output_field: Optional[str] = None
+    system_field: Optional[str] = None
+
+
 @dataclasses.dataclass
 class DataSection:
-    train: str = "tiny:arithmetic"     # local jsonl/json/csv/parquet, a hub id, or tiny:*
+    train: Union[str, list[DataSource]] = "tiny:arithmetic"  # a file, hub id, tiny:*, or a mixture
     train_split: str = "train"
-    eval: Optional[str] = None
+    eval: Union[str, list[DataSource], None] = None
     eval_split: str = "test"
     hub_config: Optional[str] = None   # e.g. "main" for openai/gsm8k, the task for glue
-    prompt_template: str = "{question}"  # causal_lm: the user turn, fields in {braces}
-    answer_field: str = "answer"       # causal_lm: the supervised answer
+    # causal_lm (pace_llm/tasks/chat_formats.py): auto picks the format from the columns
+    format: DATA_FORMATS = "auto"
+    train_on: Literal["assistant", "last", "all"] = "assistant"  # all = every token but padding
+    prompt_template: str = "{question}"  # prompt_answer: the user turn, fields in {braces}
+    answer_field: str = "answer"       # prompt_answer: the supervised answer
+    messages_field: str = "messages"   # messages: [{role, content}]
+    conversations_field: str = "conversations"  # sharegpt: [{from, value}]
+    instruction_field: str = "instruction"  # alpaca
+    input_field: str = "input"
+    output_field: str = "output"
+    system_field: str = "system"
+    chat_template: Optional[str] = None  # a Jinja file for a tokenizer without one (also exported)
+    skip_invalid: bool = False         # skip (and count) rows a format cannot read, instead of failing
     text_fields: list[str] = dataclasses.field(default_factory=lambda: ["sentence"])  # seq_cls
     image_field: str = "image"         # image_cls
     image_size: int = 224
@@ -68,6 +102,22 @@ class DataSection:
     max_length: int = 512
     limit: Optional[int] = None        # first N training rows (smoke runs)
     eval_limit: Optional[int] = None
+
+    def sources(self, which: str) -> list[DataSource]:
+        """`train` or `eval` as a list of sources (a plain string is one source)."""
+        value = getattr(self, which)
+        if value is None:
+            return []
+        default = DataSource(path=value) if isinstance(value, str) else None
+        split, limit = getattr(self, f"{which}_split"), self.limit if which == "train" else self.eval_limit
+        return [dataclasses.replace(s, split=s.split or split, limit=s.limit if s.limit is not None else limit)
+                for s in ([default] if default else value)]
+
+    def for_source(self, source: DataSource) -> "DataSection":
+        """This section with the source's own keys (format, field names, hub_config) in force."""
+        own = {k: v for k, v in dataclasses.asdict(source).items()
+               if v is not None and k not in ("path", "weight", "split", "limit")}
+        return dataclasses.replace(self, **own)
 
 
 @dataclasses.dataclass
@@ -118,12 +168,12 @@ def _check_type(key: str, value: Any, tp) -> Any:
     if origin is Union:
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _check_type(key, value, arg)
-            except RecipeError as err:
-                errors.append(str(err))
+            except RecipeError:
+                if _same_shape(value, arg):  # e.g. a list given for a list arm: its error names the item
+                    raise
         raise RecipeError(f"{key}: expected {_describe(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:
@@ -133,12 +183,21 @@ def _check_type(key: str, value: Any, tp) -> Any:
         if not isinstance(value, list):
             raise RecipeError(f"{key}: expected a list, got {value!r}")
         return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping ({tp.__name__}), got {value!r}")
+        return _build(tp, value, f"{key}.")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool) or tp in (int, float) and isinstance(value, bool) \
             or not isinstance(value, tp):
         raise RecipeError(f"{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
     return value
+
+
+def _same_shape(value, tp) -> bool:
+    return isinstance(value, list) and typing.get_origin(tp) is list or \
+        isinstance(value, dict) and dataclasses.is_dataclass(tp)
 
 
 def _describe(tp) -> str:
@@ -226,6 +285,12 @@ def validate(r: Recipe) -> None:
     need(r.train.stop_after is None or r.train.stop_after >= 1, "train.stop_after", "an integer >= 1")
     need(r.pace.mode != "lazy_half" or r.train.micro_batch_size >= 2, "train.micro_batch_size",
          ">= 2 with pace.mode=lazy_half (it halves the batch)")
+    for which in ("train", "eval"):
+        sources = getattr(r.data, which)
+        need(sources != [], f"data.{which}", "a source or a non-empty list of sources")
+        for i, source in enumerate(sources if isinstance(sources, list) else []):
+            need(source.path, f"data.{which}[{i}].path", "a file, hub id or tiny:* source")
+            need(source.weight > 0, f"data.{which}[{i}].weight", "a value > 0")
     need(r.model.task == "causal_lm" or r.model.num_labels, "model.num_labels",
          f"the number of classes for model.task={r.model.task}")
 
@@ -233,7 +298,10 @@ def validate(r: Recipe) -> None:
 def eval_key(r: Recipe, key: str):
     node = r
     for part in key.split("."):
-        node = getattr(node, part)
+        name, *index = re.split(r"[\[\]]", part)  # data.train[1].weight
+        node = getattr(node, name)
+        if index:
+            node = node[int(index[0])]
     return node
 
 

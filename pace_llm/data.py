@@ -51,12 +51,41 @@ def load_rows(source: str, split: str = "train", hub_config: Optional[str] = Non
         if not Path(source).exists():
             raise DataError(f"data file {source} does not exist")
         options = {"delimiter": "\t"} if Path(source).suffix == ".tsv" else {}
-        rows = datasets.load_dataset(_FILE_FORMATS[Path(source).suffix], data_files=source, split="train",
-                                     **options)
+        try:
+            rows = datasets.load_dataset(_FILE_FORMATS[Path(source).suffix], data_files=source, split="train",
+                                         **options)
+        except datasets.exceptions.DatasetGenerationError:
+            if _FILE_FORMATS[Path(source).suffix] == "json":
+                check_json_lines(source)  # names the line; datasets' error does not
+            raise
     else:
         rows = datasets.load_dataset(source, hub_config, split=split)
     rows = rows.add_column("sample_id", list(range(len(rows))))
     return rows.select(range(min(limit, len(rows)))) if limit else rows
+
+
+def check_json_lines(path: str) -> None:
+    """A DataError naming the first line of a JSON-lines file that is not a JSON object."""
+    import json
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):  # one JSON list, not lines
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"data file {path}, line {err.lineno}: not valid JSON ({err.msg}, column "
+                            f"{err.colno})") from None
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"data file {path}, line {number}: not valid JSON ({err.msg}, column "
+                            f"{err.colno})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"data file {path}, line {number}: expected a JSON object (one row), got "
+                            f"{type(value).__name__}")
 
 
 def template_fields(template: str) -> list[str]:

@@ -7,11 +7,14 @@ so a new task is one module with a subclass, a line in tasks/__init__.py and a r
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import datasets
+import numpy as np
 import torch
 
+from ..config import DataSource
 from ..data import DataError, load_rows
 from ..models import load_base
 
@@ -24,12 +27,14 @@ class Task:
     def __init__(self, recipe, tokenizer=None):
         self.model_section, self.data, self.seed = recipe.model, recipe.data, recipe.train.seed
         self.tokenizer = tokenizer  # None for kinds that use none (images)
+        self.sources_by_id: list[tuple[int, int, str]] = []  # (first id, end, source): source_of
 
     # --- what each kind defines ------------------------------------------------------
     rows = None  # TokenRows() or SampleRows(...): f, the task loss, cache rows
 
-    def encode(self, rows: datasets.Dataset, source: str) -> datasets.Dataset:
-        """Raw rows (with `sample_id`) -> encoded samples, fields checked by name."""
+    def encode(self, rows: datasets.Dataset, source: str, data=None) -> datasets.Dataset:
+        """Raw rows (with `sample_id`) -> encoded samples, fields checked by name; `data`:
+        the recipe's data section with this source's own keys (default: self.data)."""
         raise NotImplementedError
 
     def collate(self, samples: list[dict]) -> dict:
@@ -52,18 +57,51 @@ class Task:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         return 0 if pad is None else pad
 
-    def load(self, source: str, split: str, limit=None) -> datasets.Dataset:
-        rows = load_rows(source, split, self.data.hub_config, limit, seed=self.seed)
-        return self.encode(rows, source)
+    def load(self, source: DataSource) -> tuple[datasets.Dataset, int]:
+        """One source's encoded samples, and how many raw rows it had (its id block)."""
+        data = self.data.for_source(source)
+        rows = load_rows(source.path, source.split, data.hub_config, source.limit, seed=self.seed)
+        return self.encode(rows, source.path, data), len(rows)
+
+    def load_mixture(self, which: str) -> datasets.Dataset | None:
+        """`data.train` / `data.eval` (one source or a weighted list) as one dataset.
+
+        Each source gets its own block of sample ids: copy c of raw row i of source s is
+        offset_s + c * rows_s + i, so ids are unique across sources and copies, and stable
+        across epochs, ranks and resumes (the PACE_fast cache key); a single source (one
+        copy) keeps the row index. Weight w repeats a source floor(w) times per epoch plus
+        a fraction of its samples drawn with train.seed."""
+        sources = self.data.sources(which)
+        if not sources:
+            return None
+        parts, offset = [], 0
+        for index, source in enumerate(sources):
+            samples, n_rows = self.load(source)
+            whole, fraction = int(source.weight), source.weight - int(source.weight)
+            extra = round(fraction * len(samples))
+            drawn = sorted(np.random.default_rng([self.seed, index]).choice(len(samples), extra, replace=False))
+            copies = [list(range(len(samples)))] * whole + ([drawn] if extra else [])
+            for c, picked in enumerate(copies):
+                part = samples.select(picked) if len(picked) < len(samples) else samples
+                if offset or c:
+                    shift = offset + c * n_rows
+                    part = part.map(lambda s: {"sample_id": s["sample_id"] + shift}, desc="sample ids")
+                parts.append(part)
+            self.sources_by_id.append((offset, offset + len(copies) * n_rows, source.path))
+            offset += math.ceil(source.weight) * n_rows
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+    def source_of(self, sample_id: int) -> str:
+        return next(path for lo, hi, path in self.sources_by_id if lo <= sample_id < hi)
 
     def datasets(self) -> tuple[datasets.Dataset, datasets.Dataset | None]:
         """(train, eval or None) from the recipe's data section."""
-        d = self.data
-        train = self.load(d.train, d.train_split, d.limit)
+        self.sources_by_id = []
+        train = self.load_mixture("train")
         if len(train) == 0:
-            raise DataError(f"no training samples left in {d.train} (all answers truncated by "
-                            f"data.max_length={d.max_length}?)")
-        return train, self.load(d.eval, d.eval_split, d.eval_limit) if d.eval else None
+            raise DataError(f"no training samples left in {self.data.train} (all answers truncated by "
+                            f"data.max_length={self.data.max_length}?)")
+        return train, self.load_mixture("eval")
 
 
 def require_fields(rows: datasets.Dataset, fields, source: str) -> None:

@@ -1,47 +1,36 @@
-"""Causal-LM supervised fine-tuning: a prompt (the model's chat template around
-`data.prompt_template`) and an answer (`data.answer_field`); the loss and PACE's
-consistency cover the answer tokens only (TokenRows)."""
+"""Causal-LM supervised fine-tuning on prompt/answer pairs or conversations (the formats
+of tasks/chat_formats.py); the loss and PACE's consistency cover the supervised tokens
+only (TokenRows): by default every assistant turn with its end-of-turn token."""
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import torch
 import transformers
 
-from ..data import DataError, render_prompt, template_fields
+from ..data import DataError
 from ..rows import TokenRows
-from .base import Task, encoded_columns, pad_tokens, require_fields
+from .base import Task, pad_tokens
+from .chat_formats import Conversation, PromptAnswer, choose_format, encode_rows
 
 
 def tokenize_sft(rows: datasets.Dataset, tokenizer, prompt_template: str, answer_field: str,
                  max_length: int, source: str = "") -> datasets.Dataset:
     """input_ids = prompt + answer; labels = -100 on the prompt (loss on the answer only)."""
-    require_fields(rows, template_fields(prompt_template) + [answer_field], source)
-    chat = bool(getattr(tokenizer, "chat_template", None))
+    data = SimpleNamespace(prompt_template=prompt_template, answer_field=answer_field)
+    return encode_rows(rows, PromptAnswer(data, tokenizer), max_length, source)[0]
 
-    def encode(row):
-        user = prompt_template.format(**row)
-        prompt = render_prompt(tokenizer, user)
-        if chat:
-            full = tokenizer.apply_chat_template(
-                [{"role": "user", "content": user}, {"role": "assistant", "content": row[answer_field]}],
-                tokenize=False)
-            if not full.startswith(prompt):
-                raise DataError("the chat template's prompt is not a prefix of prompt+answer; "
-                                "cannot mask the prompt tokens")
-            answer = full[len(prompt):]
-        else:
-            answer = row[answer_field] + (tokenizer.eos_token or "")
-        # A chat template writes its own special tokens; a plain prompt gets the tokenizer's
-        # (bos), exactly as generation.encode_prompts does at evaluation time.
-        p_ids = tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
-        a_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        ids = (p_ids + a_ids)[:max_length]
-        labels = ([-100] * len(p_ids) + a_ids)[:max_length]
-        return {"input_ids": ids, "labels": labels}
 
-    out = rows.map(encode, remove_columns=encoded_columns(rows), desc="tokenizing")
-    # A sample truncated to its prompt has nothing to learn from; its id is simply unused.
-    return out.filter(lambda r: any(x != -100 for x in r["labels"][1:]), desc="dropping empty answers")
+def chat_template_text(value: str) -> str:
+    """`data.chat_template`: a Jinja file (or the template itself, when it holds Jinja)."""
+    path = Path(value)
+    if path.is_file():
+        return path.read_text()
+    if "{{" in value or "{%" in value:
+        return value
+    raise DataError(f"data.chat_template: the file {value} does not exist")
 
 
 class CausalLMTask(Task):
@@ -49,9 +38,22 @@ class CausalLMTask(Task):
     auto_class = transformers.AutoModelForCausalLM
     rows = TokenRows()
 
-    def encode(self, rows, source):
-        d = self.data
-        return tokenize_sft(rows, self.tokenizer, d.prompt_template, d.answer_field, d.max_length, source)
+    def __init__(self, recipe, tokenizer=None):
+        super().__init__(recipe, tokenizer)
+        self.encode_stats = {}  # source -> chat_formats.EncodeStats (launch/inspect_data.py)
+        if tokenizer is not None and self.data.chat_template:
+            # the exported tokenizer carries it too (save_pretrained), so vLLM serves the same format
+            tokenizer.chat_template = chat_template_text(self.data.chat_template)
+
+    def encode(self, rows, source, data=None):
+        d = data or self.data
+        fmt = choose_format(d, rows.column_names, source)
+        if issubclass(fmt, Conversation) and not getattr(self.tokenizer, "chat_template", None):
+            raise DataError(f"data {source}: format {fmt.name} needs a chat template, and the tokenizer of "
+                            f"{self.model_section.name} has none: set data.chat_template to a Jinja file")
+        samples, self.encode_stats[source] = encode_rows(rows, fmt(d, self.tokenizer), d.max_length, source,
+                                                         skip_invalid=d.skip_invalid)
+        return samples
 
     def collate(self, samples):
         batch = pad_tokens(samples, self.pad_id)

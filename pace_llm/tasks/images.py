@@ -33,8 +33,8 @@ class ImageClassificationTask(Task):
     def model_kwargs(self):
         return {"num_labels": self.model_section.num_labels, "ignore_mismatched_sizes": True}
 
-    def encode(self, rows, source):
-        d = self.data
+    def encode(self, rows, source, data=None):
+        d = data or self.data
         return prepare_images(rows, d.image_field, d.label_field, d.image_size, source)
 
     def collate(self, samples):

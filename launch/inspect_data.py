@@ -1,0 +1,92 @@
+"""Show what a recipe trains on: the first training samples as the model sees them, with
+the supervised tokens marked (green on a terminal, [[...]] otherwise), then per source the
+rows, samples, truncated / dropped / skipped counts and the supervised-token distribution.
+
+    python launch/inspect_data.py recipes/tiny_chat.yaml [section.key=value ...] [--n 3] [--json]
+
+--json prints one JSON object per sample instead (sample_id, source, input_ids, labels,
+text, supervised_text) for the first --n samples; the counts go to stderr.
+It loads the tokenizer and the data only (no model), through the same task code as training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+
+def marked(tokenizer, ids, labels, colour: bool) -> str:
+    """The decoded sample, each run of supervised tokens wrapped."""
+    out, run, run_sup = [], [], None
+    for token, label in zip(ids + [None], labels + [None]):
+        sup = label is not None and label != -100
+        if run and (token is None or sup != run_sup):
+            text = tokenizer.decode(run)
+            out.append((f"\033[1;32m{text}\033[0m" if colour else f"[[{text}]]") if run_sup else text)
+            run = []
+        run.append(token)
+        run_sup = sup
+    return "".join(out)
+
+
+def distribution(values: list[int]) -> str:
+    if not values:
+        return "no samples"
+    v = np.asarray(values)
+    return (f"mean {v.mean():.1f}, p50 {np.percentile(v, 50):.0f}, p90 {np.percentile(v, 90):.0f}, "
+            f"max {v.max()}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--n", type=int, default=3, help="samples to show (default 3)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per sample on stdout")
+    args = parser.parse_args(argv)
+
+    import datasets
+
+    from pace_llm.config import RecipeError, load_recipe
+    from pace_llm.data import DataError
+    from pace_llm.models import load_tokenizer
+    from pace_llm.tasks import get_task
+    from pace_llm.tiny import tiny_tokenizer
+    datasets.disable_progress_bars()
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if recipe.model.task != "causal_lm":
+            raise RecipeError(f"model.task: inspect_data shows causal_lm data, got {recipe.model.task!r}")
+        name = recipe.model.name
+        tokenizer = tiny_tokenizer() if name.startswith("tiny:") else load_tokenizer(name)
+        task = get_task(recipe, tokenizer)
+        train, _ = task.datasets()
+    except (RecipeError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    colour = sys.stdout.isatty() and not args.json
+    for sample in train.select(range(min(args.n, len(train)))):
+        ids, labels = sample["input_ids"], sample["labels"]
+        supervised_ids = [t for t in labels if t != -100]
+        if args.json:
+            print(json.dumps({"sample_id": sample["sample_id"], "source": task.source_of(sample["sample_id"]),
+                              "input_ids": ids, "labels": labels, "text": tokenizer.decode(ids),
+                              "supervised_text": tokenizer.decode(supervised_ids)}, ensure_ascii=False))
+        else:
+            print(f"--- sample {sample['sample_id']} ({task.source_of(sample['sample_id'])}): {len(ids)} tokens, "
+                  f"{len(supervised_ids)} supervised")
+            print(marked(tokenizer, ids, labels, colour))
+    report = sys.stderr if args.json else sys.stdout
+    print("---", file=report)
+    for source, stats in task.encode_stats.items():
+        print(f"{source}: {stats.summary()}", file=report)
+    counts = [sum(x != -100 for x in labels[1:]) for labels in train["labels"]]
+    print(f"training set: {len(train)} samples; supervised tokens per sample: {distribution(counts)}", file=report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""recipes/tiny_chat.yaml end to end: a weighted two-format chat mixture on 2 DeepSpeed
+ranks trains, stops after train.stop_after, resumes exactly, evaluates on held-out chat
+data and exports a merged model whose tokenizer carries the recipe's chat template."""
+import json
+
+import pytest
+import transformers
+
+from chat_data import write
+from trainrun import eval_losses, launch, metrics
+
+pytestmark = pytest.mark.slow
+
+# Phi-3's shape with eos after the last message: data.chat_template replaces the tiny
+# tokenizer's own template, so the export must carry this one.
+TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}{% endfor %}"
+            "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_overrides(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("chat")
+    paths = write(folder / "data")
+    (folder / "template.jinja").write_text(TEMPLATE)
+    return [f"data.train=[{{path: {paths['messages']}, format: messages}}, "
+            f"{{path: {paths['sharegpt']}, format: sharegpt, weight: 1.5}}]",
+            f"data.eval={paths['eval']}", f"data.chat_template={folder / 'template.jinja'}"]
+
+
+@pytest.mark.parametrize("mode", ["full", "fast"])
+def test_chat_mixture_trains_resumes_exactly_and_exports_its_template(tmp_path, chat_overrides, mode):
+    args = [*chat_overrides, f"pace.mode={mode}", "train.save_every=0"]
+    reference = tmp_path / "reference"
+    launch("deepspeed", reference, *args, recipe="recipes/tiny_chat.yaml")
+    out = tmp_path / "resumed"
+    launch("deepspeed", out, *args, "train.stop_after=5", recipe="recipes/tiny_chat.yaml")
+    assert json.loads((out / "run_status.json").read_text()) == {"status": "stopped"}
+    proc = launch("deepspeed", out, *args, "resume=true", recipe="recipes/tiny_chat.yaml")
+    assert "48 train samples" in proc.stdout + proc.stderr  # 24 messages + 16 ShareGPT x 1.5
+    expected = {r["step"]: r for r in metrics(reference)}
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))  # steps 7-8: the second epoch (PACE_fast cache)
+    for r in rows:
+        for key in ("loss", "task_loss", "consistency_loss"):
+            assert r[key] == pytest.approx(expected[r["step"]][key], rel=1e-5, abs=1e-6), (r["step"], key)
+    evals = eval_losses(out)
+    assert evals[0][0] == 0 and evals[-1][0] == 8 and evals[-1][1] < evals[0][1]  # held-out chat loss falls
+    merged = transformers.AutoTokenizer.from_pretrained(out / "merged")
+    assert merged.chat_template == TEMPLATE
