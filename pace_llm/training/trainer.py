@@ -89,12 +89,12 @@ class Trainer:
         task_kind = TASKS[r.model.task]
         tokenizer = load_tokenizer(self.base_source) if task_kind.uses_tokenizer else None
         self.task = task_kind(r, tokenizer)
+        with rank0_first():  # downloads and dataset caches once; bad data fails before the model loads
+            train_set, self.eval_set = self.task.datasets()
         model = self.task.load_model(self.base_source)
         if self._zero3 is not None and self.rank == 0:
             partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())
             log.info("ZeRO-3: model built partitioned (%d of %d tensors)", partitioned, len(list(model.parameters())))
-        with rank0_first():  # downloads and dataset caches once
-            train_set, self.eval_set = self.task.datasets()
         model = apply_pace(model, r.pace)
         if r.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
