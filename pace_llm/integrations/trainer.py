@@ -90,6 +90,8 @@ class _KeepSampleIds:
         self.collator = collator
 
     def __call__(self, examples):
+        if "sample_id" not in examples[0]:  # an evaluation set
+            return self.collator(examples)
         ids = [e["sample_id"] for e in examples]
         batch = self.collator([{k: v for k, v in e.items() if k != "sample_id"} for e in examples])
         batch["sample_id"] = torch.tensor(ids, dtype=torch.long)
