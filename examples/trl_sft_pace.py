@@ -31,8 +31,8 @@ else:
 
 trainer = PaceSFTTrainer(  # PACE (2 of 2): SFTTrainer -> PaceSFTTrainer, plus pace=
     model=model,
-    args=SFTConfig(output_dir="Qwen2.5-0.5B-SFT-PACE", report_to="wandb",
-                   **(dict(max_steps=4, report_to="none", use_cpu=True, bf16=False) if tokenizer else {})),
+    args=SFTConfig(**{"output_dir": "Qwen2.5-0.5B-SFT-PACE", "report_to": "wandb",
+                      **(dict(max_steps=4, report_to="none", use_cpu=True, bf16=False) if tokenizer else {})}),
     train_dataset=train_dataset,
     processing_class=tokenizer,
     peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),

@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--deepspeed")
     p.add_argument("--stop-at", type=int)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
     a = p.parse_args()
     state = cpu_distributed_state()  # before TrainingArguments: gloo, or DeepSpeed miscounts ranks on CPU
     tokenizer = tiny_tokenizer()

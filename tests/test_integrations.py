@@ -102,7 +102,7 @@ def test_sft_trainer_noises_a_peft_config_lora_and_refuses_packing(tmp_path):
     assert all(h.sigma > 0 for h in noise_layers(trainer.model).values())
     packed = trl.SFTConfig(output_dir=str(tmp_path), packing=True, report_to=[], bf16=False, use_cpu=True,
                            max_length=64)
-    with pytest.raises(ValueError, match="per-sample noise"):
+    with pytest.raises(ValueError, match="Per-sample noise for packed rows"):
         trl_trainer(packed, conversations(4), pace=PaceArguments(mode="full"))
 
 
@@ -163,7 +163,7 @@ def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, launcher):
 
 
 @pytest.mark.slow
-def test_our_trainer_reports_to_wandb_and_mlflow_offline(tmp_path):
+def test_our_trainer_reports_to_wandb_and_mlflow_offline(tmp_path, monkeypatch):
     out = tmp_path / "run"
     launch("python", out, "train.max_steps=3", "train.report_to=[wandb,mlflow]",
            extra_env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
@@ -173,13 +173,16 @@ def test_our_trainer_reports_to_wandb_and_mlflow_offline(tmp_path):
 
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    summary = json.loads((runs[0] / "files" / "wandb-summary.json").read_text())
-    assert summary["loss"] == pytest.approx(logged[-1]["loss"])
-    assert summary["consistency_loss"] == pytest.approx(logged[-1]["consistency_loss"])
+    # an offline run is a protobuf log (no reader ships with wandb): the logged values are in it
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for row in logged:
+        for key in ("loss", "task_loss", "consistency_loss"):
+            assert json.dumps(row[key]).encode() in record, (key, row[key])
     assert (runs[0] / "files" / "training_curves.png").exists()
-    assert "lazy_every" in (runs[0] / "files" / "config.yaml").read_text()  # the recipe as the run's config
+    assert b"lazy_every" in record  # the recipe as the run's config
 
     import mlflow
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as the writer sets it for its own store
     client = mlflow.MlflowClient((out / "mlruns").absolute().as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("pace-llm").experiment_id])
     history = client.get_metric_history(run.info.run_id, "loss")

@@ -163,7 +163,14 @@ class PaceMixin:
             self._signature_columns = [*self._signature_columns, "sample_id"]
 
     def _get_train_sampler(self, train_dataset=None):
-        return self._shard() if self.pace.mode == "fast" else super()._get_train_sampler(train_dataset)
+        if self.pace.mode != "fast":
+            return super()._get_train_sampler(train_dataset)
+        sampler = self._shard()
+        # A mid-epoch resume iterates accelerate's skip-wrapper, whose set_epoch does not reach
+        # this sampler: it starts at the checkpoint's epoch (trainer_state.json), as the Trainer
+        # does; later epochs get set_epoch through the plain loader.
+        sampler.set_epoch(getattr(self, "_pace_resume_epoch", 0))
+        return sampler
 
     def get_train_dataloader(self):
         loader = super().get_train_dataloader()
@@ -226,6 +233,8 @@ class PaceMixin:
                 raise ValueError(f"no checkpoint found in {self.args.output_dir}")
         if self.pace_cache is not None and resume_from_checkpoint:
             self._load_cache(resume_from_checkpoint)
+            saved = transformers.TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+            self._pace_resume_epoch = int(saved.epoch or 0)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_cache(self, checkpoint: str) -> None:
