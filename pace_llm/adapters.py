@@ -152,6 +152,33 @@ def peft_lora_config(model: nn.Module, config: PaceConfig):
                            modules_to_save=heads or None, bias="none")
 
 
+def _sigma_by_name(model: nn.Module, adapted: list[str], config: PaceConfig):
+    """name -> σ of that module's noise, by its block's depth (pace.sigma_for_block)."""
+    num_blocks = getattr(model.config, "num_hidden_layers", None) or \
+        1 + max((block_index(n) or 0) for n in adapted)
+
+    def sigma_of(name):
+        block = block_index(name)
+        return sigma_for_block(config.noise_sigma, num_blocks if block is None else block, num_blocks,
+                               config.sigma_schedule, config.first_noisy_block)
+    return sigma_of
+
+
+def add_lora_noise(model, config: PaceConfig):
+    """PACE's noise on every LoRA layer of a `peft.PeftModel`, whoever built its LoRA
+    (apply_pace, or a user's / TRL's `peft_config`); σ from config's schedule by depth."""
+    import peft
+    inner = model.base_model.model
+    layers = {n: m for n, m in inner.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    sigma_of = _sigma_by_name(inner, list(layers), config)
+    for name, module in layers.items():
+        module.pace_noise = NoiseHook(sigma_of(name))
+        for lora_b in module.lora_B.values():
+            lora_b.register_forward_hook(module.pace_noise)
+    model.pace_config = config
+    return model
+
+
 def apply_pace(model: nn.Module, config: PaceConfig) -> nn.Module:
     """Inject PACE adapters; only adapter (and task-head) parameters stay trainable.
 
@@ -159,22 +186,10 @@ def apply_pace(model: nn.Module, config: PaceConfig) -> nn.Module:
     """
     chosen = resolve_targets(model, config.target_modules)
     heads = head_names(model) if config.train_head else []
-    num_blocks = getattr(model.config, "num_hidden_layers", None) or \
-        1 + max((block_index(n) or 0) for n in chosen)
-
-    def sigma_of(name):
-        block = block_index(name)
-        return sigma_for_block(config.noise_sigma, num_blocks if block is None else block, num_blocks,
-                               config.sigma_schedule, config.first_noisy_block)
-
+    sigma_of = _sigma_by_name(model, chosen, config)
     if config.adapter == "lora_add":
         import peft
-        model = peft.get_peft_model(model, peft_lora_config(model, config))
-        for name, module in model.base_model.model.named_modules():
-            if isinstance(module, peft.tuners.lora.LoraLayer):
-                module.pace_noise = NoiseHook(sigma_of(name))
-                for lora_b in module.lora_B.values():
-                    lora_b.register_forward_hook(module.pace_noise)
+        model = add_lora_noise(peft.get_peft_model(model, peft_lora_config(model, config)), config)
     else:
         model.requires_grad_(False)
         for name in chosen:

@@ -141,6 +141,8 @@ class TrainSection:
     eval_every: int = 0                # steps; with data.eval, also before training and at the end
     fp_distance: bool = False          # log ‖f(θ) − f(θ0)‖² on a fixed held-out batch
     export_check: bool = True          # compare merged-model logits with the trained model's
+    # trackers besides metrics.jsonl (always): tensorboard, wandb, mlflow (training/metrics.py)
+    report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclasses.dataclass
@@ -273,6 +275,8 @@ def validate(r: Recipe) -> None:
             raise RecipeError(f"{key}: expected {what}, got {eval_key(r, key)!r}")
     from .tasks import TASKS
     need(r.model.task in TASKS, "model.task", f"one of {list(TASKS)}")
+    from .training.metrics import REPORT_TO
+    need(set(r.train.report_to) <= set(REPORT_TO), "train.report_to", f"a list of {list(REPORT_TO)}")
     need(0 <= r.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", "0, 1, 2 or 3")
     need(r.train.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")
     need(r.train.gradient_accumulation >= 1, "train.gradient_accumulation", "an integer >= 1")

@@ -128,7 +128,9 @@ class Trainer:
         """Returns "done", "stopped" (stop_after or a signal: checkpointed) or raises on NaN."""
         t = self.recipe.train
         progress = self.resume() if self.recipe.resume else Progress()
-        stop, self.writer = StopRequested(), MetricWriter(self.out, enabled=self.rank == 0)
+        stop = StopRequested()
+        self.writer = MetricWriter(self.out, enabled=self.rank == 0, report_to=t.report_to,
+                                   config=to_dict(self.recipe))  # open until close(): save_outputs adds the PNG
         self.fixed_batch = self.first_batch(t.micro_batch_size)
         self.reference = self.fixed_outputs(self.fixed_batch) if t.fp_distance else None
         if self.eval_set is not None and progress.step == 0:  # the baseline point
@@ -153,7 +155,6 @@ class Trainer:
             return "done"
         finally:
             bar.close()
-            self.writer.close()
 
     def batches(self, progress: Progress):
         """(index in epoch, batch) until the last step; a resumed epoch skips what it consumed."""
@@ -273,6 +274,7 @@ class Trainer:
             if r.train.export_check:
                 self.check_export(merged, check_batch, trained)
             plot_metrics(out / "metrics.jsonl", out / "training_curves.png")
+            self.writer.add_artifact(out / "training_curves.png")
             log.info("adapter: %s  merged: %s", out / "adapter", out / "merged")
         dist.barrier()
 
@@ -293,6 +295,8 @@ class Trainer:
         log.info("merged model matches the trained model (max |Δlogit| %.2e)", diff)
 
     def close(self) -> None:
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()
         if self.cache is not None:
             self.cache.close()
 
