@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--image-field", default="image")
     p.add_argument("--label-field", default="label")
     p.add_argument("--image-size", type=int, help="resize to this square (default: the model's config.image_size)")
+    p.add_argument("--augment", choices=["none", "crop_flip"], default="none",
+                   help="the recipe's data.augment: crop_flip evaluates on the centre crop, as training's held-out batches")
     p.add_argument("--limit", type=int, help="first N examples only")
     p.add_argument("--seed", type=int, default=0, help="train.seed of the run (tiny:images generates from it)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -69,7 +71,7 @@ def evaluate(args) -> dict:
         raise SystemExit(f"[vision] {err}") from None
     image_size = args.image_size or model.config.image_size
     start = time.time()
-    logits = evaluation.predict_images(model, rows, args.image_field, image_size, args.batch_size)
+    logits = evaluation.predict_images(model, rows, args.image_field, image_size, args.batch_size, args.augment)
     if logits.shape[-1] <= labels.max():
         raise SystemExit(f"[vision] labels go up to {labels.max()} but the model has {logits.shape[-1]} classes")
     result = {"name": args.name or Path(args.adapter or args.model).name, "n": int(len(labels)),

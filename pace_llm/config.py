@@ -98,6 +98,7 @@ class DataSection:
     text_fields: list[str] = dataclasses.field(default_factory=lambda: ["sentence"])  # seq_cls
     image_field: str = "image"         # image_cls
     image_size: int = 224
+    augment: Literal["none", "crop_flip"] = "none"  # image_cls: the authors' few-shot crop + flip
     label_field: str = "label"
     max_length: int = 512
     limit: Optional[int] = None        # first N training rows (smoke runs)

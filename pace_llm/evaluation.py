@@ -112,17 +112,19 @@ def predict_logits(model, batches: Iterable[dict], total: int | None = None,
     return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), np.float32)
 
 
-def predict_images(model, rows, image_field: str, image_size: int, batch_size: int) -> np.ndarray:
-    """Logits of an image classifier over `rows` (a datasets.Dataset), preprocessed as in
-    training (pace_llm.data.pixel_values) batch by batch, without a preprocessed copy."""
+def predict_images(model, rows, image_field: str, image_size: int, batch_size: int,
+                   augment: str = "none") -> np.ndarray:
+    """Logits of an image classifier over `rows` (a datasets.Dataset), preprocessed as
+    training's held-out batches (tasks.images.image_pixels: resize, plus the centre crop
+    when the model was trained with `augment`), batch by batch."""
     import torch
 
-    from .data import pixel_values
+    from .tasks.images import image_pixels
 
     def batches():
         for start in range(0, len(rows), batch_size):
             images = rows[start:start + batch_size][image_field]
-            yield {"pixel_values": torch.from_numpy(np.stack([pixel_values(im, image_size) for im in images]))}
+            yield {"pixel_values": torch.from_numpy(np.stack([image_pixels(im, image_size, augment) for im in images]))}
     return predict_logits(model, batches(), total=len(rows))
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 
+import numpy as np
 import peft
 import pytest
 import torch
@@ -81,8 +82,8 @@ def eval_batch(kind: str, out):
         rows = tokenize_classification(load_rows("tiny:sentences", "test"), tokenizer, ["sentence"], "label", 96)
         task = get_task(load_recipe(None, ["model.task=seq_cls", "model.num_labels=3"]), tokenizer)
         return task.collate([rows[i] for i in range(len(rows))])
-    rows = prepare_images(load_rows("tiny:images", "test"), "image", "label", 32)
-    return get_task(load_recipe(None, ["model.task=image_cls", "model.num_labels=4"])).collate(
+    rows = prepare_images(load_rows("tiny:images", "test"), "image", "label")
+    return get_task(load_recipe(None, ["model.task=image_cls", "model.num_labels=4", "data.image_size=32"])).collate(
         [rows[i] for i in range(len(rows))])
 
 
@@ -262,3 +263,51 @@ def test_warmup_ratio_and_linear_decay():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# --- images: raw in the dataset, pixels at collation, the authors' crop + flip -----------
+
+def image_task(*overrides):
+    from pace_llm.tasks.images import ImageClassificationTask
+    recipe = load_recipe(str(RECIPES["vit"]), list(overrides))
+    return ImageClassificationTask(recipe)
+
+
+def test_images_are_stored_raw_and_made_into_pixels_at_collation():
+    from pace_llm.data import pixel_values
+    task = image_task()
+    train, _ = task.datasets()
+    assert "pixel_values" not in train.column_names  # no fp32 copy: the images as stored, uint8
+    assert str(train.features["image"]) == "List(List(List(Value('uint8'))))"
+    batch = task.collate([train[i] for i in range(4)], train=True)  # augment none: today's pixels exactly
+    expected = np.stack([pixel_values(train[i]["image"], 32) for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and np.array_equal(batch["pixel_values"].numpy(), expected)
+
+
+def test_crop_flip_differs_by_epoch_replays_exactly_and_centre_crops_held_out_batches():
+    from pace_llm.objectives import _duplicate
+    from pace_llm.tasks.images import image_pixels
+    task = image_task("data.augment=crop_flip")
+    train, _ = task.datasets()
+    samples = [train[i] for i in range(8)]
+    epoch0 = task.collate(samples, train=True)["pixel_values"]
+    assert torch.equal(epoch0, task.collate(samples, train=True)["pixel_values"])  # (seed, epoch, id) only
+    task.set_epoch(1)
+    epoch1 = task.collate(samples, train=True)["pixel_values"]
+    assert epoch1.shape == (8, 3, 32, 32) and not torch.equal(epoch0, epoch1)
+    held_out = task.collate(samples)["pixel_values"]  # eval: resize to 37, centre 32x32 crop
+    assert torch.equal(held_out, task.collate(samples)["pixel_values"])
+    assert np.array_equal(held_out[0].numpy(), image_pixels(samples[0]["image"], 32, "crop_flip"))
+    assert sum(not torch.equal(a, b) for a, b in zip(epoch0, held_out)) >= 6  # random crops, not the centre
+    paired = _duplicate(task.collate(samples, train=True))["pixel_values"]  # full PACE's [x; x]
+    assert torch.equal(paired[:8], paired[8:])  # both views see the same augmented images
+
+
+def test_vit_trains_with_crop_flip(tmp_path):
+    out = tmp_path / "vit-crop-flip"
+    launch("python", out, "data.augment=crop_flip", "deepspeed.zero_stage=0", "train.max_steps=6",
+           recipe=RECIPES["vit"])
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 7)) and all(r["consistency_loss"] >= 0 for r in rows)
+    check = json.loads((out / "export_check.json").read_text())
+    assert check["max_abs_logit_diff"] <= check["tolerance"]  # merged == trained on held-out (centre-crop) pixels

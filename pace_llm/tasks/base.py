@@ -37,9 +37,13 @@ class Task:
         the recipe's data section with this source's own keys (default: self.data)."""
         raise NotImplementedError
 
-    def collate(self, samples: list[dict]) -> dict:
-        """Encoded samples -> a batch: model inputs, `labels`, `sample_id`."""
+    def collate(self, samples: list[dict], train: bool = False) -> dict:
+        """Encoded samples -> a batch: model inputs, `labels`, `sample_id`. `train`: a
+        training batch (the loader's), which may be augmented; held-out batches are not."""
         raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the trainer at the start of each epoch (augmentations vary by epoch)."""
 
     def count_tokens(self, batch: dict) -> int:
         """What tokens/s counts in a batch (input tokens; images count one each)."""

@@ -55,7 +55,7 @@ class CausalLMTask(Task):
                                                          skip_invalid=d.skip_invalid)
         return samples
 
-    def collate(self, samples):
+    def collate(self, samples, train=False):
         batch = pad_tokens(samples, self.pad_id)
         labels = torch.full_like(batch["input_ids"], -100)
         for i, s in enumerate(samples):

@@ -37,7 +37,7 @@ class SequenceClassificationTask(Task):
         d = data or self.data
         return tokenize_classification(rows, self.tokenizer, d.text_fields, d.label_field, d.max_length, source)
 
-    def collate(self, samples):
+    def collate(self, samples, train=False):
         return {**pad_tokens(samples, self.pad_id), "labels": torch.tensor([s["labels"] for s in samples])}
 
     def count_tokens(self, batch):

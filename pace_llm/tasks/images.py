@@ -1,6 +1,18 @@
-"""Image classification (ViT): an image (`data.image_field`) resized to
-`data.image_size`² and a label; PACE regularises the head's logits (SampleRows)."""
+"""Image classification (ViT): an image (`data.image_field`) and a label; PACE regularises
+the head's logits (SampleRows).
+
+Pixels are made at collation, not stored: the dataset keeps the images as they came
+(uint8), and each batch is resized to `data.image_size`² and scaled to [-1, 1] (ViT's
+0.5/0.5 normalisation). `data.augment: crop_flip` is the authors' few-shot transform:
+resize to ⌈size·8/7⌉ (256 for 224), a random size² crop and a horizontal flip with
+probability 1/2 in training; resize and the centre crop at evaluation. A training
+sample's crop and flip come from (seed, epoch, sample id) alone, so they differ from epoch
+to epoch, are the same on any rank and world size, and replay exactly on resume; the two
+halves of a paired PACE forward are copies of one batch, so they see the same image.
+"""
 from __future__ import annotations
+
+import math
 
 import datasets
 import numpy as np
@@ -9,19 +21,39 @@ import transformers
 
 from ..data import pixel_values
 from ..rows import SampleRows
-from .base import Task, encoded_columns, require_fields
+from .base import Task, require_fields
+
+AUGMENTATIONS = ("none", "crop_flip")
 
 
-def prepare_images(rows: datasets.Dataset, image_field: str, label_field: str, image_size: int,
-                   source: str = "") -> datasets.Dataset:
-    """pixel_values: resized to image_size², scaled to [-1, 1] (ViT's 0.5/0.5 normalisation)."""
+def prepare_images(rows: datasets.Dataset, image_field: str, label_field: str, source: str = "") -> datasets.Dataset:
+    """The images as they are (read as numpy arrays) and their labels, fields checked by name."""
     require_fields(rows, [image_field, label_field], source)
+    out = rows.select_columns([image_field, label_field, "sample_id"])
+    if image_field != "image":
+        out = out.rename_column(image_field, "image")
+    if label_field != "labels":
+        out = out.rename_column(label_field, "labels")
+    if isinstance(out.features["image"], datasets.Image):
+        return out  # PIL images: pixel_values converts palette / RGBA / CMYK modes itself
+    return out.with_format("numpy", columns=["image"], output_all_columns=True)  # arrays, not nested lists
 
-    def encode(batch):
-        return {"pixel_values": [pixel_values(image, image_size) for image in batch[image_field]],
-                "labels": batch[label_field]}
 
-    return rows.map(encode, batched=True, remove_columns=encoded_columns(rows), desc="images")
+def image_pixels(image, size: int, augment: str = "none", generator: torch.Generator | None = None) -> np.ndarray:
+    """float32 [3, size, size] of one image: resized (augment none), or resized larger and
+    cropped, randomly with `generator` (training) or in the centre (evaluation)."""
+    if augment == "none":
+        return pixel_values(image, size)
+    big = math.ceil(size * 8 / 7)
+    x = pixel_values(image, big)
+    if generator is None:
+        top = left = (big - size) // 2
+        flip = False
+    else:
+        top, left = torch.randint(0, big - size + 1, (2,), generator=generator).tolist()
+        flip = bool(torch.rand((), generator=generator) < 0.5)
+    x = x[:, top:top + size, left:left + size]
+    return np.ascontiguousarray(x[:, :, ::-1] if flip else x)
 
 
 class ImageClassificationTask(Task):
@@ -30,14 +62,28 @@ class ImageClassificationTask(Task):
     uses_tokenizer = False
     rows = SampleRows()
 
+    def __init__(self, recipe, tokenizer=None):
+        super().__init__(recipe, tokenizer)
+        self.epoch = 0
+
     def model_kwargs(self):
         return {"num_labels": self.model_section.num_labels, "ignore_mismatched_sizes": True}
 
     def encode(self, rows, source, data=None):
         d = data or self.data
-        return prepare_images(rows, d.image_field, d.label_field, d.image_size, source)
+        return prepare_images(rows, d.image_field, d.label_field, source)
 
-    def collate(self, samples):
-        return {"sample_id": torch.tensor([s["sample_id"] for s in samples]),
-                "pixel_values": torch.tensor(np.stack([s["pixel_values"] for s in samples])),
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def collate(self, samples, train: bool = False):
+        d = self.data
+
+        def generator(sample_id):  # this sample's draws in this epoch, nothing else's
+            return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + int(sample_id))
+        pixels = [image_pixels(s["image"], d.image_size, d.augment,
+                               generator(s["sample_id"]) if train and d.augment != "none" else None)
+                  for s in samples]
+        return {"sample_id": torch.tensor([int(s["sample_id"]) for s in samples]),
+                "pixel_values": torch.from_numpy(np.stack(pixels)),
                 "labels": torch.tensor([s["labels"] for s in samples])}

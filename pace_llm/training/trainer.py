@@ -10,6 +10,7 @@ Task specifics (data, batches, model class, what PACE regularises) come from
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -106,7 +107,7 @@ class Trainer:
         self.engine = zero.initialize(model, ds_config, r, lr_lambda(r, self.total_steps))
         self.sampler = ShardedEpochSampler(len(train_set), self.rank, self.world, seed=t.seed)
         self.loader = DataLoader(train_set, batch_size=t.micro_batch_size, sampler=self.sampler,
-                                 collate_fn=self.task.collate,
+                                 collate_fn=functools.partial(self.task.collate, train=True),
                                  generator=torch.Generator())  # not the global RNG: resumes replay it exactly
         self.cache = self._build_cache(train_set) if r.pace.mode == "fast" else None
         self.objective = PaceObjective.from_config(r.pace, self.cache, self.task.rows)
@@ -160,6 +161,7 @@ class Trainer:
         """(index in epoch, batch) until the last step; a resumed epoch skips what it consumed."""
         while progress.step < self.total_steps:
             self.sampler.set_epoch(progress.epoch)
+            self.task.set_epoch(progress.epoch)
             self.stats.clear()  # an epoch's leftover micro-steps do not join the next step's
             for batch_index, batch in enumerate(self.loader):
                 if batch_index >= progress.batches_in_epoch:
