@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import common  # bench/common.py: this script's folder is first on sys.path
 

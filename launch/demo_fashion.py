@@ -20,7 +20,6 @@ Outputs: outputs/demo-fashion/{lora,pace}-s{seed}/ (adapter, merged, metrics, ev
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import datasets
-import torch
 import transformers
 
 from pace_llm.integrations import PaceArguments, PaceTrainer, cpu_distributed_state

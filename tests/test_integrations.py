@@ -14,7 +14,8 @@ import transformers
 from pace_llm.integrations import PaceArguments, PaceTrainer
 from pace_llm.objectives import PaceObjective
 from pace_llm.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
-from trainrun import BIN, ROOT, env, free_port, launch, metrics
+from pace_llm.launcher import script_command
+from trainrun import ROOT, env, launch, metrics
 
 sys.path.insert(0, str(ROOT / "tests"))
 from pace_trainer_run import encoded  # noqa: E402
@@ -139,12 +140,8 @@ def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, launcher):
                                  "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}}))
 
     def run(out, *flags):
-        script = [str(ROOT / "tests" / "pace_trainer_run.py"), str(out), *flags]
-        if launcher == "deepspeed":
-            cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), *script,
-                   "--deepspeed", str(zero2)]
-        else:
-            cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *script]
+        args = [str(out), *flags, *(["--deepspeed", str(zero2)] if launcher == "deepspeed" else [])]
+        cmd = script_command(launcher, ROOT / "tests" / "pace_trainer_run.py", args, nproc=2)
         proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         sums = [json.loads((out / f"adapter_sum_rank{r}.json").read_text()) for r in (0, 1)]

@@ -1,6 +1,5 @@
 """The PACE objectives (off, full, fast, lazy_half) against their definitions (eq. 12, App. C),
 with hand computations from the models' own full outputs."""
-import contextlib
 import subprocess
 import sys
 import logging
