@@ -47,3 +47,22 @@ def test_chat_mixture_trains_resumes_exactly_and_exports_its_template(tmp_path, 
     assert evals[0][0] == 0 and evals[-1][0] == 8 and evals[-1][1] < evals[0][1]  # held-out chat loss falls
     merged = transformers.AutoTokenizer.from_pretrained(out / "merged")
     assert merged.chat_template == TEMPLATE
+
+
+def test_bad_rows_stop_the_run_by_name_or_are_skipped_and_counted(tmp_path):
+    """Through launch/train.py, as a user meets it: a null answer names file, row and field
+    before any heavy work, with no traceback; data.skip_invalid trains on the good rows."""
+    rows = [{"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
+            for i in range(12)]
+    rows[5]["messages"][1]["content"] = None
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [f"data.train={data}", "data.format=messages", "data.eval=null", "deepspeed.zero_stage=0",
+              "train.max_steps=2", "train.micro_batch_size=2", "train.export_check=false"]
+    proc = launch("python", tmp_path / "strict", *common, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(data) in proc.stderr and "row 6" in proc.stderr and "content" in proc.stderr, proc.stderr[-2000:]
+    assert "trainable parameters" not in proc.stdout  # stopped before the model was adapted
+    proc = launch("python", tmp_path / "lenient", *common, "data.skip_invalid=true")
+    assert "1 invalid rows skipped" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    assert [r["step"] for r in metrics(tmp_path / "lenient")] == [1, 2]
