@@ -196,3 +196,21 @@ def test_sigma_zero_training_logs_the_same_losses_packed_or_padded(tmp_path, mod
                 assert packed_row[key] == pytest.approx(padded_row[key], rel=1e-5), (padded_row["step"], key)
     if mode == "fast":
         assert logged["true"][-1]["consistency_loss"] > 0
+
+
+@pytest.mark.slow
+def test_sigma_zero_two_rank_zero2_same_losses_packed_or_padded(tmp_path):
+    """2 ranks under DeepSpeed ZeRO-2, full PACE at σ = 0: the same losses packed or padded,
+    and the packed run exports a merged model equal to the trained one."""
+    from trainrun import launch, metrics
+    logged = {}
+    for packing in ("false", "true"):
+        out = tmp_path / packing
+        launch("deepspeed", out, "deepspeed.zero_stage=2", "pace.mode=full", "pace.sigma=0",
+               f"data.packing={packing}", "train.max_steps=4", "train.save_every=0")
+        logged[packing] = metrics(out)
+    assert len(logged["true"]) == 4
+    for padded_row, packed_row in zip(logged["false"], logged["true"], strict=True):
+        for key in ("loss", "task_loss"):
+            assert packed_row[key] == pytest.approx(padded_row[key], rel=1e-5), (padded_row["step"], key)
+    assert json.loads((tmp_path / "true" / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-4
