@@ -100,7 +100,10 @@ class DataSection:
     image_size: int = 224
     augment: Literal["none", "crop_flip"] = "none"  # image_cls: the authors' few-shot crop + flip
     label_field: str = "label"
-    max_length: int = 512
+    max_length: int = 512               # tokens per sample (truncated); with packing, per packed row
+    # causal_lm: pack each micro-batch's train.micro_batch_size samples into rows of up to
+    # max_length tokens (best-fit-decreasing, pace_llm/packing.py): no padding but row tails
+    packing: bool = False
     limit: Optional[int] = None        # first N training rows (smoke runs)
     eval_limit: Optional[int] = None
 
@@ -296,6 +299,8 @@ def validate(r: Recipe) -> None:
         for i, source in enumerate(sources if isinstance(sources, list) else []):
             need(source.path, f"data.{which}[{i}].path", "a file, hub id or tiny:* source")
             need(source.weight > 0, f"data.{which}[{i}].weight", "a value > 0")
+    need(not r.data.packing or r.model.task == "causal_lm", "data.packing",
+         f"false for model.task={r.model.task} (packing is for causal_lm)")
     need(r.model.task == "causal_lm" or r.model.num_labels, "model.num_labels",
          f"the number of classes for model.task={r.model.task}")
 

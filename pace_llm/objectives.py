@@ -1,7 +1,7 @@
 """The training objectives the trainer calls on a batch: off, full, fast, lazy_half.
 
     objective = PaceObjective("full", lam=0.1)            # or PaceObjective.from_config(cfg)
-    with objective.scope(step):                           # paired dropout spans the backward
+    with objective.scope(step, batch):                    # paired dropout spans the backward
         out = objective(model, batch, step)
         out.loss.backward()                               # engine.backward(out.loss)
 
@@ -21,6 +21,10 @@ squared L2 distance summed over classes / vocabulary.
   lazy_half  every `lazy_every`-th step, `full` on the first half of the batch;
              the other steps `off` on the whole batch (noise stays on).
 
+Packed batches (pace_llm/packing.py, `data.packing`) work unchanged: rows, counts, the
+cache and the halves are per sample; `scope(step, batch)` makes the noise one draw per
+packed sample, and lazy_half halves by packed rows.
+
 Shared dropout masks hold inside `scope(step)` on paired steps only. A call outside a scope
 opens one for its forward alone: enough without activation checkpointing, whose recomputed
 forward runs during backward and needs the backward inside the scope too.
@@ -36,7 +40,8 @@ import torch
 
 from .adapters import base_model
 from .cache import OutputCache
-from .pace import consistency_loss, mean_squared_norm, paired_dropout
+from .packing import duplicate_packed, is_packed, sample_count
+from .pace import consistency_loss, mean_squared_norm, noise_segments, paired_dropout
 from .pace_config import MODES, PaceConfig
 from .rows import Rows, rows_for_model
 
@@ -102,17 +107,28 @@ class PaceObjective:
         """Does this step run on [x; x] (full, and lazy_half's every lazy_every-th step)?"""
         return self.mode == "full" or (self.mode == "lazy_half" and step % self.lazy_every == 0)
 
-    def scope(self, step: int):
-        """Shared dropout masks for this step's forward and backward when it is paired."""
-        return paired_dropout(self.is_paired(step))
+    @contextlib.contextmanager
+    def scope(self, step: int, batch: Optional[dict] = None):
+        """Shared dropout masks for this step's forward and backward when it is paired; for a
+        packed `batch`, noise per sample of the batch the forward runs on (pace.noise_segments)."""
+        segments = self.forward_batch(batch, step)["segment_index"] if batch and is_packed(batch) else None
+        with paired_dropout(self.is_paired(step)), noise_segments(segments):
+            yield
+
+    def forward_batch(self, batch: dict, step: int) -> dict:
+        """What the forward runs on: the batch, or [x; x] on a paired step (lazy_half: the
+        first half of the rows; packed rows hold several samples each)."""
+        if not self.is_paired(step):
+            return batch
+        half = None if self.mode == "full" else max(1, len(batch["labels"]) // 2)
+        return duplicate_packed(batch, half) if is_packed(batch) else _duplicate(batch, half)
 
     def __call__(self, model, batch: dict, step: int = 0) -> LossOutput:
         if self.rows is None:
             self.rows = rows_for_model(model)
-        with self.scope(step):
+        with self.scope(step, batch):
             if self.is_paired(step):
-                half = None if self.mode == "full" else max(1, len(batch["labels"]) // 2)
-                return self._paired(model, _duplicate(batch, half))
+                return self._paired(model, self.forward_batch(batch, step))
             rows = self.rows.forward(model, batch)
             task = self.rows.loss(rows)
             if self.mode != "fast":  # off, noise, and lazy_half's unpaired steps
@@ -122,7 +138,7 @@ class PaceObjective:
     def _paired(self, model, batch2: dict) -> LossOutput:
         share_attention_dropout(model)
         rows = self.rows.forward(model, batch2)
-        n = len(batch2["labels"]) // 2
+        n = sample_count(batch2) // 2
         r1, r2 = rows.first(n), rows.last(n)
         task = self.rows.loss(r1)
         cons = consistency_loss(r1.f, r2.f)

@@ -6,6 +6,7 @@ Noise (eq. 10-11). An adapted linear layer computes
 
 with one draw per sample and output channel, broadcast over the sample's tokens,
 independent across samples and layers, in training mode only. σ = 0 is plain LoRA.
+In packed rows (several samples per row) the draw is per packed sample: noise_segments().
 
 Depth schedule (the authors' code, Vision/train.py). With L blocks plus the task head
 as the last id, N = L + 1 ids, and noise starting at block s:
@@ -39,6 +40,7 @@ checkpointing restores for the recomputed forward: the recomputation sees the sa
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +61,34 @@ def sigma_for_block(sigma: float, block: int, num_blocks: int, schedule: str = "
     return float(sigma) * (n_ids - block) / (n_ids - first_noisy_block)
 
 
+# Packed rows (pace_llm/packing.py) hold several samples each: inside `noise_segments(index)`
+# the noise draws one Z per sample and channel and gives each token its sample's Z through the
+# per-token segment index [R, T] (-1 on a row's unused tail). Outside it, nothing changes.
+_segments: Optional[tuple[torch.Tensor, int]] = None  # (index, samples)
+
+
+@contextlib.contextmanager
+def noise_segments(index: Optional[torch.Tensor]):
+    """Noise per packed sample while the block lasts (None: per row, as without packing).
+    It must span a checkpointed backward too: the recomputed forward draws again."""
+    global _segments
+    previous = _segments
+    _segments = None if index is None else (index, int(index.max()) + 1)  # one host sync per step
+    try:
+        yield
+    finally:
+        _segments = previous
+
+
 def multiplicative_noise(delta: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Z ⊙ Δh with Z ~ N(1, σ²) of shape (B, 1, ..., 1, d_out): one draw per sample and channel."""
+    """Z ⊙ Δh with Z ~ N(1, σ²) of shape (B, 1, ..., 1, d_out): one draw per sample and channel;
+    inside noise_segments() a delta of the packed batch's shape [R, T, d_out] gets Z of shape
+    (S, d_out), S samples, each token its sample's row."""
+    if _segments is not None and delta.dim() == 3 and tuple(delta.shape[:2]) == tuple(_segments[0].shape):
+        segments = _segments[0].to(delta.device)
+        z = torch.randn((_segments[1], delta.shape[-1]), device=delta.device,
+                        dtype=torch.float32).mul_(sigma).add_(1.0)
+        return delta * z[segments.clamp(min=0)].to(delta.dtype)  # the tail's Z (sample 0's) meets no loss
     shape = (delta.shape[0],) + (1,) * (delta.dim() - 2) + (delta.shape[-1],)
     z = torch.randn(shape, device=delta.device, dtype=torch.float32).mul_(sigma).add_(1.0)
     return delta * z.to(delta.dtype)

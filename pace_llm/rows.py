@@ -1,7 +1,8 @@
 """What PACE regularises: the rows f of a forward pass, per model family.
 
   TokenRows   causal LMs (labels [B, T], -100 where not supervised): the next-token logits
-              at the supervised positions, one row per answer token. They are computed from
+              at the supervised positions, one row per answer token, counted per sample
+              (also in packed rows: pace_llm/packing.py). They are computed from
               the decoder's final hidden states at those positions only, so the full
               [B, T, V] logits are never built. Task loss: token-mean cross-entropy.
   SampleRows  classifiers (labels [B]): the head's logits, one row per sample. Task loss:
@@ -22,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters import base_model
+from .packing import NOT_MODEL_INPUTS, is_packed
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,10 @@ class Rows:
 
 
 def model_inputs(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k not in ("labels", "sample_id")}
+    inputs = {k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}
+    if is_packed(batch):  # transformers reads packed position_ids as separate samples only without a cache
+        inputs["use_cache"] = False
+    return inputs
 
 
 def supervised_counts(labels: torch.Tensor) -> torch.Tensor:
@@ -83,9 +88,13 @@ class TokenRows:
         h = hidden[:, :-1][mask]
         head = base.get_output_embeddings()
         logits = head(h)
+        counts = mask.sum(1)
+        if is_packed(batch):  # rows come grouped by sample (packing.py): count them per sample
+            counts = torch.bincount(batch["segment_index"][:, 1:].to(mask.device)[mask],
+                                    minlength=len(batch["sample_id"]))
         if lm_head_trainable(base):
-            return Rows(logits, logits, labels[:, 1:][mask], mask.sum(1))
-        return Rows(logits, h, labels[:, 1:][mask], mask.sum(1), head)
+            return Rows(logits, logits, labels[:, 1:][mask], counts)
+        return Rows(logits, h, labels[:, 1:][mask], counts, head)
 
     def loss(self, rows: Rows, reduction: str = "mean") -> torch.Tensor:
         return F.cross_entropy(rows.f.float(), rows.target, reduction=reduction)

@@ -1,6 +1,7 @@
 """Causal-LM supervised fine-tuning on prompt/answer pairs or conversations (the formats
 of tasks/chat_formats.py); the loss and PACE's consistency cover the supervised tokens
-only (TokenRows): by default every assistant turn with its end-of-turn token."""
+only (TokenRows): by default every assistant turn with its end-of-turn token. With
+`data.packing` a micro-batch's samples are packed into rows (pace_llm/packing.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 import transformers
 
 from ..data import DataError
+from ..packing import is_packed, pack
 from ..rows import TokenRows
 from .base import Task, pad_tokens
 from .chat_formats import Conversation, PromptAnswer, choose_format, encode_rows
@@ -56,6 +58,8 @@ class CausalLMTask(Task):
         return samples
 
     def collate(self, samples, train=False):
+        if self.data.packing:  # rows of up to data.max_length tokens, no padding but their tails
+            return pack(samples, self.data.max_length, self.pad_id)
         batch = pad_tokens(samples, self.pad_id)
         labels = torch.full_like(batch["input_ids"], -100)
         for i, s in enumerate(samples):
@@ -63,4 +67,6 @@ class CausalLMTask(Task):
         return {**batch, "labels": labels}
 
     def count_tokens(self, batch):
+        if is_packed(batch):
+            return int((batch["segment_index"] >= 0).sum())
         return int(batch["attention_mask"].sum())

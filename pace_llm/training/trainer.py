@@ -172,7 +172,7 @@ class Trainer:
 
     def train_micro_step(self, batch: dict, step: int) -> MicroStep:
         started = time.perf_counter()
-        with self.objective.scope(step):  # shared dropout masks through forward and backward
+        with self.objective.scope(step, batch):  # shared dropout masks (and packed noise) through backward too
             result = self.objective(self.engine, batch, step)
             if not all_ranks(bool(torch.isfinite(result.loss))):
                 raise FloatingPointError(
@@ -228,8 +228,12 @@ class Trainer:
         loss_sum, rows_sum, correct_sum = 0.0, 0.0, 0.0
         with eval_mode(self.engine):
             for i in range(0, per_rank, size):
-                out = rows.forward(self.engine, self.task.collate([eval_set[j] for j in mine[i:i + size]]))
-                w = torch.tensor(weights[i:i + size]).repeat_interleave(out.counts.cpu())
+                batch = self.task.collate([eval_set[j] for j in mine[i:i + size]])
+                out = rows.forward(self.engine, batch)
+                w = torch.tensor(weights[i:i + size])
+                if "sample_order" in batch:  # packed: rows come in the packer's sample order
+                    w = w[batch["sample_order"]]
+                w = w.repeat_interleave(out.counts.cpu())
                 loss_sum += float((rows.loss(out, reduction="none").float().cpu() * w).sum())
                 rows_sum += float(w.sum())
                 if classifier:  # one row per sample: w is the sample weight
