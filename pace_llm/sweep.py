@@ -161,7 +161,9 @@ def train(sweep: Sweep, point: dict[str, str]) -> float:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         command = sweep.command(point, resume)
         with open(run_dir / "train.log", "a") as log:
-            log.write("$ " + " ".join(command) + "\n")
+            # a run killed mid-line (a progress bar has no newline) must not swallow this one
+            ends_mid_line = log.tell() > 0 and (run_dir / "train.log").read_bytes()[-1:] != b"\n"
+            log.write(("\n" if ends_mid_line else "") + "$ " + " ".join(command) + "\n")
             log.flush()
             proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
                                   env=env)  # in the caller's folder, as a direct launch would be

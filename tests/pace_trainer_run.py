@@ -8,6 +8,7 @@ its trainable parameters, which must agree across ranks).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -57,7 +58,13 @@ def main() -> None:
                           pace=PaceArguments(mode="fast", lam=0.5, sigma=1.0))
     trainer.train(resume_from_checkpoint=True if a.resume else None)
     out, rank = Path(a.out), trainer.args.process_index
-    total = sum(float(p.detach().double().sum()) for p in trainer.model.parameters() if p.requires_grad)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: each rank holds a shard; sum the whole
+        import deepspeed
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    with gathered:
+        total = sum(float(p.detach().double().sum()) for p in params)
     (out / f"adapter_sum_rank{rank}.json").write_text(json.dumps(total))
     if trainer.is_world_process_zero():
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history))

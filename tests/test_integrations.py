@@ -129,18 +129,18 @@ def test_pace_trainer_loss_is_pace_objective(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
-def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, launcher):
-    """PACE_fast, 2 gloo ranks (DDP / the Trainer's DeepSpeed ZeRO-2), 8 samples, 6 steps
-    (3 epochs: targets from epoch 1 on); a run stopped at step 3 and resumed logs the same
+@pytest.mark.parametrize("launcher,zero_stage", [("torchrun", None), ("deepspeed", 2), ("deepspeed", 3)])
+def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, launcher, zero_stage):
+    """PACE_fast, 2 gloo ranks (DDP / the Trainer's DeepSpeed ZeRO-2 and ZeRO-3), 8 samples, 6
+    steps (3 epochs: targets from epoch 1 on); a run stopped at step 3 and resumed logs the same
     losses as the uninterrupted one, and both ranks hold the same adapter."""
-    zero2 = tmp_path / "zero2.json"
-    zero2.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
-                                 "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-                                 "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}}))
+    ds_json = tmp_path / "zero.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage": zero_stage}, "train_micro_batch_size_per_gpu": "auto",
+                                   "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+                                   "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}}))
 
     def run(out, *flags):
-        args = [str(out), *flags, *(["--deepspeed", str(zero2)] if launcher == "deepspeed" else [])]
+        args = [str(out), *flags, *(["--deepspeed", str(ds_json)] if launcher == "deepspeed" else [])]
         cmd = script_command(launcher, ROOT / "tests" / "pace_trainer_run.py", args, nproc=2)
         proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
