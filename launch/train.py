@@ -7,9 +7,8 @@
 
 Overrides follow the recipe as section.key=value (train.max_steps=100, resume=true).
 """
-import sys
-
+from pace_llm.launcher import exit_now
 from pace_llm.training import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # an error still raises, with its traceback, through the normal exit

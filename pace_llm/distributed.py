@@ -22,12 +22,12 @@ def init_distributed() -> tuple[int, int]:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     import deepspeed
     if not torch.cuda.is_available():
-        _skip_deepspeed_shm_allreduce()
+        skip_deepspeed_shm_allreduce()
     deepspeed.init_distributed(verbose=False)  # NCCL on GPUs, gloo on CPU
     return dist.get_rank(), dist.get_world_size()
 
 
-def _skip_deepspeed_shm_allreduce() -> None:
+def skip_deepspeed_shm_allreduce() -> None:
     """DeepSpeed's CPU backend compiles (~30 s on a fresh machine) and maps a 69 MB /dev/shm
     segment per rank for a shared-memory all-reduce that only its inference tensor-parallel
     path uses, and never unlinks it: every run leaked RAM into tmpfs until the machine ran

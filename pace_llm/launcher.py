@@ -11,13 +11,15 @@ scripts/setup.sh does): launch/, recipes/ and .cache/ sit beside pace_llm/.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, NoReturn, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
@@ -84,6 +86,24 @@ def train_command(launcher: str, recipe: str | os.PathLike, overrides: Iterable[
     """argv for `launch/train.py RECIPE overrides...` under `launcher`; `placement` as
     script_command's (nproc, nnodes, node_rank, master_addr, master_port)."""
     return script_command(launcher, script, [str(recipe), *overrides], **placement)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End a process whose work is done without the interpreter's teardown.
+
+    What Python does at exit, less the last part: non-daemon threads are joined, atexit
+    handlers run (logging flushes, trackers finish), stdout / stderr are flushed; then the
+    process ends instead of freeing every module one by one. With torch, transformers,
+    DeepSpeed, peft and bitsandbytes loaded that teardown took ~3 s per process here (2.9 s
+    after `import pace_llm.training, deepspeed, peft`, 0.1 s with this), on every rank of
+    every run: minutes over a sweep or the test suite, for nothing."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def for_terminal(line: str) -> bool:

@@ -3,8 +3,8 @@ $KILL_AT_STEP is written but not yet committed: the crash-safety test's fault, i
 from the test side through Trainer.before_checkpoint_commit."""
 import os
 import signal
-import sys
 
+from pace_llm.launcher import exit_now
 from pace_llm.training import Trainer, main
 
 
@@ -15,4 +15,4 @@ class KilledInSave(Trainer):
 
 
 if __name__ == "__main__":
-    sys.exit(main(trainer_class=KilledInSave))
+    exit_now(main(trainer_class=KilledInSave))

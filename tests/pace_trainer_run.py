@@ -16,6 +16,7 @@ import datasets
 import transformers
 
 from pace_llm.integrations import PaceArguments, PaceTrainer, cpu_distributed_state
+from pace_llm.launcher import exit_now
 from pace_llm.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
 
 
@@ -74,3 +75,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_now(0)

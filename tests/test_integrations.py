@@ -129,8 +129,8 @@ def test_pace_trainer_loss_is_pace_objective(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher,zero_stage", [("torchrun", None), ("deepspeed", 2), ("deepspeed", 3)])
-def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, launcher, zero_stage):
+@pytest.mark.parametrize("zero_stage", [None, 2, 3])
+def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, zero_stage):
     """PACE_fast, 2 gloo ranks (DDP / the Trainer's DeepSpeed ZeRO-2 and ZeRO-3), 8 samples, 6
     steps (3 epochs: targets from epoch 1 on); a run stopped at step 3 and resumed logs the same
     losses as the uninterrupted one, and both ranks hold the same adapter."""
@@ -140,8 +140,8 @@ def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, launcher, zero_st
                                    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}}))
 
     def run(out, *flags):
-        args = [str(out), *flags, *(["--deepspeed", str(ds_json)] if launcher == "deepspeed" else [])]
-        cmd = script_command(launcher, ROOT / "tests" / "pace_trainer_run.py", args, nproc=2)
+        args = [str(out), *flags, *(["--deepspeed", str(ds_json)] if zero_stage else [])]
+        cmd = script_command("torchrun", ROOT / "tests" / "pace_trainer_run.py", args, nproc=2)
         proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         sums = [json.loads((out / f"adapter_sum_rank{r}.json").read_text()) for r in (0, 1)]

@@ -206,7 +206,7 @@ def test_sigma_zero_two_rank_zero2_same_losses_packed_or_padded(tmp_path):
     logged = {}
     for packing in ("false", "true"):
         out = tmp_path / packing
-        launch("deepspeed", out, "deepspeed.zero_stage=2", "pace.mode=full", "pace.sigma=0",
+        launch("torchrun", out, "deepspeed.zero_stage=2", "pace.mode=full", "pace.sigma=0",
                f"data.packing={packing}", "train.max_steps=4", "train.save_every=0")
         logged[packing] = metrics(out)
     assert len(logged["true"]) == 4
