@@ -15,7 +15,7 @@ from pace_llm.integrations import PaceArguments, PaceTrainer
 from pace_llm.objectives import PaceObjective
 from pace_llm.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
 from pace_llm.launcher import script_command
-from trainrun import ROOT, env, launch, metrics
+from trainrun import ROOT, env, launch, metrics, shm_segments
 
 sys.path.insert(0, str(ROOT / "tests"))
 from pace_trainer_run import encoded  # noqa: E402
@@ -149,7 +149,9 @@ def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, zero_stage):
         return {r["step"]: (r["loss"], r["task_loss"], r["consistency_loss"])
                 for r in json.loads((out / "log_history.json").read_text()) if "task_loss" in r}
 
+    segments_before = shm_segments()
     whole = run(tmp_path / "whole")
+    assert shm_segments() <= segments_before  # DeepSpeed's CPU shm all-reduce is not built (cpu_distributed_state)
     assert sorted(whole) == [1, 2, 3, 4, 5, 6]
     assert whole[1][2] == whole[2][2] == 0 and all(whole[s][2] > 0 for s in (3, 4, 5, 6))
     assert run(tmp_path / "split", "--stop-at", "3") == {s: whole[s] for s in (1, 2, 3)}
