@@ -14,7 +14,7 @@ rows into one row, the same way. Either batch has `position_ids` restarting at e
 no attention_mask (transformers then masks block-diagonally) and each sample's first label
 -100. The mixin reads the samples off the position_ids (pace_llm.packing.from_position_ids):
 PACE's noise is one draw per sample and channel, full PACE's [x; x] copies are new samples,
-and PACE_fast keys its cache by sample (PaceMixin's first_sample_keys). Two consequences:
+and PACE_fast keys its cache by sample (trainer.first_sample_keys). Two consequences:
   - lazy_half halves by rows, and the micro-batch is one row: its paired steps pair all of it;
   - `packing_strategy="wrapped"` cuts the token stream into rows that attend across samples,
     so there a row is PACE's sample (noise per row, as TRL's model sees it).
