@@ -19,6 +19,8 @@ them into per-sample rows and counts, and the objectives never see the packing. 
 sample's first label is -100: it would be predicted from the previous sample's last token.
 The micro-batch holds the same samples packed or not, so its token-mean loss and
 consistency, and hence the gradients, are the same; only the padding goes.
+
+`from_position_ids` reads a padding-free batch another collator built (TRL's) into this layout.
 """
 from __future__ import annotations
 
@@ -73,6 +75,28 @@ def pack(samples: list[dict], capacity: int, pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "segment_index": segment,
             "sample_id": torch.tensor([samples[i]["sample_id"] for i in order]),
             "sample_order": torch.tensor(order)}
+
+
+def from_position_ids(batch: dict, sample_ids: Optional[torch.Tensor] = None) -> dict:
+    """A padding-free batch built elsewhere (TRL's padding_free / packing, transformers'
+    DataCollatorWithFlattening: position_ids restarting at every sample, no attention_mask)
+    in this module's layout. A token starts a sample where its position does not continue the
+    previous token's, transformers' own rule for the block-diagonal mask, so the noise's samples
+    are the attention's; each sample's first label becomes -100. `sample_ids` name the first
+    samples in order (default 0..S-1); samples after them must be padding (no label): segment -1."""
+    positions = batch["position_ids"]
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    segment = starts.flatten().cumsum(0).view_as(positions) - 1  # row-major, as pack() numbers them
+    labels = batch["labels"].masked_fill(starts, -100)
+    found = int(segment.max()) + 1
+    if sample_ids is None:
+        sample_ids = torch.arange(found, device=positions.device)
+    elif found < len(sample_ids) or (labels[segment >= len(sample_ids)] != -100).any():
+        raise ValueError(f"{len(sample_ids)} sample ids for a batch whose position_ids start {found} samples "
+                         "(the ones after the named samples must be unlabelled padding)")
+    segment = segment.masked_fill(segment >= len(sample_ids), -1)
+    return {**batch, "labels": labels, "segment_index": segment, "sample_id": sample_ids}
 
 
 def duplicate_packed(batch: dict, rows: Optional[int] = None) -> dict:

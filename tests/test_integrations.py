@@ -9,10 +9,14 @@ import sys
 import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 
 from pace_llm.integrations import PaceArguments, PaceTrainer
 from pace_llm.objectives import PaceObjective
+from pace_llm.pace import noise_segments
+from pace_llm.packing import from_position_ids
+from pace_llm.rows import TokenRows
 from pace_llm.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
 from pace_llm.launcher import script_command
 from trainrun import ROOT, env, launch, metrics, shm_segments
@@ -23,10 +27,10 @@ from pace_trainer_run import encoded  # noqa: E402
 trl = pytest.importorskip("trl")
 
 
-def conversations(n: int) -> datasets.Dataset:
+def conversations(n: int, seed: int = 0) -> datasets.Dataset:
     return datasets.Dataset.from_list([{"messages": [{"role": "user", "content": r["question"]},
                                                      {"role": "assistant", "content": r["answer"]}]}
-                                       for r in tiny_arithmetic(n)])
+                                       for r in tiny_arithmetic(n, seed)])
 
 
 def test_pace_arguments_parse_with_hf_argument_parser(tmp_path):
@@ -91,7 +95,7 @@ def trl_trainer(args, train_set, **kwargs):
                           train_dataset=train_set, processing_class=tiny_tokenizer(), **kwargs)
 
 
-def test_sft_trainer_noises_a_peft_config_lora_and_refuses_packing(tmp_path):
+def test_sft_trainer_noises_a_peft_config_lora(tmp_path):
     import peft
     from pace_llm import noise_layers
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], bf16=False, use_cpu=True,
@@ -101,10 +105,123 @@ def test_sft_trainer_noises_a_peft_config_lora_and_refuses_packing(tmp_path):
     sigmas = {n.rsplit(".", 1)[-1]: h.sigma for n, h in noise_layers(trainer.model).items()}
     assert sorted(sigmas) == ["q_proj", "v_proj"] and trainer.model.peft_config["default"].r == 4
     assert all(h.sigma > 0 for h in noise_layers(trainer.model).values())
-    packed = trl.SFTConfig(output_dir=str(tmp_path), packing=True, report_to=[], bf16=False, use_cpu=True,
-                           max_length=64)
-    with pytest.raises(ValueError, match="Per-sample noise for packed rows"):
-        trl_trainer(packed, conversations(4), pace=PaceArguments(mode="full"))
+
+
+# TRL's padding-free batches: one row per micro-batch, samples told apart by position_ids
+LAYOUTS = {"unpacked": dict(max_length=1024), "padding_free": dict(padding_free=True, max_length=None),
+           "packing": dict(packing=True, max_length=128)}  # 8 conversations of ~44 tokens: 4 packed rows
+
+
+def sft_args(out, layout: str, **kwargs) -> "trl.SFTConfig":
+    """A micro-batch of 8: all 8 conversations (or all their packed rows) in every step."""
+    return trl.SFTConfig(output_dir=str(out), per_device_train_batch_size=8, per_device_eval_batch_size=8,
+                         learning_rate=1e-2, logging_steps=1, report_to=[], bf16=False, use_cpu=True, seed=0,
+                         save_strategy="no", disable_tqdm=True, **LAYOUTS[layout], **kwargs)
+
+
+def logged(trainer, key: str) -> list[float]:
+    return [r[key] for r in trainer.state.log_history if "task_loss" in r]
+
+
+def test_trl_padding_free_batch_reads_as_packed_samples():
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=16)
+    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},  # a packed row
+            {"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4], "seq_lengths": [4]}]
+    batch = collate(rows)  # one row: 9 tokens, 7 of padding (position 0 each)
+    out = from_position_ids(batch, torch.tensor([10, 11, 12]))
+    assert out["segment_index"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2] + [-1] * 7]
+    assert out["sample_id"].tolist() == [10, 11, 12] and "attention_mask" not in batch
+    assert out["labels"][0, :9].tolist() == [-100, 6, 7, -100, 9, -100, 2, 3, 4]
+    assert from_position_ids(batch)["segment_index"].max() == 9  # unnamed: padding tokens are empty samples
+    with pytest.raises(ValueError, match="2 sample ids for a batch whose position_ids start 10 samples"):
+        from_position_ids(batch, torch.tensor([10, 11]))  # the third sample has labels: not padding
+    labelled = {"position_ids": torch.tensor([[0, 1, 2, 0, 1]]), "labels": torch.tensor([[1, 2, 3, 4, 5]])}
+    assert from_position_ids(labelled)["labels"].tolist() == [[-100, 2, 3, -100, 5]]  # no target across samples
+
+
+def test_sft_packed_at_sigma_zero_logs_the_unpacked_losses(tmp_path):
+    """padding_free and packing vs unpacked, the same 8 conversations in each step: the same losses
+    step by step (off unpacked, full PACE at σ = 0 packed: [x; x] of packed rows) and the same
+    held-out loss. mode=noise on packed rows: consistency 0, step 1 the same (LoRA B = 0), then not."""
+    held_out = conversations(4, seed=1)
+
+    def run(layout, **pace):
+        trainer = trl_trainer(sft_args(tmp_path / layout, layout, max_steps=3), conversations(8),
+                              pace=PaceArguments(**pace))
+        trainer.train()
+        return trainer, logged(trainer, "loss")
+
+    unpacked, losses = run("unpacked", mode="off")
+    eval_loss = unpacked.evaluate(held_out)["eval_loss"]
+    for layout in ("padding_free", "packing"):
+        trainer, packed = run(layout, mode="full", sigma=0.0)
+        assert (len(trainer.train_dataset) < 8) == (layout == "packing")  # several conversations a row
+        assert packed == pytest.approx(losses, rel=1e-5), layout
+        assert logged(trainer, "consistency_loss") == [0.0] * 3
+        assert trainer.evaluate(held_out)["eval_loss"] == pytest.approx(eval_loss, rel=1e-5), layout
+    trainer, noisy = run("packing", mode="noise", sigma=1.0)
+    assert logged(trainer, "consistency_loss") == [0.0] * 3
+    assert noisy[0] == pytest.approx(losses[0], rel=1e-5)
+    assert all(abs(a - b) > 1e-4 for a, b in zip(noisy[1:], losses[1:]))
+
+
+def test_sft_full_pace_on_packed_rows_draws_noise_per_sample(tmp_path):
+    """TRL packing, a peft_config LoRA, gradient checkpointing: positive consistency; in a training
+    step every sample of the packed row has its own Z, shared by its tokens and drawn again the
+    same in the checkpointed recompute; a sample's logits ignore its row neighbours; eval: no noise."""
+    import peft
+    args = sft_args(tmp_path, "packing", max_steps=3, gradient_checkpointing=True,
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = trl_trainer(args, conversations(8), peft_config=lora, pace=PaceArguments(mode="full", sigma=1.0))
+    trainer.train()
+    consistency = logged(trainer, "consistency_loss")
+    assert consistency[0] == 0 and min(consistency[1:]) > 0  # step 1: LoRA B = 0, so no noise yet
+
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch  # TRL: one flattened row
+    packed = trainer._packed(batch)
+    assert len(packed["sample_id"]) == 8
+    segment = trainer.pace_objective.forward_batch(packed, 0)["segment_index"]  # [x; x]: 16 samples, 2 rows
+    lora_b = trainer.model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.lora_B.default")
+    seen = []  # (Z ⊙ Δh, Δh) per forward; registered after PACE's hook, so it sees the noisy output
+    hook = lora_b.register_forward_hook(lambda m, i, o: seen.append((o.detach(), F.linear(i[0], m.weight).detach())))
+    trainer.training_step(trainer.model, batch)
+    hook.remove()
+    assert len(seen) == 2 and torch.equal(seen[0][0], seen[1][0])  # forward, then the recompute: the same Z
+    noisy, clean = seen[0]
+    z = [(noisy[segment == k] * clean[segment == k]).sum(0) / clean[segment == k].square().sum(0)
+         for k in range(16)]  # least-squares Z of sample k, per channel
+    for k in range(16):
+        torch.testing.assert_close(noisy[segment == k], clean[segment == k] * z[k], rtol=1e-4, atol=1e-6)
+    assert min((z[k] - z[k + 1]).abs().mean() for k in range(15)) > 0.1  # neighbours: other draws
+
+    rows, model = TokenRows(), trainer.model
+    changed = dict(packed, input_ids=packed["input_ids"].clone())
+    changed["input_ids"][packed["segment_index"] == 1] = 7  # sample 1 rewritten, in the row's middle
+    f = []
+    for b in (packed, changed):
+        torch.manual_seed(0)  # the same draws: noise on, as in training
+        with torch.no_grad(), noise_segments(b["segment_index"]):
+            out = rows.forward(model, b)
+        f.append(out.f.split(out.counts.tolist()))
+    assert all(torch.equal(a, b) == (k != 1) for k, (a, b) in enumerate(zip(*f)))  # exactly
+
+    held_out = conversations(4, seed=1)
+    assert trainer.evaluate(held_out)["eval_loss"] == trainer.evaluate(held_out)["eval_loss"]
+
+
+def test_sft_fast_pace_on_packed_rows_caches_per_sample(tmp_path):
+    """TRL packing, PACE_fast: 4 packed rows, 8 cached samples; one step per epoch, so steps 2
+    and 3 read the previous epoch's outputs, sample by sample."""
+    trainer = trl_trainer(sft_args(tmp_path, "packing", max_steps=3), conversations(8),
+                          pace=PaceArguments(mode="fast", lam=0.5, sigma=1.0))
+    assert len(trainer.train_dataset) < 8 and trainer.pace_cache.sample_ids.tolist() == list(range(8))
+    trainer.train()
+    consistency = logged(trainer, "consistency_loss")
+    assert consistency[0] == 0 and min(consistency[1:]) > 0
+    trainer.close_pace()
 
 
 def test_pace_trainer_loss_is_pace_objective(tmp_path):

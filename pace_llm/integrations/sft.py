@@ -5,9 +5,20 @@
                              pace=PaceArguments(mode="full", lam=0.1, sigma=1.0))
 
 With a `peft_config`, TRL builds the LoRA and PACE adds its noise to it (PaceArguments'
-rank / alpha / target_modules are then unused). TRL's packing and padding-free batches put
-several samples in one row, and PACE's noise is drawn per row: they are refused until the
-per-sample noise of packed rows exists (the packing issue), except in mode `off`.
+rank / alpha / target_modules are then unused).
+
+TRL's packing and padding-free batches work in every mode. `padding_free=True` flattens each
+micro-batch into one row; `packing=True` (strategy bfd, the default) packs the dataset once
+into rows of `max_length` tokens (column `seq_lengths`) and flattens a micro-batch of those
+rows into one row, the same way. Either batch has `position_ids` restarting at every sample,
+no attention_mask (transformers then masks block-diagonally) and each sample's first label
+-100. The mixin reads the samples off the position_ids (pace_llm.packing.from_position_ids):
+PACE's noise is one draw per sample and channel, full PACE's [x; x] copies are new samples,
+and PACE_fast keys its cache by sample (trainer.first_sample_keys). Two consequences:
+  - lazy_half halves by rows, and the micro-batch is one row: its paired steps pair all of it;
+  - `packing_strategy="wrapped"` cuts the token stream into rows that attend across samples,
+    so there a row is PACE's sample (noise per row, as TRL's model sees it).
+Evaluation is TRL's own forward, in eval mode: no noise.
 """
 from __future__ import annotations
 
@@ -21,11 +32,4 @@ from .trainer import PaceMixin
 
 class PaceSFTTrainer(PaceMixin, trl.SFTTrainer):
     def __init__(self, model, args=None, *, pace: Optional[PaceConfig] = None, **kwargs):
-        if pace is not None and pace.mode != "off" and args is not None and (
-                getattr(args, "packing", False) or getattr(args, "padding_free", False)):
-            raise ValueError(
-                f"pace.mode={pace.mode} with TRL packing / padding_free: a packed row holds several samples, "
-                "and PACE's noise (one draw per sample and channel) would be shared by all of them, its "
-                "consistency and PACE_fast's per-sample cache mixed across them. Per-sample noise for packed "
-                "rows is not implemented yet: set packing=False and padding_free=False")
         self._pace_init(super().__init__, model, args, kwargs, pace)

@@ -12,12 +12,16 @@ What the mixin changes in the Trainer, and nothing else:
   - the training loss: PaceObjective (pace_llm/objectives.py) on the batch, its paired
     dropout held across forward and backward (training_step); evaluation keeps the parent's
     loss, in eval mode, without noise;
+  - padding-free batches (position_ids restarting at every sample, no attention_mask: TRL's
+    padding_free and packing) are read into pace_llm.packing's layout before the step, so
+    the noise is one draw per sample even inside a row, also in a checkpointed recompute;
   - logging: `task_loss` and `consistency_loss` (means over the logging window and the
     ranks) join the Trainer's own `loss` row, so every `report_to` target gets them;
   - PACE_fast: `sample_id` added to the training set, a ShardedEpochSampler that keeps
     each sample on one rank (accelerate's per-rank split is turned off for it), the
     OutputCache sized from the training set, its state saved in every checkpoint folder
-    (pace_cache_rank{r}.pt) and restored by `train(resume_from_checkpoint=...)`.
+    (pace_cache_rank{r}.pt) and restored by `train(resume_from_checkpoint=...)`. A row TRL
+    packed holds several samples: the cache has an entry per sample (first_sample_keys).
 
 A causal LM's rows (TokenRows) run the decoder on the unwrapped model, which bypasses
 DDP's forward, and with it DDP's gradient hooks: under DDP the trainer averages the
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import json
 import logging
 import os
@@ -47,6 +52,7 @@ from ..distributed import skip_deepspeed_shm_allreduce
 from ..export import PACE_CONFIG
 from ..objectives import PaceObjective
 from ..pace_config import PaceConfig
+from ..packing import from_position_ids, is_packed
 from ..rows import TokenRows, rows_for_model
 from .arguments import PaceArguments
 
@@ -102,6 +108,17 @@ class _KeepSampleIds:
         return batch
 
 
+def first_sample_keys(dataset) -> Optional[torch.Tensor]:
+    """PACE_fast cache keys of a dataset TRL packed: its `seq_lengths` column lists the samples
+    in each row, and row i's samples get keys first[i] .. first[i+1]-1, numbered once over the
+    dataset. TRL packs the dataset once, so a row and its samples keep their keys across epochs
+    and resumes. None for a dataset of single samples (the key is the item's index)."""
+    if "seq_lengths" not in getattr(dataset, "column_names", ()):
+        return None
+    per_row = torch.tensor([len(lengths) for lengths in dataset["seq_lengths"]], dtype=torch.long)
+    return torch.cat([per_row.new_zeros(1), per_row.cumsum(0)])
+
+
 def _is_peft(model) -> bool:
     try:
         import peft
@@ -131,12 +148,13 @@ class PaceMixin:
         self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the GA steps
         self._pace_rows = rows_for_model(self.model)
         self._pace_window = torch.zeros(3)  # sums of task loss, consistency, micro-steps since the last log
-        self.pace_cache = None
+        self.pace_cache = self._pace_first_keys = None
         if self.pace.mode == "fast":
             if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
                 raise ValueError("pace.mode=fast needs a map-style train_dataset (a per-sample cache)")
             self.train_dataset = with_sample_ids(self.train_dataset)
             self.data_collator = _KeepSampleIds(self.data_collator)
+            self._pace_first_keys = first_sample_keys(self.train_dataset)
             self.pace_cache = self._build_cache()
         self.pace_objective = PaceObjective.from_config(self.pace, self.pace_cache, self._pace_rows)
 
@@ -145,19 +163,29 @@ class PaceMixin:
         return ShardedEpochSampler(len(self.train_dataset), self.args.process_index, self.args.world_size,
                                    seed=self.args.seed)
 
+    def _samples(self, i: int, example: dict):
+        """(cache key, labels) of each sample in dataset item i: the item, or each sample of a row
+        TRL packed, whose first label the padding-free batch masks (row_count skips it too)."""
+        labels = example.get("labels")
+        if labels is None and isinstance(self._pace_rows, TokenRows):  # TRL: labels = input_ids
+            labels = example["input_ids"]
+        if self._pace_first_keys is None:
+            return [(i, labels)]
+        starts = [0, *itertools.accumulate(example["seq_lengths"])]
+        return [(int(self._pace_first_keys[i]) + k, labels[a:b]) for k, (a, b) in enumerate(zip(starts, starts[1:]))]
+
     def _build_cache(self) -> OutputCache:
         rows = self._pace_rows
-        shard = self._shard().shard
-        counts = []
-        for i in shard:
+        keys, counts = [], []
+        for i in self._shard().shard:
             example = self.train_dataset[i]
-            if isinstance(rows, TokenRows) and "labels" not in example:  # TRL: labels = input_ids
-                example = {**example, "labels": example["input_ids"]}
-            counts.append(rows.row_count(example))
-        cache = OutputCache(counts, rows.cache_dim(self.model), sample_ids=shard,
+            for key, labels in self._samples(i, example):
+                keys.append(key)
+                counts.append(rows.row_count({**example, "labels": labels}))
+        cache = OutputCache(counts, rows.cache_dim(self.model), sample_ids=keys,
                             memory_budget_bytes=int(self.pace.cache_memory_gb * 2**30),
                             disk_dir=self.args.output_dir if os.path.isdir(self.args.output_dir) else None)
-        log.info("PACE_fast cache: %d samples on rank %d, %.1f MiB", len(shard), self.args.process_index,
+        log.info("PACE_fast cache: %d samples on rank %d, %.1f MiB", len(keys), self.args.process_index,
                  cache.nbytes / 2**20)
         return cache
 
@@ -185,8 +213,23 @@ class PaceMixin:
         return loader
 
     # --- loss ----------------------------------------------------------------------------
+    def _packed(self, inputs: dict) -> dict:
+        """A padding-free batch (position_ids restarting at every sample, no attention_mask: TRL's
+        padding_free and packing) in pace_llm.packing's layout, so PACE sees its samples: noise
+        per sample, rows counted per sample, [x; x] copies as new samples. PACE_fast's batch
+        names dataset items (sample_id): their samples' cache keys take its place."""
+        if "position_ids" not in inputs or "attention_mask" in inputs or is_packed(inputs):
+            return inputs
+        keys = inputs.get("sample_id")
+        if keys is not None and self._pace_first_keys is not None:
+            first = self._pace_first_keys
+            keys = torch.cat([torch.arange(first[i], first[i + 1]) for i in keys.tolist()]).to(keys.device)
+        return from_position_ids(inputs, keys)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        with self.pace_objective.scope(self.state.global_step):  # paired dropout through the backward
+        inputs = self._packed(inputs)
+        # paired dropout and per-sample noise of packed rows, through the (checkpointed) backward
+        with self.pace_objective.scope(self.state.global_step, inputs):
             loss = super().training_step(model, inputs, num_items_in_batch)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel) and self.accelerator.sync_gradients \
                 and isinstance(self._pace_rows, TokenRows):
