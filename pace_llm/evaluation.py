@@ -44,18 +44,18 @@ def write_results(path, summary: dict, samples: Iterable[dict] | None = None,
 # --------------------------------------------------------------------------- classifiers
 
 def adapter_head_shape(adapter_dir) -> tuple[int, ...] | None:
-    """Shape of the first 2-D task-head weight (HEAD_NAMES) saved in an adapter folder:
-    (num_labels, hidden) for a one-layer head such as ViT's; None when it holds no head."""
+    """(num_labels, inputs) of the task head (HEAD_NAMES) saved in an adapter folder: of its
+    2-D weights the one with the fewest outputs, the head's last layer (ViT: its only layer;
+    RoBERTa: out_proj after the hidden-sized dense); None when the folder holds no head."""
     from safetensors import safe_open
+    shapes = []
     for name in ("pace_adapter.safetensors", "adapter_model.safetensors"):
         file = Path(adapter_dir, name)
         if file.exists():
             with safe_open(str(file), "pt") as fh:
-                for key in fh.keys():
-                    shape = fh.get_slice(key).get_shape()
-                    if key.endswith("weight") and len(shape) == 2 and any(h in key for h in HEAD_NAMES):
-                        return tuple(shape)
-    return None
+                shapes += [tuple(fh.get_slice(key).get_shape()) for key in fh.keys()
+                           if key.endswith("weight") and any(h in key for h in HEAD_NAMES)]
+    return min((s for s in shapes if len(s) == 2), default=None)
 
 
 def load_classifier(auto_class, model, adapter=None, num_labels: int | None = None,

@@ -78,3 +78,22 @@ def test_load_classifier_wants_the_adapters_head(tmp_path):
     assert not model.training and model.config.num_labels == 2
     with pytest.raises(ModelError, match="has 2 labels, the task needs 3"):
         load_classifier(cls, base, num_labels=3)
+
+
+@pytest.mark.parametrize("kind, labels", [("roberta", 3), ("vit", 5)])
+def test_a_classifier_from_base_and_adapter_takes_the_adapters_label_count(tmp_path, kind, labels):
+    """RoBERTa's head is two layers (dense: hidden x hidden, then out_proj: labels x hidden);
+    the label count comes from the last, also when the caller does not pass it."""
+    import transformers
+
+    import pace_llm
+    from pace_llm.evaluation import adapter_head_shape, load_classifier
+    from pace_llm.tiny import tiny_model
+    tiny_model(kind, num_labels=2).save_pretrained(tmp_path / "base")  # the base's own head: another size
+    trained = pace_llm.apply_pace(tiny_model(kind, num_labels=labels), pace_llm.PaceConfig(rank=2))
+    pace_llm.save_adapter(trained, tmp_path / "adapter")
+    hidden = trained.config.hidden_size
+    assert adapter_head_shape(tmp_path / "adapter") == (labels, hidden)
+    auto = {"roberta": transformers.AutoModelForSequenceClassification,
+            "vit": transformers.AutoModelForImageClassification}[kind]
+    assert load_classifier(auto, tmp_path / "base", adapter=tmp_path / "adapter").config.num_labels == labels
