@@ -105,6 +105,9 @@ class DataSection:
     # max_length tokens (best-fit-decreasing, pace_llm/packing.py): no padding but row tails
     packing: bool = False
     limit: Optional[int] = None        # first N training rows (smoke runs)
+    # train on N rows of data.train drawn with train.seed (a new subset per seed, the same in every
+    # epoch and on resume), N / classes per class of data.label_field for classifiers: few-shot sets
+    sample: Optional[int] = None
     eval_limit: Optional[int] = None
 
     def sources(self, which: str) -> list[DataSource]:
@@ -299,6 +302,9 @@ def validate(r: Recipe) -> None:
         for i, source in enumerate(sources if isinstance(sources, list) else []):
             need(source.path, f"data.{which}[{i}].path", "a file, hub id or tiny:* source")
             need(source.weight > 0, f"data.{which}[{i}].weight", "a value > 0")
+    need(r.data.sample is None or r.data.sample >= 1, "data.sample", "an integer >= 1 or null")
+    need(r.data.sample is None or not isinstance(r.data.train, list), "data.sample",
+         "null with a list of data.train sources (a fractional weight draws a share of one)")
     need(not r.data.packing or r.model.task == "causal_lm", "data.packing",
          f"false for model.task={r.model.task} (packing is for causal_lm)")
     need(r.model.task == "causal_lm" or r.model.num_labels, "model.num_labels",
