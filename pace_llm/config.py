@@ -146,6 +146,7 @@ class TrainSection:
     save_every: int = 0                # steps; 0 = only at the end
     keep_checkpoints: int = 2
     eval_every: int = 0                # steps; with data.eval, also before training and at the end
+    eval_at_start: bool = True         # the eval before training (false: sweeps, whose runs all share it)
     fp_distance: bool = False          # log ‖f(θ) − f(θ0)‖² on a fixed held-out batch
     export_check: bool = True          # compare merged-model logits with the trained model's
     # trackers besides metrics.jsonl (always): tensorboard, wandb, mlflow (training/metrics.py)
