@@ -26,7 +26,8 @@ of them run side by side: a job runs one sweep worker at a time, and two jobs sh
 storage when nothing else is ready (the sweep splits its trials between its workers). Progress:
 one line per finished run. Everything resumes: rerunning the command skips finished sweeps, runs
 and evaluations, and a run killed mid-way continues from its checkpoint once the sweep's grace
-period (--grace-period s) has passed. Pause: kill the process group (SIGTERM), rerun to resume.
+period (--grace-period s) has passed. Pause: start it under setsid and kill its process group,
+`kill -TERM -- -$(cat OUT/study.pgid)` (runs checkpoint on SIGTERM); rerun the command to resume.
 """
 from __future__ import annotations
 
@@ -562,6 +563,10 @@ def main(argv=None) -> int:
                 print(f"  {d.name}/{arm}: {' '.join(plan.sweep(d, 'sweep', arm)[1])}")
         return 0
     if not args.summary:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "study.pgid").write_text(f"{os.getpgid(0)}\n")  # started under setsid: the group is ours
+        print(f"[study] pause: kill -TERM -- -{os.getpgid(0)} (runs checkpoint; rerun the command to resume)",
+              flush=True)
         Study(plan, args.datasets, args.jobs).run()
     print(write_tables(plan, args.datasets, command))
     print(f"\nwritten: {args.results}/study.md and study_<dataset>.json/.md", flush=True)
