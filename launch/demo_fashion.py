@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE = ROOT / "recipes" / "demo_fashion.yaml"
 SOURCE_CLASSES, TARGET_CLASSES = (0, 2, 4, 6, 8), (1, 3, 5, 7, 9)
+REMAP = {c: i for i, c in enumerate(TARGET_CLASSES)}  # target class -> label 0-4
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 BASE_NAME = "vit-h96-l4-p4-even"
 BASE_VERSION = 1
@@ -118,14 +119,8 @@ def prepare_data(folder: Path, seeds: list[int], shots: int, test_per_class: int
     import numpy as np
 
     from pace_llm import assets
-    folder.mkdir(parents=True, exist_ok=True)
     images, labels = assets.fashion_mnist("train")
-    test_images, test_labels = assets.fashion_mnist("test")
-    test_idx = np.concatenate([np.flatnonzero(test_labels == c)[:test_per_class] for c in TARGET_CLASSES])
-    remap = {c: i for i, c in enumerate(TARGET_CLASSES)}
-    test_path = folder / f"test-n{len(test_idx)}.parquet"
-    if not test_path.exists():
-        write_parquet(test_path, test_images[test_idx], [remap[v] for v in test_labels[test_idx]])
+    test_path = prepare_test(folder, test_per_class)
     train_paths = {}
     for seed in seeds:
         path = folder / f"train-k{shots}-s{seed}.parquet"
@@ -133,9 +128,46 @@ def prepare_data(folder: Path, seeds: list[int], shots: int, test_per_class: int
             rng = np.random.default_rng(seed)
             idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False) for c in TARGET_CLASSES])
             idx = rng.permutation(idx)
-            write_parquet(path, images[idx], [remap[v] for v in labels[idx]])
+            write_parquet(path, images[idx], [REMAP[v] for v in labels[idx]])
         train_paths[seed] = path
     return test_path, train_paths
+
+
+def prepare_test(folder: Path, test_per_class: int) -> Path:
+    """The first `test_per_class` test-split images of each target class (fixed)."""
+    import numpy as np
+
+    from pace_llm import assets
+    folder.mkdir(parents=True, exist_ok=True)
+    test_images, test_labels = assets.fashion_mnist("test")
+    test_idx = np.concatenate([np.flatnonzero(test_labels == c)[:test_per_class] for c in TARGET_CLASSES])
+    test_path = folder / f"test-n{len(test_idx)}.parquet"
+    if not test_path.exists():
+        write_parquet(test_path, test_images[test_idx], [REMAP[v] for v in test_labels[test_idx]])
+    return test_path
+
+
+def prepare_splits(folder: Path, pool_per_class: int = 1000, val_per_class: int = 100,
+                   test_per_class: int = 200) -> tuple[Path, Path, Path]:
+    """(pool, val, test) parquet files for selecting hyperparameters (bench/study.py): val and
+    pool are disjoint random draws per target class from the training split (seed 0), test is
+    the demo's. A recipe's data.sample draws its few-shot set from the pool per train.seed."""
+    import numpy as np
+
+    from pace_llm import assets
+    test_path = prepare_test(folder, test_per_class)
+    pool_path = folder / f"pool-k{pool_per_class}.parquet"
+    val_path = folder / f"val-k{val_per_class}.parquet"
+    if not (pool_path.exists() and val_path.exists()):
+        images, labels = assets.fashion_mnist("train")
+        rng = np.random.default_rng(0)
+        drawn = [rng.choice(np.flatnonzero(labels == c), val_per_class + pool_per_class, replace=False)
+                 for c in TARGET_CLASSES]
+        for path, part in ((val_path, [d[:val_per_class] for d in drawn]),
+                           (pool_path, [d[val_per_class:] for d in drawn])):
+            idx = rng.permutation(np.concatenate(part))
+            write_parquet(path, images[idx], [REMAP[v] for v in labels[idx]])
+    return pool_path, val_path, test_path
 
 
 def main() -> int:

@@ -105,6 +105,9 @@ class DataSection:
     # max_length tokens (best-fit-decreasing, pace_llm/packing.py): no padding but row tails
     packing: bool = False
     limit: Optional[int] = None        # first N training rows (smoke runs)
+    # train on N rows of data.train drawn with train.seed (a new subset per seed, the same in every
+    # epoch and on resume), N / classes per class of data.label_field for classifiers: few-shot sets
+    sample: Optional[int] = None
     eval_limit: Optional[int] = None
 
     def sources(self, which: str) -> list[DataSource]:
@@ -143,6 +146,7 @@ class TrainSection:
     save_every: int = 0                # steps; 0 = only at the end
     keep_checkpoints: int = 2
     eval_every: int = 0                # steps; with data.eval, also before training and at the end
+    eval_at_start: bool = True         # the eval before training (false: sweeps, whose runs all share it)
     fp_distance: bool = False          # log ‖f(θ) − f(θ0)‖² on a fixed held-out batch
     export_check: bool = True          # compare merged-model logits with the trained model's
     # trackers besides metrics.jsonl (always): tensorboard, wandb, mlflow (training/metrics.py)
@@ -299,6 +303,9 @@ def validate(r: Recipe) -> None:
         for i, source in enumerate(sources if isinstance(sources, list) else []):
             need(source.path, f"data.{which}[{i}].path", "a file, hub id or tiny:* source")
             need(source.weight > 0, f"data.{which}[{i}].weight", "a value > 0")
+    need(r.data.sample is None or r.data.sample >= 1, "data.sample", "an integer >= 1 or null")
+    need(r.data.sample is None or not isinstance(r.data.train, list), "data.sample",
+         "null with a list of data.train sources (a fractional weight draws a share of one)")
     need(not r.data.packing or r.model.task == "causal_lm", "data.packing",
          f"false for model.task={r.model.task} (packing is for causal_lm)")
     need(r.model.task == "causal_lm" or r.model.num_labels, "model.num_labels",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pace_llm import assets
-from pace_llm.assets import cache, gsm_symbolic
+from pace_llm.assets import cache, gsm_symbolic, polarity
 
 
 # --------------------------------------------------------------------------- cache mechanics
@@ -185,6 +185,16 @@ def test_smollm2_folder_loads_with_chat_template():
     assert text.strip(), "empty generation"
 
 
+def test_gsm_val_split_holds_out_whole_training_templates(gsm):
+    train, test, meta = gsm
+    pool_path, val_path, test_path = assets.gsm_symbolic_val_files()
+    pool, val = gsm_symbolic.read_jsonl(pool_path), gsm_symbolic.read_jsonl(val_path)
+    val_templates, pool_templates = {r["template"] for r in val}, {r["template"] for r in pool}
+    assert len(val) == 10 * 2 and len(val_templates) == 10 and len(pool) == 40 * 20
+    assert not val_templates & pool_templates and not (val_templates | pool_templates) & set(meta["test_templates"])
+    assert test_path == assets.gsm_symbolic_files()[1]
+
+
 # --------------------------------------------------------------------------- polarity, MiniLM
 
 def test_polarity_4000_balanced_rows():
@@ -202,6 +212,16 @@ def test_polarity_4000_balanced_rows():
     assert all(r["sentence"].strip() == r["sentence"] and r["sentence"] for r in rows)
     assert len({r["sentence"] for r in rows}) == 4000
     assert 0 < sum(labels[:100]) < 100  # shuffled: the source is sorted by label
+
+
+def test_polarity_split_is_disjoint_and_keeps_the_demo_test_set():
+    try:
+        pool, val, test = assets.polarity_split()
+    except assets.AssetMissing as exc:
+        pytest.skip(f"package index unreachable: {exc}")
+    parts = [polarity.read_csv(p) for p in (test, val, pool)]
+    assert [len(p) for p in parts] == [1000, 500, 2500]
+    assert [r for p in parts for r in p] == polarity.read_csv(assets.polarity_csv())  # test first (the demos')
 
 
 def test_minilm_loads_as_classifier():

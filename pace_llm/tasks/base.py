@@ -61,11 +61,19 @@ class Task:
         pad = getattr(self.tokenizer, "pad_token_id", None)
         return 0 if pad is None else pad
 
-    def load(self, source: DataSource) -> tuple[datasets.Dataset, int]:
-        """One source's encoded samples, and how many raw rows it had (its id block)."""
+    def sample_field(self, data) -> str | None:
+        """The column `data.sample` draws equally from (classifiers: the label), or None."""
+        return None
+
+    def load(self, source: DataSource, sample: int | None = None) -> tuple[datasets.Dataset, int]:
+        """One source's encoded samples (`sample` rows of it, drawn with train.seed), and how
+        many raw rows it had (its id block: a drawn row keeps its row index as sample id)."""
         data = self.data.for_source(source)
         rows = load_rows(source.path, source.split, data.hub_config, source.limit, seed=self.seed)
-        return self.encode(rows, source.path, data), len(rows)
+        n_rows = len(rows)
+        if sample is not None:
+            rows = rows.select(sample_indices(rows, sample, self.seed, self.sample_field(data), source.path))
+        return self.encode(rows, source.path, data), n_rows
 
     def load_mixture(self, which: str) -> datasets.Dataset | None:
         """`data.train` / `data.eval` (one source or a weighted list) as one dataset.
@@ -80,7 +88,7 @@ class Task:
             return None
         parts, offset = [], 0
         for index, source in enumerate(sources):
-            samples, n_rows = self.load(source)
+            samples, n_rows = self.load(source, self.data.sample if which == "train" else None)
             whole, fraction = int(source.weight), source.weight - int(source.weight)
             extra = round(fraction * len(samples))
             drawn = sorted(np.random.default_rng([self.seed, index]).choice(len(samples), extra, replace=False))
@@ -106,6 +114,30 @@ class Task:
             raise DataError(f"no training samples left in {self.data.train} (all answers truncated by "
                             f"data.max_length={self.data.max_length}?)")
         return train, self.load_mixture("eval")
+
+
+def sample_indices(rows: datasets.Dataset, n: int, seed: int, by: str | None = None, source: str = "") -> list[int]:
+    """`n` row indices drawn without replacement with `seed` (sorted); with `by`, n / k rows
+    from each of the k values of that column (a class-balanced few-shot set)."""
+    rng = np.random.default_rng(seed)
+    if by is None:
+        if n > len(rows):
+            raise DataError(f"data.sample={n} is more than the {len(rows)} rows of {source}")
+        return sorted(rng.choice(len(rows), n, replace=False).tolist())
+    require_fields(rows, [by], source)
+    labels = np.asarray(rows[by])
+    classes = np.unique(labels)
+    per, left = divmod(n, len(classes))
+    if left:
+        raise DataError(f"data.sample={n} does not split evenly over the {len(classes)} classes of "
+                        f"{by!r} in {source}: use a multiple of {len(classes)}")
+    picked = []
+    for c in classes:
+        rows_c = np.flatnonzero(labels == c)
+        if per > len(rows_c):
+            raise DataError(f"data.sample={n} needs {per} rows of class {c} in {source}, which has {len(rows_c)}")
+        picked += rng.choice(rows_c, per, replace=False).tolist()
+    return sorted(picked)
 
 
 def require_fields(rows: datasets.Dataset, fields, source: str) -> None:

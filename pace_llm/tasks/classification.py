@@ -33,6 +33,9 @@ class SequenceClassificationTask(Task):
     def model_kwargs(self):
         return {"num_labels": self.model_section.num_labels, "ignore_mismatched_sizes": True}
 
+    def sample_field(self, data):
+        return None if self.rows.regression else data.label_field
+
     def encode(self, rows, source, data=None):
         d = data or self.data
         return tokenize_classification(rows, self.tokenizer, d.text_fields, d.label_field, d.max_length, source)

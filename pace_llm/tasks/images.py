@@ -69,6 +69,9 @@ class ImageClassificationTask(Task):
     def model_kwargs(self):
         return {"num_labels": self.model_section.num_labels, "ignore_mismatched_sizes": True}
 
+    def sample_field(self, data):
+        return data.label_field
+
     def encode(self, rows, source, data=None):
         d = data or self.data
         return prepare_images(rows, d.image_field, d.label_field, source)

@@ -134,7 +134,7 @@ class Trainer:
                                    config=to_dict(self.recipe))  # open until close(): save_outputs adds the PNG
         self.fixed_batch = self.first_batch(t.micro_batch_size)
         self.reference = self.fixed_outputs(self.fixed_batch) if t.fp_distance else None
-        if self.eval_set is not None and progress.step == 0:  # the baseline point
+        if self.eval_set is not None and progress.step == 0 and t.eval_at_start:  # the baseline point
             self.log_eval(0)
         bar = tqdm(total=self.total_steps, initial=progress.step, disable=self.rank != 0, desc="train",
                    dynamic_ncols=True)

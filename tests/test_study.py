@@ -1,0 +1,45 @@
+"""bench/study.py's own logic, without training: the paired statistics and the selection of
+each arm's grid point from its sweep's results (the study itself: `python bench/study.py --smoke`)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import study  # noqa: E402
+
+
+@pytest.mark.parametrize("df, t", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262)])
+def test_t_test_matches_the_tables_5_percent_points(df, t):
+    assert study.t_two_sided_p(t, df) == pytest.approx(0.05, abs=2e-4)
+
+
+def test_paired_differences_counts_and_sign_test():
+    p = study.paired({0: 0.8, 1: 0.7, 2: 0.9, 3: 0.6}, {0: 0.7, 1: 0.7, 2: 0.8, 3: 0.5, 9: 0.1}, higher_better=True)
+    assert p["seeds"] == [0, 1, 2, 3] and (p["better"], p["worse"], p["ties"]) == (3, 0, 1)
+    assert p["sign_p"] == 0.25 and p["mean"] == pytest.approx(0.075)
+    loss = study.paired({0: 1.0, 1: 2.0}, {0: 1.5, 1: 2.5}, higher_better=False)
+    assert (loss["better"], loss["worse"], loss["t_p"]) == (2, 0, 0.0)  # lower is better; no spread
+    assert study.sign_test_p(5, 0) == 0.0625  # 5 seeds can never reach p < 0.05 by signs alone
+
+
+def test_selection_needs_every_seed_and_breaks_ties_by_eval_loss(tmp_path):
+    d = study.DATASETS["polarity_n64"]
+    test = tmp_path / "test.csv"
+    plan = study.Plan(tmp_path, tmp_path / "results", smoke=False, grace_period=120, inputs={d.name: ([], test)})
+    sweep, _ = plan.sweep(d, "sweep", "full")
+    points = [{"params": {"pace.lam": lam, "pace.sigma": "1"}, "n": n, "mean": mean, "std": 0.0}
+              for lam, n, mean in (("0.05", 2, 0.8), ("0.2", 2, 0.8), ("1", 1, 0.9))]  # λ=1 lost a seed
+    sweep.sweep_dir.mkdir(parents=True)
+    (sweep.sweep_dir / "sweep.json").write_text(json.dumps({"grid": {"train.seed": ["0", "1"]}, "points": points}))
+    for lam, loss in (("0.05", 0.6), ("0.2", 0.5)):
+        for seed in "01":
+            run = sweep.run_dir({"pace.lam": lam, "pace.sigma": "1", "train.seed": seed})
+            run.mkdir(parents=True)
+            (run / "metrics.jsonl").write_text(json.dumps({"step": 9, "eval_loss": loss, "eval_accuracy": 0.8}))
+    assert plan.selected(d, "full") == {"pace.lam": "0.2", "pace.sigma": "1"}
+    final, cmd = plan.sweep(d, "final", "full")
+    assert final.grid == {"pace.lam": ["0.2"], "pace.sigma": ["1"], "train.seed": ["100", "101", "102", "103", "104"]}
+    assert f"data.eval={test}" in cmd
+    assert cmd[cmd.index("--grid") + 1:cmd.index("--seeds")] == ["pace.lam=0.2", "pace.sigma=1"]
