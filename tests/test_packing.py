@@ -14,7 +14,7 @@ import torch
 import pace_llm
 from pace_llm.launcher import script_command
 from pace_llm.objectives import PaceObjective
-from pace_llm.packing import best_fit_decreasing, duplicate_packed, pack
+from pace_llm.packing import best_fit_decreasing, duplicate_packed, pack, padded_tokens
 from pace_llm.pace import multiplicative_noise, noise_segments
 from pace_llm.rows import TokenRows, model_inputs
 from pace_llm.tasks.base import pad_tokens
@@ -65,6 +65,7 @@ def test_best_fit_decreasing_is_tight_and_deterministic():
     assert len(rows) == -(-sum(LENGTHS) // 16)  # 48 tokens: 3 full rows
     assert rows == best_fit_decreasing(LENGTHS, 16)
     assert best_fit_decreasing([20, 3], 16) == [[0], [1]]  # an over-long sample gets its own row
+    assert padded_tokens(LENGTHS, 16) == 48 and padded_tokens(LENGTHS) == 8 * 12  # packed: 3 full rows
 
 
 def test_packed_batch_layout():
@@ -160,6 +161,25 @@ def test_paired_copies_of_a_packed_batch_draw_their_own_noise():
     half = duplicate_packed(batch, 1)  # lazy_half: the first row's samples, twice
     m = int(batch["segment_index"][0].max()) + 1
     assert len(half["sample_id"]) == 2 * m and len(half["input_ids"]) == 2
+
+
+def test_inspect_data_shows_the_bins(capsys):
+    """launch/inspect_data.py with data.packing: the first micro-batches' rows, each sample by
+    id and length, in the order training takes them; and the epoch's padding packed vs padded."""
+    from pace_llm.cache import ShardedEpochSampler
+    sys.path.insert(0, str(ROOT / "launch"))
+    import inspect_data
+    assert inspect_data.main(["recipes/tiny.yaml", "data.packing=true", "data.max_length=100", "--n", "0",
+                              "--batches", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"  row \d+: (\d+) tokens: (.*)", out)
+    shown = [[(int(i), int(n)) for i, n in re.findall(r"#(\d+) \((\d+)\)", parts)] for _, parts in rows]
+    assert all(int(used) == sum(n for _, n in parts) <= 100 for (used, _), parts in zip(rows, shown))
+    assert any(len(parts) > 1 for parts in shown)  # samples share rows
+    first = list(ShardedEpochSampler(64, seed=0))[:8]  # 2 micro-batches of 4; tiny sample ids are row numbers
+    assert sorted(i for parts in shown for i, _ in parts) == sorted(first)
+    packed, padded = re.search(r"packed ([\d.]+)%, padded to each micro-batch's longest sample ([\d.]+)%", out).groups()
+    assert float(packed) < float(padded)
 
 
 def step_gradients(model, micro_batches, normalization):
