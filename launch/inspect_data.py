@@ -1,8 +1,11 @@
 """Show what a recipe trains on: the first training samples as the model sees them, with
 the supervised tokens marked (green on a terminal, [[...]] otherwise), then per source the
 rows, samples, truncated / dropped / skipped counts and the supervised-token distribution.
+With data.packing, also how the first micro-batches of training are packed (rows, which
+samples with how many tokens each, padding) and the padding of a whole epoch packed vs padded.
 
     python launch/inspect_data.py recipes/tiny_chat.yaml [section.key=value ...] [--n 3] [--json]
+    python launch/inspect_data.py recipes/demo_gsm8k.yaml data.packing=true --n 0 --batches 2
 
 --json prints one JSON object per sample instead (sample_id, source, input_ids, labels,
 text, supervised_text) for the first --n samples; the counts go to stderr.
@@ -39,12 +42,42 @@ def distribution(values: list[int]) -> str:
             f"max {v.max()}")
 
 
+def show_packing(task, train, recipe, n_batches: int, out) -> None:
+    """The first micro-batches of epoch 0 in a one-process run's order as `collate` packs them,
+    then the padding of the whole epoch at train.micro_batch_size, packed vs padded."""
+    from pace_llm.cache import ShardedEpochSampler
+    from pace_llm.packing import padded_tokens
+    size, capacity = recipe.train.micro_batch_size, recipe.data.max_length
+    order = list(ShardedEpochSampler(len(train), seed=recipe.train.seed))
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    lengths = [len(ids) for ids in train["input_ids"]]
+    print(f"--- packing: micro-batches of {size} samples (train.micro_batch_size) in rows of up to {capacity} "
+          f"tokens (data.max_length); epoch 0 of a one-process run", file=out)
+    for k, indices in enumerate(batches[:n_batches]):
+        batch = task.collate([train[i] for i in indices])
+        segment = batch["segment_index"]
+        used, longest = int((segment >= 0).sum()), max(lengths[i] for i in indices)
+        print(f"micro-batch {k}: {len(indices)} samples in {len(segment)} rows of {segment.shape[1]} tokens, "
+              f"padding {1 - used / segment.numel():.1%} (padded: {len(indices)} x {longest} tokens, "
+              f"padding {1 - used / (len(indices) * longest):.1%})", file=out)
+        for r, row in enumerate(segment):
+            parts = [f"#{int(batch['sample_id'][s])} ({int((row == s).sum())})" for s in row.unique().tolist() if s >= 0]
+            print(f"  row {r}: {int((row >= 0).sum())} tokens: {', '.join(parts)}", file=out)
+    tokens = sum(lengths)
+    packed = sum(padded_tokens([lengths[i] for i in b], capacity) for b in batches)
+    padded = sum(padded_tokens([lengths[i] for i in b]) for b in batches)
+    print(f"padding over epoch 0 ({len(batches)} micro-batches, {tokens} tokens): packed {1 - tokens / packed:.1%}, "
+          f"padded to each micro-batch's longest sample {1 - tokens / padded:.1%}", file=out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--n", type=int, default=3, help="samples to show (default 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample on stdout")
+    parser.add_argument("--batches", type=int, default=2,
+                        help="with data.packing: micro-batches whose packing is shown (default 2)")
     args = parser.parse_args(argv)
 
     import datasets
@@ -85,6 +118,8 @@ def main(argv=None) -> int:
         print(f"{source}: {stats.summary()}", file=report)
     counts = [sum(x != -100 for x in labels[1:]) for labels in train["labels"]]
     print(f"training set: {len(train)} samples; supervised tokens per sample: {distribution(counts)}", file=report)
+    if recipe.data.packing:
+        show_packing(task, train, recipe, args.batches, report)
     return 0
 
 

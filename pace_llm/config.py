@@ -133,7 +133,12 @@ class TrainSection:
     max_steps: Optional[int] = None    # optimizer steps; sets the schedule when given
     stop_after: Optional[int] = None   # end this invocation after step k (checkpointed)
     micro_batch_size: int = 4          # per rank
-    gradient_accumulation: int = 1
+    gradient_accumulation: int = 1     # an epoch's last step may hold fewer micro-batches
+    # What the task loss and consistency are averaged over: "step" = every supervised row of the
+    # optimizer step (all micro-batches, all ranks), so packing, micro-batch size and
+    # accumulation do not change the gradient; "micro_batch" = each micro-batch's own mean,
+    # averaged. null: step with data.packing, micro_batch without (the unpacked behaviour)
+    loss_normalization: Optional[Literal["step", "micro_batch"]] = None
     lr: float = 1e-4
     min_lr: float = 0.0
     weight_decay: float = 0.0
@@ -310,6 +315,11 @@ def validate(r: Recipe) -> None:
          f"false for model.task={r.model.task} (packing is for causal_lm)")
     need(r.model.task == "causal_lm" or r.model.num_labels, "model.num_labels",
          f"the number of classes for model.task={r.model.task}")
+
+
+def loss_normalization(r: Recipe) -> str:
+    """train.loss_normalization with its default filled in: step when packing, else micro_batch."""
+    return r.train.loss_normalization or ("step" if r.data.packing else "micro_batch")
 
 
 def eval_key(r: Recipe, key: str):

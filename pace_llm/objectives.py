@@ -9,7 +9,10 @@ A batch holds the model inputs, `labels` and `sample_id`. What PACE regularises,
 task loss come from `rows` (pace_llm/rows.py: TokenRows for causal LMs, SampleRows for
 classifiers), which the task kind passes; without one it is picked from the model's class.
 Reductions (pace.py): task loss = mean over rows; consistency = mean over rows of the
-squared L2 distance summed over classes / vocabulary.
+squared L2 distance summed over classes / vocabulary. Given a `denominator` (the trainer's
+train.loss_normalization=step: the supervised rows of the whole optimizer step, counted
+beforehand with `task_rows`), both are sums over the batch's rows / denominator instead, so
+the step's micro-batches add up to its mean per row however the samples were batched.
 
   off        task loss only (plain LoRA when σ = 0).
   noise      the same loss with PACE's noise on (σ > 0): the paper's noise-only ablation.
@@ -17,7 +20,8 @@ squared L2 distance summed over classes / vocabulary.
              half; λ·consistency(f1, f2). Both halves get gradients (as the authors).
   fast       one forward; λ·consistency(f, o) with o this sample's output stored in
              the previous epoch (OutputCache), a constant target; samples without a
-             stored output get no consistency term; then o ← f.
+             stored output get no consistency term (with a denominator their rows
+             still count in it); then o ← f.
   lazy_half  every `lazy_every`-th step, `full` on the first half of the batch;
              the other steps `off` on the whole batch (noise stays on).
 
@@ -41,9 +45,9 @@ import torch
 from .adapters import base_model
 from .cache import OutputCache
 from .packing import duplicate_packed, is_packed, sample_count
-from .pace import consistency_loss, mean_squared_norm, noise_segments, paired_dropout
+from .pace import consistency_loss, mean_squared_norm, noise_segments, paired_dropout, reduce_rows
 from .pace_config import MODES, PaceConfig
-from .rows import Rows, rows_for_model
+from .rows import Rows, rows_for_model, supervised_counts
 
 log = logging.getLogger(__name__)
 
@@ -115,36 +119,52 @@ class PaceObjective:
         with paired_dropout(self.is_paired(step)), noise_segments(segments):
             yield
 
+    def _task_half(self, batch: dict, step: int) -> Optional[int]:
+        """lazy_half's paired steps: the batch rows (packed rows hold several samples) its
+        forward doubles and its task loss covers; None: all of them."""
+        return max(1, len(batch["labels"]) // 2) if self.mode == "lazy_half" and self.is_paired(step) else None
+
     def forward_batch(self, batch: dict, step: int) -> dict:
         """What the forward runs on: the batch, or [x; x] on a paired step (lazy_half: the
         first half of the rows; packed rows hold several samples each)."""
         if not self.is_paired(step):
             return batch
-        half = None if self.mode == "full" else max(1, len(batch["labels"]) // 2)
+        half = self._task_half(batch, step)
         return duplicate_packed(batch, half) if is_packed(batch) else _duplicate(batch, half)
 
-    def __call__(self, model, batch: dict, step: int = 0) -> LossOutput:
+    def task_rows(self, batch: dict, step: int = 0) -> int:
+        """The rows the task loss of `batch` covers at `step` (LossOutput.supervised_rows),
+        from its labels, before any forward: what a step's denominator adds up."""
+        return int(supervised_counts(batch["labels"][:self._task_half(batch, step)]).sum())
+
+    def __call__(self, model, batch: dict, step: int = 0, denominator: Optional[float] = None) -> LossOutput:
+        """denominator: None for means over the batch's rows, else sums / denominator."""
         if self.rows is None:
             self.rows = rows_for_model(model)
         with self.scope(step, batch):
             if self.is_paired(step):
-                return self._paired(model, self.forward_batch(batch, step))
+                return self._paired(model, self.forward_batch(batch, step), denominator)
             rows = self.rows.forward(model, batch)
-            task = self.rows.loss(rows)
+            task = self._task_loss(rows, denominator)
             if self.mode != "fast":  # off, noise, and lazy_half's unpaired steps
                 return LossOutput(task, task, task.new_zeros(()), len(rows.target))
-            return self._fast(batch, rows, task)
+            return self._fast(batch, rows, task, denominator)
 
-    def _paired(self, model, batch2: dict) -> LossOutput:
+    def _task_loss(self, rows: Rows, denominator: Optional[float]) -> torch.Tensor:
+        if denominator is None:
+            return self.rows.loss(rows)
+        return self.rows.loss(rows, reduction="sum") / denominator
+
+    def _paired(self, model, batch2: dict, denominator: Optional[float]) -> LossOutput:
         share_attention_dropout(model)
         rows = self.rows.forward(model, batch2)
         n = sample_count(batch2) // 2
         r1, r2 = rows.first(n), rows.last(n)
-        task = self.rows.loss(r1)
-        cons = consistency_loss(r1.f, r2.f)
+        task = self._task_loss(r1, denominator)
+        cons = consistency_loss(r1.f, r2.f, denominator)
         return LossOutput(task + self.lam * cons, task, cons, len(r1.target))
 
-    def _fast(self, batch: dict, rows: Rows, task: torch.Tensor) -> LossOutput:
+    def _fast(self, batch: dict, rows: Rows, task: torch.Tensor, denominator: Optional[float]) -> LossOutput:
         ids = batch["sample_id"]
         stored, has = self.cache.read(ids)
         stored, has = stored.to(rows.stored.device), has.to(rows.stored.device)
@@ -155,14 +175,14 @@ class PaceObjective:
         if has.any():
             prev = stored[has].to(rows.stored.dtype)
             if head is None:  # cached logits
-                cons = consistency_loss(rows.f[has], prev)
+                cons = consistency_loss(rows.f[has], prev, denominator)
             elif gram is not None:  # ‖W(h − h_o)‖² = (h − h_o)ᵀ WᵀW (h − h_o)
                 diff = rows.stored[has].float() - stored[has].float()
-                cons = ((diff @ gram) * diff).sum(-1).mean()
+                cons = reduce_rows(((diff @ gram) * diff).sum(-1), denominator)
             elif head.bias is None:  # cached hidden states: f − o = W(h − h_o)
-                cons = mean_squared_norm(head(rows.stored[has] - prev))
+                cons = mean_squared_norm(head(rows.stored[has] - prev), denominator)
             else:
-                cons = consistency_loss(rows.f[has], head(prev))
+                cons = consistency_loss(rows.f[has], head(prev), denominator)
         self.cache.write(ids.cpu(), rows.stored.detach())
         return LossOutput(task + self.lam * cons, task, cons, len(rows.target))
 

@@ -106,16 +106,24 @@ class NoiseHook:
         return output
 
 
-def mean_squared_norm(diff: torch.Tensor) -> torch.Tensor:
-    """mean over rows of ‖diff‖² (summed over the last dimension), in fp32; 0 for no rows."""
+def reduce_rows(per_row: torch.Tensor, denominator: Optional[float] = None) -> torch.Tensor:
+    """The mean of per-row values, or their sum / denominator: a denominator counting more
+    rows than these (the trainer's train.loss_normalization=step) makes them a share of a
+    larger mean."""
+    return per_row.mean() if denominator is None else per_row.sum() / denominator
+
+
+def mean_squared_norm(diff: torch.Tensor, denominator: Optional[float] = None) -> torch.Tensor:
+    """mean over rows of ‖diff‖² (summed over the last dimension), in fp32; 0 for no rows.
+    With a denominator: the sum over rows / denominator (reduce_rows)."""
     if diff.numel() == 0:
         return diff.new_zeros((), dtype=torch.float32)
-    return diff.float().square().sum(-1).mean()
+    return reduce_rows(diff.float().square().sum(-1), denominator)
 
 
-def consistency_loss(f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
-    """mean over rows of ‖f1 − f2‖²."""
-    return mean_squared_norm(f1.float() - f2.float())
+def consistency_loss(f1: torch.Tensor, f2: torch.Tensor, denominator: Optional[float] = None) -> torch.Tensor:
+    """mean over rows of ‖f1 − f2‖² (or the sum / denominator)."""
+    return mean_squared_norm(f1.float() - f2.float(), denominator)
 
 
 # --- Shared dropout masks for paired batches -------------------------------------------

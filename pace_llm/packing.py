@@ -51,6 +51,16 @@ def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def padded_tokens(lengths: list[int], capacity: Optional[int] = None) -> int:
+    """Tokens a micro-batch of samples of these lengths takes as a batch, padding included:
+    packed into rows of `capacity` as `pack` does (rows x the longest row), or without
+    (None) padded to its longest sample."""
+    if capacity is None:
+        return len(lengths) * max(lengths)
+    rows = best_fit_decreasing(lengths, capacity)
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+
+
 def pack(samples: list[dict], capacity: int, pad_id: int) -> dict:
     """Encoded samples (input_ids, labels, sample_id) -> a packed batch (module docstring)."""
     bins = best_fit_decreasing([len(s["input_ids"]) for s in samples], capacity)

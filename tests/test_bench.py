@@ -78,3 +78,15 @@ def test_analyses_smoke(tmp_path):
     assert "(a) gradient norm" in stdout and "(b) final FP-distance" in stdout
     for plot in ("gradnorm", "fp_distance", "accuracy"):
         assert (out / f"analyses_smoke_{plot}.png").stat().st_size > 0
+
+
+def test_packing_smoke(tmp_path):
+    stdout, out = run(tmp_path, "packing.py")
+    rows = table_rows(stdout)
+    assert [(r[0], r[1]) for r in rows] == [("gsm", "8"), ("gsm", "2"), ("chat", "8"), ("chat", "2")]
+    result = json.loads((out / "packing_smoke.json").read_text())
+    for key, r in result["results"].items():
+        assert r["packed"]["padding"] <= r["padded"]["padding"], key  # the same samples, fewer pad tokens
+        assert r["speedup"] > 0 and len(r["speedup_per_round"]) == 2
+        for padded, packed in zip(result["raw"][key]["padded"], result["raw"][key]["packed"], strict=True):
+            assert (padded["tokens"], padded["supervised"]) == (packed["tokens"], packed["supervised"])

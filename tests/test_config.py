@@ -35,6 +35,7 @@ def test_overrides_and_yaml_1_2_scalars():
     ("pace.mode", "override 'pace.mode' is not of the form section.key=value"),
     ("train.micro_batch_size=0", "train.micro_batch_size: expected an integer >= 1"),
     ("data.sample=0", "data.sample: expected an integer >= 1 or null"),
+    ("train.loss_normalization=token", "train.loss_normalization: expected one of ['step', 'micro_batch'] or null"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(RecipeError) as err:

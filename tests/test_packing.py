@@ -1,7 +1,9 @@
 """Padding-free packing (data.packing, pace_llm/packing.py): the same samples give the same
-losses and gradients packed or padded, samples in a row cannot see each other, and PACE's
-noise stays one draw per sample and channel."""
+losses and gradients packed or padded, at any micro-batch size and accumulation (step loss
+normalisation), samples in a row cannot see each other, and PACE's noise stays one draw per
+sample and channel."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +12,16 @@ import pytest
 import torch
 
 import pace_llm
+from pace_llm.launcher import script_command
 from pace_llm.objectives import PaceObjective
-from pace_llm.packing import best_fit_decreasing, duplicate_packed, pack
+from pace_llm.packing import best_fit_decreasing, duplicate_packed, pack, padded_tokens
 from pace_llm.pace import multiplicative_noise, noise_segments
 from pace_llm.rows import TokenRows, model_inputs
 from pace_llm.tasks.base import pad_tokens
 from pace_llm.tiny import tiny_model
 
 from conftest import perturb_adapters
+from trainrun import env, eval_losses, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [9, 4, 7, 3, 12, 5, 6, 2]  # packed into rows of 16 tokens: 3 rows, several per row
@@ -61,6 +65,7 @@ def test_best_fit_decreasing_is_tight_and_deterministic():
     assert len(rows) == -(-sum(LENGTHS) // 16)  # 48 tokens: 3 full rows
     assert rows == best_fit_decreasing(LENGTHS, 16)
     assert best_fit_decreasing([20, 3], 16) == [[0], [1]]  # an over-long sample gets its own row
+    assert padded_tokens(LENGTHS, 16) == 48 and padded_tokens(LENGTHS) == 8 * 12  # packed: 3 full rows
 
 
 def test_packed_batch_layout():
@@ -158,59 +163,187 @@ def test_paired_copies_of_a_packed_batch_draw_their_own_noise():
     assert len(half["sample_id"]) == 2 * m and len(half["input_ids"]) == 2
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mode", ["full", "fast"])
-def test_packed_training_run_exports_merged_equal_trained(tmp_path, mode):
-    out = tmp_path / mode
-    cmd = [sys.executable, "launch/train.py", "recipes/tiny.yaml", f"output_dir={out}", f"pace.mode={mode}",
-           "data.packing=true", "train.max_steps=6", "train.save_every=0", "train.epochs=2"]
-    if mode == "fast":  # a second epoch within the run, so the cache is read back
-        cmd += ["data.limit=16", "train.max_steps=8"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if "loss" in r]
-    assert train and all(r["loss"] == r["loss"] for r in train)
-    if mode == "fast":
-        assert train[-1]["consistency_loss"] > 0  # the epoch-1 targets, read by sample id
-    assert json.loads((out / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-4
+def test_inspect_data_shows_the_bins(capsys):
+    """launch/inspect_data.py with data.packing: the first micro-batches' rows, each sample by
+    id and length, in the order training takes them; and the epoch's padding packed vs padded."""
+    from pace_llm.cache import ShardedEpochSampler
+    sys.path.insert(0, str(ROOT / "launch"))
+    import inspect_data
+    assert inspect_data.main(["recipes/tiny.yaml", "data.packing=true", "data.max_length=100", "--n", "0",
+                              "--batches", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = re.findall(r"  row \d+: (\d+) tokens: (.*)", out)
+    shown = [[(int(i), int(n)) for i, n in re.findall(r"#(\d+) \((\d+)\)", parts)] for _, parts in rows]
+    assert all(int(used) == sum(n for _, n in parts) <= 100 for (used, _), parts in zip(rows, shown))
+    assert any(len(parts) > 1 for parts in shown)  # samples share rows
+    first = list(ShardedEpochSampler(64, seed=0))[:8]  # 2 micro-batches of 4; tiny sample ids are row numbers
+    assert sorted(i for parts in shown for i, _ in parts) == sorted(first)
+    packed, padded = re.search(r"packed ([\d.]+)%, padded to each micro-batch's longest sample ([\d.]+)%", out).groups()
+    assert float(packed) < float(padded)
+
+
+def step_gradients(model, micro_batches, normalization):
+    """Adapter gradients of one optimizer step over `micro_batches`, taken as the trainer takes
+    it (trainer.train_step) on one rank without DeepSpeed's 1/A, which its scale undoes: full
+    PACE; step: every micro-batch's loss over the rows of all of them; micro_batch: the mean
+    of the micro-batches' means."""
+    objective = PaceObjective("full", lam=0.1, rows=TokenRows())
+    rows = sum(objective.task_rows(batch) for batch in micro_batches)
+    for batch in micro_batches:
+        if normalization == "step":
+            objective(model, batch, 0, denominator=rows).loss.backward()
+        else:
+            (objective(model, batch, 0).loss / len(micro_batches)).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_step_normalisation_gives_the_same_gradient_packed_or_padded_at_any_accumulation():
+    """σ = 0, fp32: 4 samples of 6, 3, 5 and 2 supervised tokens give the same adapter gradients
+    (rel 1e-5) packed in one micro-batch, packed in two accumulated ones and padded; averaging
+    the micro-batches' own means would weight the tokens of the smaller one more."""
+    s = samples()[:4]
+    ways = {"packed mb=4": [pack(s, 16, 0)], "packed mb=2 x2": [pack(s[:2], 16, 0), pack(s[2:], 16, 0)],
+            "padded mb=4": [padded(s)]}
+    grads = {name: step_gradients(adapted("llama"), batches, "step") for name, batches in ways.items()}
+    reference = grads["padded mb=4"]
+    for name, g in grads.items():
+        for n, r in reference.items():
+            assert (g[n] - r).norm() <= 1e-5 * r.norm(), (name, n)
+    per_micro_batch = step_gradients(adapted("llama"), ways["packed mb=2 x2"], "micro_batch")
+    assert any((per_micro_batch[n] - r).norm() > 1e-2 * r.norm() for n, r in reference.items())
+
+
+def test_qlora_nf4_packed_equals_padded(tmp_path):
+    """QLoRA (an nf4 tiny Llama, bitsandbytes on CPU) on packed rows: at σ = 0 the same step
+    gradients packed or padded, and they reach every adapter."""
+    import bitsandbytes as bnb
+
+    from pace_llm.config import load_recipe
+    from pace_llm.tasks import get_task
+    tiny_model("llama").save_pretrained(tmp_path / "base")
+    task = get_task(load_recipe("recipes/tiny.yaml", ["model.quantization=nf4", "data.packing=true"]))
+    s, grads = samples()[:4], {}
+    for how, batch in (("packed", pack(s, 16, 0)), ("padded", padded(s))):
+        model = task.load_model(tmp_path / "base")
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+        torch.manual_seed(0)  # the same adapter initialisation both times
+        model = pace_llm.apply_pace(model, pace_llm.PaceConfig(sigma=0.0, rank=4))
+        perturb_adapters(model)
+        model.train()  # before any forward: the CPU repacking trap of environment.md
+        grads[how] = step_gradients(model, [batch], "step")
+    assert all(g.abs().sum() > 0 for n, g in grads["packed"].items() if "lora_B" in n)
+    for n, g in grads["padded"].items():
+        assert (grads["packed"][n] - g).norm() <= 1e-5 * g.norm(), n
+
+
+@pytest.mark.parametrize("mode", ["off", "full", "lazy_half"])
+def test_task_rows_counts_the_rows_the_task_loss_covers(mode):
+    """What the trainer's denominator adds up before any forward (lazy_half's paired step:
+    the first half of the packed or padded rows) is what the objective's task loss covers."""
+    model, objective = adapted("llama"), PaceObjective(mode, rows=TokenRows())
+    for batch in (padded(samples()), pack(samples(), 16, 0)):
+        for step in (0, 1):
+            with torch.no_grad():
+                assert objective(model, batch, step).supervised_rows == objective.task_rows(batch, step)
+
+
+def launch_many(tmp_path, runs: list[tuple[str, list[str]]], timeout: int = 600) -> dict[str, Path]:
+    """(name, overrides of recipes/tiny.yaml) runs, trained one after another in OUT/name by
+    one 2-rank torchrun launch (tests/train_many.py: one start-up for all); {name: OUT/name}."""
+    outs = {name: tmp_path / name for name, _ in runs}
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps([["recipes/tiny.yaml", f"output_dir={outs[name]}", *overrides]
+                                for name, overrides in runs]))
+    cmd = script_command("torchrun", ROOT / "tests" / "train_many.py", [str(spec)], nproc=2)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return outs
+
+
+def ds_steps(out: Path) -> list[tuple[int, int]]:
+    """(trainer step, DeepSpeed's optimizer steps) after each step (tests/train_many.py)."""
+    return [(r["step"], r["ds_steps"]) for r in map(json.loads, (out / "ds_steps.jsonl").read_text().splitlines())]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["full", "fast"])
-def test_sigma_zero_training_logs_the_same_losses_packed_or_padded(tmp_path, mode):
-    """The micro-batch holds the same samples either way: same losses step by step, same eval
-    loss; fast: 2 epochs of 4 steps, so epoch 1 reads the cache back by sample id."""
-    logged = {}
-    for packing in ("false", "true"):
-        out = tmp_path / packing
-        cmd = [sys.executable, "launch/train.py", "recipes/tiny.yaml", f"output_dir={out}", f"pace.mode={mode}",
-               "pace.sigma=0", f"data.packing={packing}", "data.limit=16", "train.max_steps=8",
-               "train.save_every=0", "train.export_check=false"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        logged[packing] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    for padded_row, packed_row in zip(logged["false"], logged["true"], strict=True):
-        for key in ("loss", "consistency_loss", "eval_loss"):
-            if key in padded_row:
-                assert packed_row[key] == pytest.approx(padded_row[key], rel=1e-5), (padded_row["step"], key)
-    if mode == "fast":
-        assert logged["true"][-1]["consistency_loss"] > 0
+def test_step_normalisation_two_ranks_same_losses_packed_or_padded_at_any_accumulation(tmp_path):
+    """2 ranks under ZeRO-2, σ = 0, 18 samples per rank, 2 epochs. Full PACE: padded and packed
+    micro-batches of 4, and packed micro-batches of 2 accumulated in pairs (each epoch's 9th a
+    short last step), log the same losses, gradient norms and held-out losses; so do PACE_fast
+    padded and packed-accumulated, its epoch-1 targets read back by sample id. DeepSpeed
+    updates exactly at the trainer's steps (the short step's gradients stay out of the next
+    epoch's first step), the lr follows the schedule, epochs end where they should, and the
+    packed run's merged model equals the trained one."""
+    common = ["deepspeed.zero_stage=2", "pace.mode=full", "pace.sigma=0", "data.limit=36", "train.epochs=2",
+              "train.max_steps=null", "train.save_every=0", "data.eval_limit=8", "train.eval_every=5",
+              "train.report_to=[]"]
+    padded = [*common, "train.loss_normalization=step"]
+    accumulated = [*common, "data.packing=true", "train.micro_batch_size=2", "train.gradient_accumulation=2"]
+    outs = launch_many(tmp_path, [("padded", padded), ("packed", [*common, "data.packing=true"]),
+                                  ("accumulated", accumulated), ("padded_fast", [*padded, "pace.mode=fast"]),
+                                  ("accumulated_fast", [*accumulated, "pace.mode=fast"])])
+    logged = {name: metrics(out) for name, out in outs.items()}
+    assert [r["step"] for r in logged["accumulated"]] == list(range(1, 11))
+    for name, reference in (("packed", "padded"), ("accumulated", "padded"), ("accumulated_fast", "padded_fast")):
+        for padded_row, row in zip(logged[reference], logged[name], strict=True):
+            for key in ("loss", "task_loss", "consistency_loss", "grad_norm"):
+                assert row[key] == pytest.approx(padded_row[key], rel=1e-5, abs=1e-7), (name, row["step"], key)
+        for (step, loss), (_, padded_loss) in zip(eval_losses(outs[name]), eval_losses(outs[reference]), strict=True):
+            assert loss == pytest.approx(padded_loss, rel=1e-5), (name, step)
+    consistency = [r["consistency_loss"] for r in logged["accumulated_fast"]]
+    assert all(c == 0 for c in consistency[:5]) and all(c > 0 for c in consistency[5:])
+    from pace_llm.config import load_recipe
+    from pace_llm.training import lr_lambda
+    rows = logged["accumulated"]
+    assert ds_steps(outs["accumulated"]) == [(k, k) for k in range(1, 11)]
+    schedule = lr_lambda(load_recipe("recipes/tiny.yaml", accumulated), 10)
+    assert [r["lr"] for r in rows] == pytest.approx([0.01 * schedule(r["step"]) for r in rows])
+    assert [r["epoch"] for r in rows if r["epoch"] == int(r["epoch"])] == [1.0, 2.0]
+    assert [r["step"] for r in rows if r["epoch"] == int(r["epoch"])] == [5, 10]
+    assert json.loads((outs["accumulated"] / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-4
+
+
+PATH_MODES = ["full", "fast", "lazy_half"]
+
+
+@pytest.fixture(scope="module")
+def packed_runs(tmp_path_factory):
+    """Packed 2-rank runs under ZeRO-2 and ZeRO-3 (with gradient checkpointing) for each mode,
+    all in one launch: 20 samples per rank in micro-batches of 4 accumulated in pairs (3 steps
+    an epoch, the last short), 2 epochs; each trained through once, and again stopped after
+    step 4 (fast: its epoch-0 cache is then in the checkpoint) and resumed to the end."""
+    common = ["data.packing=true", "data.limit=40", "train.gradient_accumulation=2", "train.epochs=2",
+              "train.max_steps=null", "train.save_every=0", "data.eval_limit=8", "train.report_to=[]"]
+    runs = []
+    for stage in (2, 3):
+        for mode in PATH_MODES:
+            overrides = [*common, f"deepspeed.zero_stage={stage}", f"pace.mode={mode}",
+                         f"model.gradient_checkpointing={str(stage == 3).lower()}"]
+            runs += [(f"zero{stage}-{mode}", overrides), (f"zero{stage}-{mode}-resumed", [*overrides, "train.stop_after=4"]),
+                     (f"zero{stage}-{mode}-resumed", [*overrides, "resume=true"])]
+    return launch_many(tmp_path_factory.mktemp("packed-runs"), runs)
 
 
 @pytest.mark.slow
-def test_sigma_zero_two_rank_zero2_same_losses_packed_or_padded(tmp_path):
-    """2 ranks under DeepSpeed ZeRO-2, full PACE at σ = 0: the same losses packed or padded,
-    and the packed run exports a merged model equal to the trained one."""
-    from trainrun import launch, metrics
-    logged = {}
-    for packing in ("false", "true"):
-        out = tmp_path / packing
-        launch("torchrun", out, "deepspeed.zero_stage=2", "pace.mode=full", "pace.sigma=0",
-               f"data.packing={packing}", "train.max_steps=4", "train.save_every=0")
-        logged[packing] = metrics(out)
-    assert len(logged["true"]) == 4
-    for padded_row, packed_row in zip(logged["false"], logged["true"], strict=True):
-        for key in ("loss", "task_loss"):
-            assert packed_row[key] == pytest.approx(padded_row[key], rel=1e-5), (padded_row["step"], key)
-    assert json.loads((tmp_path / "true" / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-4
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("mode", PATH_MODES)
+def test_packed_runs_resume_exactly_and_export(packed_runs, stage, mode):
+    whole, resumed = packed_runs[f"zero{stage}-{mode}"], packed_runs[f"zero{stage}-{mode}-resumed"]
+    rows = metrics(whole)
+    assert [r["step"] for r in rows] == list(range(1, 7)) and [r["step"] for r in metrics(resumed)] == list(range(1, 7))
+    for r, again in zip(rows, metrics(resumed), strict=True):  # steps 5-6 after the resume
+        for key in ("loss", "task_loss", "consistency_loss", "grad_norm", "lr"):
+            assert again[key] == pytest.approx(r[key], rel=1e-5, abs=1e-6), (r["step"], key)
+    assert eval_losses(resumed)[-1] == pytest.approx(eval_losses(whole)[-1], rel=1e-5)
+    assert ds_steps(whole) == ds_steps(resumed) == [(k, k) for k in range(1, 7)]
+    consistency = [r["consistency_loss"] for r in rows]
+    if mode == "full":
+        assert all(c > 0 for c in consistency[1:])  # step 1: lora_B = 0, so no noise effect yet
+    elif mode == "fast":  # targets from epoch 1 (steps 4-6) on, read by sample id
+        assert all(c == 0 for c in consistency[:3]) and all(c > 0 for c in consistency[3:])
+    else:  # paired on steps 1, 3, 5
+        assert all(c > 0 for c in consistency[2::2]) and all(c == 0 for c in consistency[1::2])
+    for out in (whole, resumed):
+        assert json.loads((out / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-4
+    if stage == 3:
+        assert re.search(r"ZeRO-3: model built partitioned \((\d+) of \1 tensors\)", (whole / "train.log").read_text())

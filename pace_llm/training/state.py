@@ -34,13 +34,10 @@ class MicroStep:
 
 
 class StepStats:
-    """The micro-steps of one optimizer step (gradient accumulation), averaged on `pop`."""
+    """The micro-steps of one optimizer step (gradient accumulation), reduced on `pop`."""
 
     def __init__(self):
         self.micro: list[MicroStep] = []
-
-    def __len__(self) -> int:
-        return len(self.micro)
 
     def add(self, micro: MicroStep) -> None:
         self.micro.append(micro)
@@ -48,10 +45,13 @@ class StepStats:
     def clear(self) -> None:
         self.micro = []
 
-    def pop(self) -> tuple[float, float, float, float]:
-        """(loss, task loss, consistency, tokens/s) of this rank; then starts a new step."""
-        n = len(self.micro)
-        mean = {f: sum(getattr(m, f) for m in self.micro) / n
-                for f in ("loss", "task_loss", "consistency_loss", "tokens", "seconds")}
+    def pop(self, sum_losses: bool = False) -> tuple[float, float, float, float]:
+        """(loss, task loss, consistency, tokens/s) of this rank, then starts a new step. The
+        losses are averaged over the micro-steps, or summed when each is a share of the step's
+        mean (train.loss_normalization=step)."""
+        per = 1 if sum_losses else len(self.micro)
+        total = {f: sum(getattr(m, f) for m in self.micro)
+                 for f in ("loss", "task_loss", "consistency_loss", "tokens", "seconds")}
         self.clear()
-        return mean["loss"], mean["task_loss"], mean["consistency_loss"], mean["tokens"] / mean["seconds"]
+        return (total["loss"] / per, total["task_loss"] / per, total["consistency_loss"] / per,
+                total["tokens"] / total["seconds"])

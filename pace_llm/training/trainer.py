@@ -27,8 +27,8 @@ from tqdm import tqdm
 from .. import deepspeed_engine as zero
 from ..adapters import apply_pace, trainable_parameter_count
 from ..cache import OutputCache, ShardedEpochSampler
-from ..config import Recipe, to_dict
-from ..distributed import all_mean, all_ranks, all_reduce_scalars, any_rank, init_distributed, rank0_first
+from ..config import Recipe, loss_normalization, to_dict
+from ..distributed import all_ranks, all_reduce_scalars, any_rank, init_distributed, rank0_first
 from ..export import export_merged
 from ..logs import route_logs
 from ..models import load_tokenizer, model_source
@@ -111,10 +111,12 @@ class Trainer:
                                  generator=torch.Generator())  # not the global RNG: resumes replay it exactly
         self.cache = self._build_cache(train_set) if r.pace.mode == "fast" else None
         self.objective = PaceObjective.from_config(r.pace, self.cache, self.task.rows)
+        self.step_normalised = loss_normalization(r) == "step"
         trainable, total = trainable_parameter_count(model)
         if self.rank == 0:
-            log.info("trainable parameters: %s of %s (%.3f%%); %d train samples, %d steps", f"{trainable:,}",
-                     f"{total:,}", 100 * trainable / max(1, total), len(train_set), self.total_steps)
+            log.info("trainable parameters: %s of %s (%.3f%%); %d train samples, %d steps; losses are means "
+                     "per %s", f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total), len(train_set),
+                     self.total_steps, "supervised row of the step" if self.step_normalised else "micro-batch")
 
     def _build_cache(self, train_set) -> OutputCache:
         shard = [train_set[i] for i in self.sampler.shard]
@@ -139,10 +141,9 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=progress.step, disable=self.rank != 0, desc="train",
                    dynamic_ncols=True)
         try:
-            for batch_index, batch in self.batches(progress):
-                self.stats.add(self.train_micro_step(batch, progress.step))
-                if len(self.stats) < t.gradient_accumulation:
-                    continue
+            for micro_batches in self.steps(progress):
+                self.train_step(micro_batches, progress.step)
+                batch_index = micro_batches[-1][0]
                 progress.finish_step(batch_index)
                 self.log_step(progress, batch_index, bar)
                 bar.update(1)
@@ -157,36 +158,71 @@ class Trainer:
         finally:
             bar.close()
 
-    def batches(self, progress: Progress):
-        """(index in epoch, batch) until the last step; a resumed epoch skips what it consumed."""
+    def steps(self, progress: Progress):
+        """Each optimizer step's micro-batches, [(index in epoch, batch), ...], until the last
+        step: train.gradient_accumulation of them, fewer in an epoch's last step when its batch
+        count is not a multiple (a step never spans two epochs); a resumed epoch skips what it
+        consumed."""
+        accumulation = self.recipe.train.gradient_accumulation
         while progress.step < self.total_steps:
             self.sampler.set_epoch(progress.epoch)
             self.task.set_epoch(progress.epoch)
-            self.stats.clear()  # an epoch's leftover micro-steps do not join the next step's
+            micro_batches = []
             for batch_index, batch in enumerate(self.loader):
-                if batch_index >= progress.batches_in_epoch:
-                    yield batch_index, batch
-                if progress.step >= self.total_steps:
-                    return
+                if batch_index < progress.batches_in_epoch:
+                    continue
+                micro_batches.append((batch_index, batch))
+                if len(micro_batches) == accumulation or batch_index == len(self.loader) - 1:
+                    yield micro_batches
+                    micro_batches = []
+                    if progress.step >= self.total_steps:
+                        return
             progress.next_epoch()
 
-    def train_micro_step(self, batch: dict, step: int) -> MicroStep:
+    def train_step(self, micro_batches: list[tuple[int, dict]], step: int) -> None:
+        """Forward and backward on each micro-batch, the optimizer update after the last.
+
+        DeepSpeed divides the loss L_k handed to backward by A = train.gradient_accumulation
+        and averages gradients over the W ranks: the update follows (1/W) Σ_ranks Σ_k ∇L_k / A.
+          step:        the objective returns S_k / N (S_k: micro-batch k's loss summed over its
+                       rows; N: the rows of every micro-batch of the step on every rank), and
+                       L_k = (S_k / N)·A·W makes that ∇ Σ_ranks Σ_k S_k / N, the step's mean per row.
+          micro_batch: L_k = mean_k · A/K for the step's K micro-batches makes it the mean of
+                       ∇mean_k over micro-batches and ranks (K = A except in a short last step).
+        The logged losses are the step's: Σ_ranks Σ_k S_k / N, or the mean of the mean_k."""
+        accumulation = self.recipe.train.gradient_accumulation
+        denominator, scale = None, accumulation / len(micro_batches)
+        if self.step_normalised:
+            rows = sum(self.objective.task_rows(batch, step) for _, batch in micro_batches)
+            denominator = all_reduce_scalars([float(rows)])[0]
+            scale = accumulation * self.world
+        for k, (_, batch) in enumerate(micro_batches):
+            # the update after the last micro-batch, also in a short step, whose end DeepSpeed's
+            # own count (every A-th micro-step) would miss: the next epoch's step would get its gradients
+            self.engine.set_gradient_accumulation_boundary(k == len(micro_batches) - 1)
+            self.stats.add(self.train_micro_step(batch, step, denominator, scale))
+
+    def train_micro_step(self, batch: dict, step: int, denominator: float | None, scale: float) -> MicroStep:
         started = time.perf_counter()
         with self.objective.scope(step, batch):  # shared dropout masks (and packed noise) through backward too
-            result = self.objective(self.engine, batch, step)
+            result = self.objective(self.engine, batch, step, denominator)
             if not all_ranks(bool(torch.isfinite(result.loss))):
                 raise FloatingPointError(
                     f"non-finite loss at step {step + 1} (task {result.task_loss.item():.4g}, consistency "
                     f"{result.consistency_loss.item():.4g}): stopping; the last good checkpoint in "
                     f"{self.out / 'checkpoints'} is intact (lower train.lr or pace.lam?)")
-            self.engine.backward(result.loss)
+            self.engine.backward(result.loss if scale == 1 else result.loss * scale)
         self.stage0_norm = zero.stage0_grad_norm(self.engine)
         self.engine.step()
         return MicroStep(result.loss.item(), result.task_loss.item(), result.consistency_loss.item(),
                          self.task.count_tokens(batch), time.perf_counter() - started)
 
     def log_step(self, progress: Progress, batch_index: int, bar) -> None:
-        loss, task, cons, tokens_per_s = all_mean(list(self.stats.pop()))
+        # step normalisation: each micro-step's losses are its share of the step's mean, so they add up
+        # over micro-steps and ranks; otherwise they are averaged
+        *losses, tokens_per_s = all_reduce_scalars(list(self.stats.pop(sum_losses=self.step_normalised)))
+        loss, task, cons = (v / (1 if self.step_normalised else self.world) for v in losses)
+        tokens_per_s /= self.world
         t, step = self.recipe.train, progress.step
         if not (step % t.log_every == 0 or step == self.total_steps):
             return
