@@ -502,7 +502,6 @@ def summarize(plan: Plan, d: Dataset) -> tuple[dict, str]:
 
 def write_tables(plan: Plan, datasets: list[Dataset], command: str) -> str:
     machine = common.machine_info()
-    parts = []
     for d in datasets:
         result, table = summarize(plan, d)
         for arm in ("full", "fast"):
@@ -512,10 +511,11 @@ def write_tables(plan: Plan, datasets: list[Dataset], command: str) -> str:
                 shutil.copyfile(png, plan.results / f"study_{d.name}_{arm}_heatmap.png")
         own = f"{command} --only {d.name}" if "--only" not in command else command
         common.save(f"study_{d.name}", {"machine": machine, "command": own, **result}, table, plan.results)
-        parts.append(table)
-    text = "\n\n".join(parts)
-    common.save("study", {"machine": machine, "command": command, "datasets": [d.name for d in datasets]},
-                text, plan.results)
+    # study.md holds every dataset with tables in RESULTS, also those an earlier `--only` run wrote
+    # (the study spans sessions dataset by dataset): each under its own header, which has its command
+    done = [name for name in DATASETS if (plan.results / f"study_{name}.md").exists()]
+    text = "\n\n".join((plan.results / f"study_{name}.md").read_text().strip() for name in done)
+    common.save("study", {"machine": machine, "command": command, "datasets": done}, text, plan.results)
     return text
 
 

@@ -43,3 +43,16 @@ def test_selection_needs_every_seed_and_breaks_ties_by_eval_loss(tmp_path):
     assert final.grid == {"pace.lam": ["0.2"], "pace.sigma": ["1"], "train.seed": ["100", "101", "102", "103", "104"]}
     assert f"data.eval={test}" in cmd
     assert cmd[cmd.index("--grid") + 1:cmd.index("--seeds")] == ["pace.lam=0.2", "pace.sigma=1"]
+
+
+def test_the_overall_table_keeps_the_datasets_an_earlier_run_wrote(tmp_path):
+    d = study.DATASETS["polarity_n64"]
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "study_fashion.md").write_text("<!-- header -->\n`python bench/study.py --only fashion`\n\nfashion table\n")
+    plan = study.Plan(tmp_path, results, smoke=False, grace_period=120, inputs={d.name: ([], tmp_path / "t.csv")})
+    text = study.write_tables(plan, [d], "python bench/study.py --only polarity_n64")
+    overall = (results / "study.md").read_text()
+    assert "### polarity_n64" in text and "fashion table" in text and "--only fashion" in overall
+    assert overall.index("polarity_n64") < overall.index("fashion table")  # DATASETS order
+    assert json.loads((results / "study.json").read_text())["datasets"] == ["polarity_n64", "fashion"]
