@@ -4,7 +4,6 @@ normalisation), samples in a row cannot see each other, and PACE's noise stays o
 sample and channel."""
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 import pace_llm
-from pace_llm.launcher import script_command
 from pace_llm.objectives import PaceObjective
 from pace_llm.packing import best_fit_decreasing, duplicate_packed, pack, padded_tokens
 from pace_llm.pace import multiplicative_noise, noise_segments
@@ -21,7 +19,7 @@ from pace_llm.tasks.base import pad_tokens
 from pace_llm.tiny import tiny_model
 
 from conftest import perturb_adapters
-from trainrun import env, eval_losses, metrics
+from trainrun import ds_steps, eval_losses, launch_many, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [9, 4, 7, 3, 12, 5, 6, 2]  # packed into rows of 16 tokens: 3 rows, several per row
@@ -245,24 +243,6 @@ def test_task_rows_counts_the_rows_the_task_loss_covers(mode):
         for step in (0, 1):
             with torch.no_grad():
                 assert objective(model, batch, step).supervised_rows == objective.task_rows(batch, step)
-
-
-def launch_many(tmp_path, runs: list[tuple[str, list[str]]], timeout: int = 600) -> dict[str, Path]:
-    """(name, overrides of recipes/tiny.yaml) runs, trained one after another in OUT/name by
-    one 2-rank torchrun launch (tests/train_many.py: one start-up for all); {name: OUT/name}."""
-    outs = {name: tmp_path / name for name, _ in runs}
-    spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps([["recipes/tiny.yaml", f"output_dir={outs[name]}", *overrides]
-                                for name, overrides in runs]))
-    cmd = script_command("torchrun", ROOT / "tests" / "train_many.py", [str(spec)], nproc=2)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return outs
-
-
-def ds_steps(out: Path) -> list[tuple[int, int]]:
-    """(trainer step, DeepSpeed's optimizer steps) after each step (tests/train_many.py)."""
-    return [(r["step"], r["ds_steps"]) for r in map(json.loads, (out / "ds_steps.jsonl").read_text().splitlines())]
 
 
 @pytest.mark.slow

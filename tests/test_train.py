@@ -18,27 +18,26 @@ from pace_llm.rows import TokenRows
 from pace_llm.training import run
 from pace_llm.training.resume import check_resume
 from pace_llm.tasks import get_task
-from trainrun import ROOT, env, eval_losses, free_port, launch, metrics, shm_segments
+from trainrun import ROOT, env, eval_losses, free_port, launch, launch_many, metrics, shm_segments
 
 pytestmark = pytest.mark.slow
 MODES = ["off", "full", "fast", "lazy_half"]
 EVAL_15 = ["data.eval_limit=15"]  # odd: one rank's eval shard is padded with a sample that must not count
 
 
+# ZeRO-3 without `off`: its plain LoRA path is the ZeRO-2 one plus what full/fast/lazy_half exercise
+MATRIX = [(2, mode) for mode in MODES] + [(3, mode) for mode in MODES if mode != "off"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One 2-rank run per (ZeRO stage, mode), made on first use (torchrun: its start-up is ~8 s
-    shorter than the deepspeed launcher's; test_stop_and_resume runs that one)."""
-    done = {}
-
-    def get(stage, mode):
-        if (stage, mode) not in done:
-            out = tmp_path_factory.mktemp(f"zero{stage}-{mode}")
-            proc = launch("torchrun", out, f"deepspeed.zero_stage={stage}", f"pace.mode={mode}", *EVAL_15)
-            (out / "launch.log").write_text(proc.stdout + proc.stderr)
-            done[stage, mode] = out
-        return done[stage, mode]
-    return get
+    """One 2-rank run per (ZeRO stage, mode) of MATRIX and (2, noise), all made on first use by
+    one torchrun launch (tests/train_many.py: a launch's start-up, ~25 s, costs more than a
+    tiny run; test_stop_and_resume starts its runs with the deepspeed launcher)."""
+    outs = launch_many(tmp_path_factory.mktemp("runs"), [
+        (f"zero{stage}-{mode}", [f"deepspeed.zero_stage={stage}", f"pace.mode={mode}", *EVAL_15])
+        for stage, mode in [*MATRIX, (2, "noise")]])
+    return lambda stage, mode: outs[f"zero{stage}-{mode}"]
 
 
 def eval_logits(model, input_ids):
@@ -47,12 +46,11 @@ def eval_logits(model, input_ids):
         return model(input_ids=input_ids).logits
 
 
-# ZeRO-3 without `off`: its plain LoRA path is the ZeRO-2 one plus what full/fast/lazy_half exercise
-@pytest.mark.parametrize("stage, mode", [(2, mode) for mode in MODES] + [(3, mode) for mode in MODES if mode != "off"])
+@pytest.mark.parametrize("stage, mode", MATRIX)
 def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
     out = runs(stage, mode)
     if stage == 3:
-        assert re.search(r"ZeRO-3: model built partitioned \((\d+) of \1 tensors\)", (out / "launch.log").read_text())
+        assert re.search(r"ZeRO-3: model built partitioned \((\d+) of \1 tensors\)", (out / "train.log").read_text())
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 17))
     for key in ("step", "epoch", "loss", "task_loss", "consistency_loss", "grad_norm", "lr", "tokens_per_s"):

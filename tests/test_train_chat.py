@@ -2,12 +2,13 @@
 ranks trains, stops after train.stop_after, resumes exactly, evaluates on held-out chat
 data and exports a merged model whose tokenizer carries the recipe's chat template."""
 import json
+import re
 
 import pytest
 import transformers
 
 from chat_data import write
-from trainrun import eval_losses, launch, metrics
+from trainrun import eval_losses, launch, launch_many, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -31,13 +32,12 @@ def test_chat_mixture_trains_resumes_exactly_and_exports_its_template(tmp_path, 
     """PACE_fast: its cache is keyed by the mixture's sample ids, so an exact resume across the
     epoch boundary checks that they are stable (full PACE's resume: test_train.py)."""
     args = [*chat_overrides, "pace.mode=fast", "train.save_every=0"]
-    reference = tmp_path / "reference"
-    launch("torchrun", reference, *args, recipe="recipes/tiny_chat.yaml")
-    out = tmp_path / "resumed"
-    launch("torchrun", out, *args, "train.stop_after=5", recipe="recipes/tiny_chat.yaml")
-    assert json.loads((out / "run_status.json").read_text()) == {"status": "stopped"}
-    proc = launch("torchrun", out, *args, "resume=true", recipe="recipes/tiny_chat.yaml")
-    assert "48 train samples" in proc.stdout + proc.stderr  # 24 messages + 16 ShareGPT x 1.5
+    outs = launch_many(tmp_path, [("reference", args), ("resumed", [*args, "train.stop_after=5"]),
+                                  ("resumed", [*args, "resume=true"])], recipe="recipes/tiny_chat.yaml")
+    reference, out = outs["reference"], outs["resumed"]
+    log = (out / "train.log").read_text()
+    assert re.search(r"resumed from \S+step-00000005 at step 5", log)  # stop_after checkpointed, resume read it
+    assert "48 train samples" in log  # 24 messages + 16 ShareGPT x 1.5
     expected = {r["step"]: r for r in metrics(reference)}
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 9))  # steps 7-8: the second epoch (PACE_fast cache)

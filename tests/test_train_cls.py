@@ -26,7 +26,7 @@ from pace_llm.tasks import get_task
 from pace_llm.tasks.classification import tokenize_classification
 from pace_llm.tasks.images import prepare_images
 from pace_llm.tasks import glue
-from trainrun import ROOT, launch, metrics
+from trainrun import ROOT, launch, launch_many, metrics
 
 RECIPES = {"roberta": "recipes/tiny_cls.yaml", "vit": "recipes/tiny_vit.yaml"}
 # One objective per model (2 runs, not 4: the suite's time): classifiers share the objective
@@ -37,16 +37,10 @@ STEPS = list(range(1, 17))  # both tiny recipes: max_steps 16, 8 steps per epoch
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One 2-rank DeepSpeed run per (model, mode), made on first use."""
-    done = {}
-
-    def get(kind, mode):
-        if (kind, mode) not in done:
-            out = tmp_path_factory.mktemp(f"{kind}-{mode}")
-            launch("torchrun", out, f"pace.mode={mode}", recipe=RECIPES[kind])
-            done[kind, mode] = out
-        return done[kind, mode]
-    return get
+    """One 2-rank DeepSpeed run per model in its MODE, both made by one torchrun launch on first use."""
+    outs = launch_many(tmp_path_factory.mktemp("cls"), [
+        (f"{kind}-{mode}", [f"pace.mode={mode}"], RECIPES[kind]) for kind, mode in MODE.items()])
+    return lambda kind, mode: outs[f"{kind}-{mode}"]
 
 
 def load_script(name: str):

@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from pace_llm.launcher import free_port, launch_env, train_command  # noqa: F401  (free_port: for the tests)
+from pace_llm.launcher import free_port, launch_env, script_command, train_command  # noqa: F401  (free_port: for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,26 @@ def launch(launcher: str, out: Path, *overrides: str, recipe: str = "recipes/tin
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def launch_many(tmp_path, runs: list[tuple], recipe: str = "recipes/tiny.yaml", timeout: int = 600) -> dict[str, Path]:
+    """Runs (name, overrides[, recipe]), trained one after another in OUT/name by one 2-rank
+    torchrun launch (tests/train_many.py: one start-up for all, ~25 s saved a run); a name
+    given twice continues in the same folder (resume=true). {name: OUT/name}; each run's log
+    lines, ours included, are in OUT/name/train.log."""
+    outs = {name: tmp_path / name for name, *_ in runs}
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps([[own[0] if own else recipe, f"output_dir={outs[name]}", *overrides]
+                                for name, overrides, *own in runs]))
+    cmd = script_command("torchrun", ROOT / "tests" / "train_many.py", [str(spec)], nproc=2)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return outs
+
+
+def ds_steps(out: Path) -> list[tuple[int, int]]:
+    """(trainer step, DeepSpeed's optimizer steps) after each step (tests/train_many.py)."""
+    return [(r["step"], r["ds_steps"]) for r in map(json.loads, (out / "ds_steps.jsonl").read_text().splitlines())]
 
 
 def _logged(out: Path) -> list[dict]:
