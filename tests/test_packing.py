@@ -248,7 +248,7 @@ def test_task_rows_counts_the_rows_the_task_loss_covers(mode):
 @pytest.mark.slow
 def test_step_normalisation_two_ranks_same_losses_packed_or_padded_at_any_accumulation(tmp_path):
     """2 ranks under ZeRO-2, σ = 0, 18 samples per rank, 2 epochs. Full PACE: padded and packed
-    micro-batches of 4, and packed micro-batches of 2 accumulated in pairs (each epoch's 9th a
+    micro-batches of 4 (tiny Phi-3, the recipe's model, and tiny Llama), and packed micro-batches of 2 accumulated in pairs (each epoch's 9th a
     short last step), log the same losses, gradient norms and held-out losses; so do PACE_fast
     padded and packed-accumulated, its epoch-1 targets read back by sample id. DeepSpeed
     updates exactly at the trainer's steps (the short step's gradients stay out of the next
@@ -261,10 +261,14 @@ def test_step_normalisation_two_ranks_same_losses_packed_or_padded_at_any_accumu
     accumulated = [*common, "data.packing=true", "train.micro_batch_size=2", "train.gradient_accumulation=2"]
     outs = launch_many(tmp_path, [("padded", padded), ("packed", [*common, "data.packing=true"]),
                                   ("accumulated", accumulated), ("padded_fast", [*padded, "pace.mode=fast"]),
-                                  ("accumulated_fast", [*accumulated, "pace.mode=fast"])])
+                                  ("accumulated_fast", [*accumulated, "pace.mode=fast"]),
+                                  ("padded_llama", [*padded, "model.name=tiny:llama"]),
+                                  ("packed_llama", [*common, "data.packing=true", "model.name=tiny:llama"])])
     logged = {name: metrics(out) for name, out in outs.items()}
     assert [r["step"] for r in logged["accumulated"]] == list(range(1, 11))
-    for name, reference in (("packed", "padded"), ("accumulated", "padded"), ("accumulated_fast", "padded_fast")):
+    assert logged["packed_llama"][0]["loss"] != logged["packed"][0]["loss"]  # another model indeed
+    for name, reference in (("packed", "padded"), ("accumulated", "padded"), ("accumulated_fast", "padded_fast"),
+                            ("packed_llama", "padded_llama")):
         for padded_row, row in zip(logged[reference], logged[name], strict=True):
             for key in ("loss", "task_loss", "consistency_loss", "grad_norm"):
                 assert row[key] == pytest.approx(padded_row[key], rel=1e-5, abs=1e-7), (name, row["step"], key)
