@@ -248,9 +248,10 @@ def test_task_rows_counts_the_rows_the_task_loss_covers(mode):
 @pytest.mark.slow
 def test_step_normalisation_two_ranks_same_losses_packed_or_padded_at_any_accumulation(tmp_path):
     """2 ranks under ZeRO-2, σ = 0, 18 samples per rank, 2 epochs. Full PACE: padded and packed
-    micro-batches of 4 (tiny Phi-3, the recipe's model, and tiny Llama), and packed micro-batches of 2 accumulated in pairs (each epoch's 9th a
-    short last step), log the same losses, gradient norms and held-out losses; so do PACE_fast
-    padded and packed-accumulated, its epoch-1 targets read back by sample id. DeepSpeed
+    micro-batches of 4 (tiny Phi-3, the recipe's model, and tiny Llama), and packed micro-batches
+    of 2 accumulated in pairs (each epoch's 9th a short last step), log the same losses,
+    gradient norms and held-out losses; so do PACE_fast padded and packed-accumulated, its
+    epoch-1 targets read back by sample id. DeepSpeed
     updates exactly at the trainer's steps (the short step's gradients stay out of the next
     epoch's first step), the lr follows the schedule, epochs end where they should, and the
     packed run's merged model equals the trained one."""
