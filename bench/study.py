@@ -273,7 +273,8 @@ class Study:
             print(f"[study {clock} {self.runs_done()}/{self.total_runs} runs] {line}", flush=True)
 
     def runs_done(self) -> int:
-        return sum(map(run_done, self.plan.out.glob("*/*/runs/*")))
+        """Finished runs of this study's datasets (an earlier --only run's stay out of the count)."""
+        return sum(run_done(run) for d in self.datasets for run in (self.plan.out / d.name).glob("*/runs/*"))
 
     def env(self, **extra: str) -> dict:
         """One thread per process; this checkout's pace_llm in every subprocess."""

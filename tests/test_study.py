@@ -56,3 +56,14 @@ def test_the_overall_table_keeps_the_datasets_an_earlier_run_wrote(tmp_path):
     assert "### polarity_n64" in text and "fashion table" in text and "--only fashion" in overall
     assert overall.index("polarity_n64") < overall.index("fashion table")  # DATASETS order
     assert json.loads((results / "study.json").read_text())["datasets"] == ["polarity_n64", "fashion"]
+
+
+def test_progress_counts_only_this_runs_datasets(tmp_path):
+    """A later `--only` run shares OUT with the earlier ones: their runs are not its progress."""
+    for name, status in (("polarity_n64", "done"), ("fashion", "done"), ("polarity_n256", "done"),
+                         ("polarity_n256", "stopped")):
+        run = tmp_path / name / "sweep-full" / "runs" / f"run-{len(list(tmp_path.glob('*/*/runs/*')))}"
+        run.mkdir(parents=True)
+        (run / "run_status.json").write_text(json.dumps({"status": status}))
+    plan = study.Plan(tmp_path, tmp_path / "results", smoke=False, grace_period=120)
+    assert study.Study(plan, [study.DATASETS["polarity_n256"]], jobs=2).runs_done() == 1
