@@ -1,15 +1,19 @@
-"""A PaceTrainer PACE_fast run for tests/test_integrations.py, under torchrun or deepspeed.
+"""PaceTrainer PACE_fast runs for tests/test_integrations.py, one after another in one launch
+(a 2-rank launch's start-up costs more than a tiny run), under torchrun or deepspeed.
 
-    torchrun --nproc_per_node 2 tests/pace_trainer_run.py OUT [--deepspeed CONFIG] [--stop-at N] [--resume]
+    torchrun --nproc_per_node 2 tests/pace_trainer_run.py [--deepspeed CONFIG] RUN [RUN ...]
+    RUN: OUT (6 steps) | OUT:stop=N (stopped after step N) | OUT:resume (from OUT's last checkpoint)
 
-Writes OUT/log_history.json (rank 0) and OUT/adapter_sum_rank{r}.json (every rank's sum of
-its trainable parameters, which must agree across ranks).
+Each run writes OUT/log_history.json (rank 0) and OUT/adapter_sum_rank{r}.json (every rank's
+sum of its trainable parameters, which must agree across ranks).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
+import re
 from pathlib import Path
 
 import datasets
@@ -39,37 +43,43 @@ class StopAt(transformers.TrainerCallback):
             control.should_training_stop = True
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("out")
-    p.add_argument("--deepspeed")
-    p.add_argument("--stop-at", type=int)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
-    a = p.parse_args()
-    state = cpu_distributed_state()  # before TrainingArguments: gloo, or DeepSpeed miscounts ranks on CPU
+def train(out: str, deepspeed: str | None, stop_at: int | None, resume: bool) -> None:
+    """One run on a fresh model and Trainer (which seeds the run as a new process would)."""
     tokenizer = tiny_tokenizer()
     args = transformers.TrainingArguments(
-        a.out, max_steps=6, per_device_train_batch_size=2, learning_rate=5e-3, logging_steps=1,
-        save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0, deepspeed=a.deepspeed,
+        out, max_steps=6, per_device_train_batch_size=2, learning_rate=5e-3, logging_steps=1,
+        save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0, deepspeed=deepspeed,
         ddp_backend="gloo", dataloader_num_workers=0, disable_tqdm=True)
     trainer = PaceTrainer(model=tiny_model("llama"), args=args, train_dataset=encoded(tokenizer, 8),
                           data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True),
-                          callbacks=[StopAt(a.stop_at)] if a.stop_at else None,
+                          callbacks=[StopAt(stop_at)] if stop_at else None,
                           pace=PaceArguments(mode="fast", lam=0.5, sigma=1.0))
-    trainer.train(resume_from_checkpoint=True if a.resume else None)
-    out, rank = Path(a.out), trainer.args.process_index
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    rank = trainer.args.process_index
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     gathered = contextlib.nullcontext()
     if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: each rank holds a shard; sum the whole
-        import deepspeed
-        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        import deepspeed as ds
+        gathered = ds.zero.GatheredParameters(params, modifier_rank=None)
     with gathered:
         total = sum(float(p.detach().double().sum()) for p in params)
-    (out / f"adapter_sum_rank{rank}.json").write_text(json.dumps(total))
+    (Path(out) / f"adapter_sum_rank{rank}.json").write_text(json.dumps(total))
     if trainer.is_world_process_zero():
-        (out / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+        (Path(out) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
     trainer.close_pace()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("runs", nargs="+", help="OUT | OUT:stop=N | OUT:resume")
+    p.add_argument("--deepspeed")
+    p.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
+    a = p.parse_args()
+    state = cpu_distributed_state()  # before TrainingArguments: gloo, or DeepSpeed miscounts ranks on CPU
+    for spec in a.runs:
+        out, stop, resume = re.fullmatch(r"(.+?)(?::stop=(\d+)|(:resume))?", spec).groups()
+        train(out, a.deepspeed, int(stop) if stop else None, resume=bool(resume))
+        gc.collect()  # the finished run's engine goes before the next one is built
     del state
 
 

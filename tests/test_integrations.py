@@ -256,26 +256,30 @@ def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, zero_stage):
                                    "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
                                    "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}}))
 
-    def run(out, *flags):
-        args = [str(out), *flags, *(["--deepspeed", str(ds_json)] if zero_stage else [])]
-        cmd = script_command("torchrun", ROOT / "tests" / "pace_trainer_run.py", args, nproc=2)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    segments_before = shm_segments()
+    # One launch: the whole run, the same run stopped after step 3, then resumed from checkpoint-3
+    args = [*(["--deepspeed", str(ds_json)] if zero_stage else []), str(whole), f"{split}:stop=3", f"{split}:resume"]
+    cmd = script_command("torchrun", ROOT / "tests" / "pace_trainer_run.py", args, nproc=2)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert shm_segments() <= segments_before  # DeepSpeed's CPU shm all-reduce is not built (cpu_distributed_state)
+
+    def logged(out):
         sums = [json.loads((out / f"adapter_sum_rank{r}.json").read_text()) for r in (0, 1)]
         assert sums[0] == sums[1]
         return {r["step"]: (r["loss"], r["task_loss"], r["consistency_loss"])
                 for r in json.loads((out / "log_history.json").read_text()) if "task_loss" in r}
 
-    segments_before = shm_segments()
-    whole = run(tmp_path / "whole")
-    assert shm_segments() <= segments_before  # DeepSpeed's CPU shm all-reduce is not built (cpu_distributed_state)
-    assert sorted(whole) == [1, 2, 3, 4, 5, 6]
-    assert whole[1][2] == whole[2][2] == 0 and all(whole[s][2] > 0 for s in (3, 4, 5, 6))
-    assert run(tmp_path / "split", "--stop-at", "3") == {s: whole[s] for s in (1, 2, 3)}
-    assert (tmp_path / "split" / "checkpoint-3" / "pace_cache_rank1.pt").exists()
-    resumed = run(tmp_path / "split", "--resume")
+    uninterrupted, resumed = logged(whole), logged(split)
+    assert sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
+    assert uninterrupted[1][2] == uninterrupted[2][2] == 0 and all(uninterrupted[s][2] > 0 for s in (3, 4, 5, 6))
+    assert (split / "checkpoint-3" / "pace_cache_rank1.pt").exists()
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]  # the resumed run's history carries steps 1-3 over
+    for step in (1, 2, 3):  # the stopped run logged these itself
+        assert resumed[step] == uninterrupted[step]
     for step in (4, 5, 6):
-        assert resumed[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6)
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.slow
