@@ -31,13 +31,14 @@ MATRIX = [(2, mode) for mode in MODES] + [(3, mode) for mode in MODES if mode !=
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One 2-rank run per (ZeRO stage, mode) of MATRIX and (2, noise), all made on first use by
-    one torchrun launch (tests/train_many.py: a launch's start-up, ~25 s, costs more than a
-    tiny run; test_stop_and_resume starts its runs with the deepspeed launcher)."""
+    """One 2-rank run per (ZeRO stage, mode) of MATRIX and (2, noise), and a full-PACE run
+    stopped after step 5 (test_stop_and_resume resumes it), all made on first use by one
+    torchrun launch (tests/train_many.py: a launch's start-up, ~25 s, costs more than a tiny run)."""
     outs = launch_many(tmp_path_factory.mktemp("runs"), [
-        (f"zero{stage}-{mode}", [f"deepspeed.zero_stage={stage}", f"pace.mode={mode}", *EVAL_15])
-        for stage, mode in [*MATRIX, (2, "noise")]])
-    return lambda stage, mode: outs[f"zero{stage}-{mode}"]
+        *[(f"zero{stage}-{mode}", [f"deepspeed.zero_stage={stage}", f"pace.mode={mode}", *EVAL_15])
+          for stage, mode in [*MATRIX, (2, "noise")]],
+        ("stopped", ["deepspeed.zero_stage=2", "pace.mode=full", "train.stop_after=5"])])
+    return lambda stage, mode: outs[f"zero{stage}-{mode}" if stage else mode]
 
 
 def eval_logits(model, input_ids):
@@ -94,13 +95,12 @@ def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
     assert json.loads((out / "run_status.json").read_text()) == {"status": "done"}
 
 
-def test_stop_and_resume_logs_the_same_losses(runs, tmp_path):
-    """Full PACE stopped and resumed under the deepspeed launcher, against the uninterrupted
-    torchrun run: both launchers start the same run, and the resumed noise and dropout draws
+def test_stop_and_resume_logs_the_same_losses(runs):
+    """Full PACE stopped after step 5 under torchrun and resumed under the deepspeed launcher
+    (the README's command), against the uninterrupted run: the resumed noise and dropout draws
     are the uninterrupted ones (PACE_fast's resume: the kill test below and test_train_chat)."""
     reference = {r["step"]: r for r in metrics(runs(2, "full"))}
-    out = tmp_path / "resumed"
-    launch("deepspeed", out, "deepspeed.zero_stage=2", "pace.mode=full", "train.stop_after=5")
+    out = runs(None, "stopped")
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
     assert json.loads((out / "run_status.json").read_text()) == {"status": "stopped"}
     assert not (out / "merged").exists()
