@@ -14,11 +14,11 @@ import pace_llm
 from pace_llm.objectives import PaceObjective
 from pace_llm.packing import best_fit_decreasing, duplicate_packed, pack, padded_tokens
 from pace_llm.pace import multiplicative_noise, noise_segments
-from pace_llm.rows import TokenRows, model_inputs
+from pace_llm.rows import SampleRows, TokenRows, model_inputs
 from pace_llm.tasks.base import pad_tokens
 from pace_llm.tiny import tiny_model
 
-from conftest import perturb_adapters
+from conftest import make_batch, perturb_adapters
 from trainrun import ds_steps, eval_losses, launch_many, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,12 +180,12 @@ def test_inspect_data_shows_the_bins(capsys):
     assert float(packed) < float(padded)
 
 
-def step_gradients(model, micro_batches, normalization):
+def step_gradients(model, micro_batches, normalization, rows=None):
     """Adapter gradients of one optimizer step over `micro_batches`, taken as the trainer takes
     it (trainer.train_step) on one rank without DeepSpeed's 1/A, which its scale undoes: full
     PACE; step: every micro-batch's loss over the rows of all of them; micro_batch: the mean
     of the micro-batches' means."""
-    objective = PaceObjective("full", lam=0.1, rows=TokenRows())
+    objective = PaceObjective("full", lam=0.1, rows=rows or TokenRows())
     rows = sum(objective.task_rows(batch) for batch in micro_batches)
     for batch in micro_batches:
         if normalization == "step":
@@ -208,6 +208,29 @@ def test_step_normalisation_gives_the_same_gradient_packed_or_padded_at_any_accu
         for n, r in reference.items():
             assert (g[n] - r).norm() <= 1e-5 * r.norm(), (name, n)
     per_micro_batch = step_gradients(adapted("llama"), ways["packed mb=2 x2"], "micro_batch")
+    assert any((per_micro_batch[n] - r).norm() > 1e-2 * r.norm() for n, r in reference.items())
+
+
+@pytest.mark.parametrize("kind", ["roberta", "vit"])
+def test_step_normalisation_of_a_classifier_weights_every_sample_once(kind):
+    """Classifiers (one row per sample): micro-batches of 3 and 1 samples accumulated give the
+    gradient of one micro-batch of 4 with step normalisation; the mean of the micro-batches'
+    means would weight the lone sample 3 times as much as each of the others."""
+    batch = make_batch(kind, batch=4)
+    split = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
+
+    def model():  # no dropout: a batch of 4 and batches of 3 + 1 would draw other masks
+        no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+        adapted = pace_llm.apply_pace(tiny_model(kind, **no_dropout), pace_llm.PaceConfig(sigma=0.0, rank=4))
+        perturb_adapters(adapted)
+        return adapted.train()
+
+    reference = step_gradients(model(), [batch], "step", SampleRows())
+    accumulated = step_gradients(model(), split, "step", SampleRows())
+    assert all(g.abs().sum() > 0 for g in reference.values())
+    for n, r in reference.items():
+        assert (accumulated[n] - r).norm() <= 1e-5 * r.norm(), n
+    per_micro_batch = step_gradients(model(), split, "micro_batch", SampleRows())
     assert any((per_micro_batch[n] - r).norm() > 1e-2 * r.norm() for n, r in reference.items())
 
 
@@ -245,8 +268,20 @@ def test_task_rows_counts_the_rows_the_task_loss_covers(mode):
                 assert objective(model, batch, step).supervised_rows == objective.task_rows(batch, step)
 
 
+NORM_COMMON = ["deepspeed.zero_stage=2", "pace.mode=full", "pace.sigma=0", "data.limit=36", "train.epochs=2",
+               "train.max_steps=null", "train.save_every=0", "data.eval_limit=8", "train.eval_every=5",
+               "train.report_to=[]"]
+NORM_PADDED = [*NORM_COMMON, "train.loss_normalization=step"]
+NORM_ACCUMULATED = [*NORM_COMMON, "data.packing=true", "train.micro_batch_size=2", "train.gradient_accumulation=2"]
+NORM_RUNS = [("padded", NORM_PADDED), ("packed", [*NORM_COMMON, "data.packing=true"]),
+             ("accumulated", NORM_ACCUMULATED), ("padded_fast", [*NORM_PADDED, "pace.mode=fast"]),
+             ("accumulated_fast", [*NORM_ACCUMULATED, "pace.mode=fast"]),
+             ("padded_llama", [*NORM_PADDED, "model.name=tiny:llama"]),
+             ("packed_llama", [*NORM_COMMON, "data.packing=true", "model.name=tiny:llama"])]
+
+
 @pytest.mark.slow
-def test_step_normalisation_two_ranks_same_losses_packed_or_padded_at_any_accumulation(tmp_path):
+def test_step_normalisation_two_ranks_same_losses_packed_or_padded_at_any_accumulation(two_rank_runs):
     """2 ranks under ZeRO-2, σ = 0, 18 samples per rank, 2 epochs. Full PACE: padded and packed
     micro-batches of 4 (tiny Phi-3, the recipe's model, and tiny Llama), and packed micro-batches
     of 2 accumulated in pairs (each epoch's 9th a short last step), log the same losses,
@@ -255,16 +290,7 @@ def test_step_normalisation_two_ranks_same_losses_packed_or_padded_at_any_accumu
     updates exactly at the trainer's steps (the short step's gradients stay out of the next
     epoch's first step), the lr follows the schedule, epochs end where they should, and the
     packed run's merged model equals the trained one."""
-    common = ["deepspeed.zero_stage=2", "pace.mode=full", "pace.sigma=0", "data.limit=36", "train.epochs=2",
-              "train.max_steps=null", "train.save_every=0", "data.eval_limit=8", "train.eval_every=5",
-              "train.report_to=[]"]
-    padded = [*common, "train.loss_normalization=step"]
-    accumulated = [*common, "data.packing=true", "train.micro_batch_size=2", "train.gradient_accumulation=2"]
-    outs = launch_many(tmp_path, [("padded", padded), ("packed", [*common, "data.packing=true"]),
-                                  ("accumulated", accumulated), ("padded_fast", [*padded, "pace.mode=fast"]),
-                                  ("accumulated_fast", [*accumulated, "pace.mode=fast"]),
-                                  ("padded_llama", [*padded, "model.name=tiny:llama"]),
-                                  ("packed_llama", [*common, "data.packing=true", "model.name=tiny:llama"])])
+    outs = {name: two_rank_runs[f"norm-{name}"] for name, _ in NORM_RUNS}
     logged = {name: metrics(out) for name, out in outs.items()}
     assert [r["step"] for r in logged["accumulated"]] == list(range(1, 11))
     assert logged["packed_llama"][0]["loss"] != logged["packed"][0]["loss"]  # another model indeed
@@ -281,7 +307,7 @@ def test_step_normalisation_two_ranks_same_losses_packed_or_padded_at_any_accumu
     from pace_llm.training import lr_lambda
     rows = logged["accumulated"]
     assert ds_steps(outs["accumulated"]) == [(k, k) for k in range(1, 11)]
-    schedule = lr_lambda(load_recipe("recipes/tiny.yaml", accumulated), 10)
+    schedule = lr_lambda(load_recipe("recipes/tiny.yaml", NORM_ACCUMULATED), 10)
     assert [r["lr"] for r in rows] == pytest.approx([0.01 * schedule(r["step"]) for r in rows])
     assert [r["epoch"] for r in rows if r["epoch"] == int(r["epoch"])] == [1.0, 2.0]
     assert [r["step"] for r in rows if r["epoch"] == int(r["epoch"])] == [5, 10]
@@ -292,28 +318,30 @@ PATH_MODES = ["full", "fast", "lazy_half"]
 
 
 @pytest.fixture(scope="module")
-def packed_runs(tmp_path_factory):
-    """Packed 2-rank runs under ZeRO-2 and ZeRO-3 (with gradient checkpointing) for each mode,
-    all in one launch: 20 samples per rank in micro-batches of 4 accumulated in pairs (3 steps
-    an epoch, the last short), 2 epochs; each trained through once, and again stopped after
-    step 4 (fast: its epoch-0 cache is then in the checkpoint) and resumed to the end."""
+def two_rank_runs(tmp_path_factory):
+    """This module's 2-rank runs, all in one launch (a launch's start-up costs more than a tiny
+    run): the step-normalisation runs (NORM_RUNS, as norm-<name>), and packed runs under ZeRO-2
+    and ZeRO-3 (with gradient checkpointing) for each mode: 20 samples per rank in micro-batches
+    of 4 accumulated in pairs (3 steps an epoch, the last short), 2 epochs; each trained through
+    once, and again stopped after step 4 (fast: its epoch-0 cache is then in the checkpoint) and
+    resumed to the end."""
     common = ["data.packing=true", "data.limit=40", "train.gradient_accumulation=2", "train.epochs=2",
               "train.max_steps=null", "train.save_every=0", "data.eval_limit=8", "train.report_to=[]"]
-    runs = []
+    runs = [(f"norm-{name}", overrides) for name, overrides in NORM_RUNS]
     for stage in (2, 3):
         for mode in PATH_MODES:
             overrides = [*common, f"deepspeed.zero_stage={stage}", f"pace.mode={mode}",
                          f"model.gradient_checkpointing={str(stage == 3).lower()}"]
             runs += [(f"zero{stage}-{mode}", overrides), (f"zero{stage}-{mode}-resumed", [*overrides, "train.stop_after=4"]),
                      (f"zero{stage}-{mode}-resumed", [*overrides, "resume=true"])]
-    return launch_many(tmp_path_factory.mktemp("packed-runs"), runs)
+    return launch_many(tmp_path_factory.mktemp("two-rank-runs"), runs)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("mode", PATH_MODES)
-def test_packed_runs_resume_exactly_and_export(packed_runs, stage, mode):
-    whole, resumed = packed_runs[f"zero{stage}-{mode}"], packed_runs[f"zero{stage}-{mode}-resumed"]
+def test_packed_runs_resume_exactly_and_export(two_rank_runs, stage, mode):
+    whole, resumed = two_rank_runs[f"zero{stage}-{mode}"], two_rank_runs[f"zero{stage}-{mode}-resumed"]
     rows = metrics(whole)
     assert [r["step"] for r in rows] == list(range(1, 7)) and [r["step"] for r in metrics(resumed)] == list(range(1, 7))
     for r, again in zip(rows, metrics(resumed), strict=True):  # steps 5-6 after the resume
