@@ -501,8 +501,10 @@ def summarize(plan: Plan, d: Dataset) -> tuple[dict, str]:
     return {"dataset": dataclasses.asdict(d) | {"prepare": None}, "arms": arms}, "\n".join(lines)
 
 
-def write_tables(plan: Plan, datasets: list[Dataset], command: str) -> str:
-    machine = common.machine_info()
+def write_tables(plan: Plan, datasets: list[Dataset], command: str, machine: dict | None = None) -> str:
+    """machine: common.machine_info() from before the runs (its commit and load are the runs'),
+    else taken now."""
+    machine = machine or common.machine_info()
     for d in datasets:
         result, table = summarize(plan, d)
         for arm in ("full", "fast"):
@@ -547,7 +549,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.chdir(ROOT)
-    command = common.command_line()
+    command, machine = common.command_line(), common.machine_info()  # before the runs: their commit and load
     plan = Plan(args.out_dir, args.results, args.smoke, args.grace_period)
     for d in args.datasets:
         hours = "" if args.smoke else f", ~{estimate_hours(d, args.jobs):.1f} h at {args.jobs} side by side"
@@ -569,7 +571,7 @@ def main(argv=None) -> int:
         print(f"[study] pause: kill -TERM -- -{os.getpgid(0)} (runs checkpoint; rerun the command to resume)",
               flush=True)
         Study(plan, args.datasets, args.jobs).run()
-    print(write_tables(plan, args.datasets, command))
+    print(write_tables(plan, args.datasets, command, None if args.summary else machine))
     print(f"\nwritten: {args.results}/study.md and study_<dataset>.json/.md", flush=True)
     return 0
 
