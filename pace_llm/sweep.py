@@ -8,13 +8,16 @@ default, any SQLAlchemy URL so that many workers on many machines share one swee
 
 - Trial k of the study is grid point k (Optuna's GridSampler maps trial number to grid
   id, and the storage numbers trials atomically), so workers started at once split the grid
-  without running a point twice. SQLite gets BEGIN IMMEDIATE transactions so that its
-  claims are as atomic as PostgreSQL's / MySQL's SELECT ... FOR UPDATE (which it lacks).
+  without running a point twice; a retry (below) keeps its point under a later number, and
+  the points that number skipped are handed out after the first N trials. SQLite gets BEGIN
+  IMMEDIATE transactions so that its claims are as atomic as PostgreSQL's / MySQL's
+  SELECT ... FOR UPDATE (which it lacks).
 - A trial's run lives in SWEEP_DIR/runs/<its parameters>, so a rerun finds it: a COMPLETE
   trial is never rerun; a trial whose worker died (its heartbeat stops) is failed after the
   grace period and re-queued by Optuna's RetryHeartbeatStaleTrialCallback, and its retry
-  continues the run from its last checkpoint (resume=true). A worker leaves only when no
-  trial is waiting or running, so the last one to leave writes the complete table.
+  continues the run from its last checkpoint (resume=true). A worker leaves only when every
+  grid point has a trial and none is waiting or running, so the last one to leave writes the
+  complete table.
 - The metric is the last value of --metric in the run's metrics.jsonl (eval_loss, or
   eval_accuracy for classifiers: both need data.eval).
 
@@ -270,15 +273,16 @@ def run_worker(sweep: Sweep, n_trials: int | None = None) -> dict:
         fail_stale_trials(study)  # dead workers' trials -> FAIL, re-queued as WAITING
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
-        if not waiting and len(trials) >= n_points:  # every grid point has had its trial
+        if not waiting and len(_points_taken(trials)) >= n_points:  # every grid point has had its trial
             if any(t.state == TrialState.RUNNING for t in trials):
                 time.sleep(sweep.heartbeat_interval)  # others' trials: finish, or go stale and come back
                 continue
             break
         trial = study.ask()
-        if trial.number >= n_points and "failed_trial" not in storage.get_trial_system_attrs(trial._trial_id):
-            # Not a grid point nor a retry: another worker took the last waiting trial between
-            # our look and our ask. Closed at once, marked, and ignored by the results.
+        if _surplus(trial, study.get_trials(deepcopy=False)):
+            # Its grid point already has a trial: another worker took that point (or the last
+            # waiting retry) between our look and our ask. Closed at once, marked, and ignored
+            # by the results and by _points_taken.
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
             continue
@@ -303,6 +307,23 @@ def run_worker(sweep: Sweep, n_trials: int | None = None) -> dict:
     summary = summarize(sweep, study)
     write_results(sweep, summary)
     return summary
+
+
+def _points_taken(trials) -> set[int]:
+    """The grid points (GridSampler's grid_id) that have a trial: done, running, waiting, or
+    crashed (not rerun). Not the number of trials: a trial a dead worker left goes FAIL and its
+    retry keeps its point under a trial number of its own, and GridSampler gives trial k the
+    point k, so counting trials would end the sweep with points never run."""
+    return {t.system_attrs["grid_id"] for t in trials if "grid_id" in t.system_attrs and not t.user_attrs.get("surplus")}
+
+
+def _surplus(trial, trials) -> bool:
+    """A new trial (not a retry) whose point an earlier trial already holds."""
+    mine = next(t for t in trials if t.number == trial.number)
+    if "failed_trial" in mine.system_attrs:
+        return False
+    return any(t.system_attrs.get("grid_id") == mine.system_attrs["grid_id"] and t.number < trial.number
+               and not t.user_attrs.get("surplus") for t in trials)
 
 
 def _completed(study) -> int:

@@ -85,11 +85,12 @@ def test_two_workers_split_a_2x2x2_grid_and_write_the_table(tmp_path):
 
 @pytest.mark.slow
 def test_killed_sweep_reruns_no_finished_trial_and_resumes_the_interrupted_one(tmp_path):
-    """SIGKILL the sweep (worker + its training run) while its second trial runs: the rerun
-    keeps the finished trial, and continues the killed one from its own checkpoint."""
+    """SIGKILL the sweep (worker + its training run) while its second of 3 trials runs: the
+    rerun keeps the finished trial, continues the killed one from its own checkpoint, and runs
+    the third, whose grid point the killed trial's retry must not take (its trial number does)."""
     sweep_dir = tmp_path / "sweep"
     cmd = sweep_command(sweep_dir, "recipes/tiny.yaml", "train.max_steps=8", "train.save_every=2",
-                        "--grid", "pace.lam=0.1", "--seeds", "0,1")
+                        "--grid", "pace.lam=0.1", "--seeds", "0,1,2")
     worker = start(cmd, tmp_path / "first.log")
     deadline = time.time() + 200
     while True:  # wait until one run is done and the other has a checkpoint
@@ -107,16 +108,18 @@ def test_killed_sweep_reruns_no_finished_trial_and_resumes_the_interrupted_one(t
     assert sorted(state for _, state in trial_states(sweep_dir)) == ["COMPLETE", "RUNNING"]
 
     log = finish(start(cmd, tmp_path / "rerun.log"), tmp_path / "rerun.log")
-    assert log.count("] start") == 1 and killed.name.replace(",", " ") in log  # only the killed one
+    (third,) = set((sweep_dir / "runs").iterdir()) - {finished, killed}
+    assert log.count("] start") == 2 and killed.name.replace(",", " ") in log  # the killed one and the third
     assert len(launches(finished)) == 1  # the finished run was not rerun
     first, again = launches(killed)
     assert "resume=false" in first and "resume=true" in again  # continued from its checkpoint
     steps = [r["step"] for r in metrics(killed)]
     assert steps[-1] == 8 and steps.count(1) == 1  # the resumed run did not start over
+    assert len(launches(third)) == 1 and [r["step"] for r in metrics(third)][-1] == 8
     states = dict(trial_states(sweep_dir))
-    assert sorted(states.values()) == ["COMPLETE", "COMPLETE", "FAIL"]  # the killed one, retried
+    assert sorted(states.values()) == ["COMPLETE"] * 3 + ["FAIL"]  # the killed one, retried
     summary = json.loads((sweep_dir / "sweep.json").read_text())
-    assert summary["trials_complete"] == 2 and summary["points"][0]["n"] == 2
+    assert summary["trials_complete"] == 3 and summary["points"][0]["n"] == 3
 
 
 def test_slurm_array_dry_run_prints_each_tasks_command():
