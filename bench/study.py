@@ -571,7 +571,7 @@ def main(argv=None) -> int:
         print(f"[study] pause: kill -TERM -- -{os.getpgid(0)} (runs checkpoint; rerun the command to resume)",
               flush=True)
         Study(plan, args.datasets, args.jobs).run()
-    print(write_tables(plan, args.datasets, command, None if args.summary else machine))
+    print(write_tables(plan, args.datasets, command, machine))
     print(f"\nwritten: {args.results}/study.md and study_<dataset>.json/.md", flush=True)
     return 0
 

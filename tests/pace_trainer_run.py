@@ -63,9 +63,10 @@ def train(out: str, deepspeed: str | None, stop_at: int | None, resume: bool) ->
         gathered = ds.zero.GatheredParameters(params, modifier_rank=None)
     with gathered:
         total = sum(float(p.detach().double().sum()) for p in params)
-    (Path(out) / f"adapter_sum_rank{rank}.json").write_text(json.dumps(total))
+    folder = Path(out)
+    (folder / f"adapter_sum_rank{rank}.json").write_text(json.dumps(total))
     if trainer.is_world_process_zero():
-        (Path(out) / "log_history.json").write_text(json.dumps(trainer.state.log_history))
+        (folder / "log_history.json").write_text(json.dumps(trainer.state.log_history))
     trainer.close_pace()
 
 

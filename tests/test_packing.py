@@ -186,10 +186,10 @@ def step_gradients(model, micro_batches, normalization, rows=None):
     PACE; step: every micro-batch's loss over the rows of all of them; micro_batch: the mean
     of the micro-batches' means."""
     objective = PaceObjective("full", lam=0.1, rows=rows or TokenRows())
-    rows = sum(objective.task_rows(batch) for batch in micro_batches)
+    supervised = sum(objective.task_rows(batch) for batch in micro_batches)
     for batch in micro_batches:
         if normalization == "step":
-            objective(model, batch, 0, denominator=rows).loss.backward()
+            objective(model, batch, 0, denominator=supervised).loss.backward()
         else:
             (objective(model, batch, 0).loss / len(micro_batches)).backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -32,13 +32,13 @@ MATRIX = [(2, mode) for mode in MODES] + [(3, mode) for mode in MODES if mode !=
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One 2-rank run per (ZeRO stage, mode) of MATRIX and (2, noise), and a full-PACE run
-    stopped after step 5 (test_stop_and_resume resumes it), all made on first use by one
+    stopped after step 5 (test_stop_and_resume resumes it): {name: folder}, all made on first use by one
     torchrun launch (tests/train_many.py: a launch's start-up, ~25 s, costs more than a tiny run)."""
     outs = launch_many(tmp_path_factory.mktemp("runs"), [
         *[(f"zero{stage}-{mode}", [f"deepspeed.zero_stage={stage}", f"pace.mode={mode}", *EVAL_15])
           for stage, mode in [*MATRIX, (2, "noise")]],
         ("stopped", ["deepspeed.zero_stage=2", "pace.mode=full", "train.stop_after=5"])])
-    return lambda stage, mode: outs[f"zero{stage}-{mode}" if stage else mode]
+    return outs
 
 
 def eval_logits(model, input_ids):
@@ -49,7 +49,7 @@ def eval_logits(model, input_ids):
 
 @pytest.mark.parametrize("stage, mode", MATRIX)
 def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
-    out = runs(stage, mode)
+    out = runs[f"zero{stage}-{mode}"]
     if stage == 3:
         assert re.search(r"ZeRO-3: model built partitioned \((\d+) of \1 tensors\)", (out / "train.log").read_text())
     rows = metrics(out)
@@ -99,8 +99,8 @@ def test_stop_and_resume_logs_the_same_losses(runs):
     """Full PACE stopped after step 5 under torchrun and resumed under the deepspeed launcher
     (the README's command), against the uninterrupted run: the resumed noise and dropout draws
     are the uninterrupted ones (PACE_fast's resume: the kill test below and test_train_chat)."""
-    reference = {r["step"]: r for r in metrics(runs(2, "full"))}
-    out = runs(None, "stopped")
+    reference = {r["step"]: r for r in metrics(runs["zero2-full"])}
+    out = runs["stopped"]
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
     assert json.loads((out / "run_status.json").read_text()) == {"status": "stopped"}
     assert not (out / "merged").exists()
@@ -123,7 +123,7 @@ def test_kill_during_checkpoint_save_leaves_a_resumable_run(runs, tmp_path):
     assert (checkpoints / "step-00000008.tmp").exists()
     assert shm_segments() <= segments_before  # a killed run leaks no /dev/shm memory (distributed.init_distributed)
     launch("torchrun", out, "deepspeed.zero_stage=2", "pace.mode=fast", "resume=true")
-    reference = {r["step"]: r for r in metrics(runs(2, "fast"))}
+    reference = {r["step"]: r for r in metrics(runs["zero2-fast"])}
     final = [r for r in metrics(out) if r["step"] == 16][-1]
     assert final["loss"] == pytest.approx(reference[16]["loss"], rel=1e-5)
     assert (out / "merged" / "model.safetensors").exists()
@@ -253,7 +253,7 @@ def test_nodelist_expansion():
 def test_fresh_run_refuses_to_overwrite_checkpoints(runs):
     """Before any heavy work (in this process; a RecipeError is exit 2 with its message on the
     command line: test_bad_recipes_fail_fast_naming_the_problem)."""
-    out = runs(2, "off")
+    out = runs["zero2-off"]
     with pytest.raises(RecipeError, match="holds checkpoints of an earlier run: pass resume=true"):
         run(load_recipe("recipes/tiny.yaml", [f"output_dir={out}", "deepspeed.zero_stage=0"]))
     assert [r["step"] for r in metrics(out)] == list(range(1, 17))  # nothing was touched
@@ -308,8 +308,8 @@ def test_resume_force_and_harmless_changes(stopped_run, tmp_path):
 
 def test_noise_mode_trains_with_noise_and_no_consistency(runs):
     """pace.mode=noise: PACE's noise alone (the paper's ablation), against off (σ = 0)."""
-    logged = {mode: metrics(runs(2, mode)) for mode in ("noise", "off")}
+    logged = {mode: metrics(runs[f"zero2-{mode}"]) for mode in ("noise", "off")}
     assert all(r["consistency_loss"] == 0.0 for r in logged["noise"])
     assert logged["noise"][0]["loss"] == logged["off"][0]["loss"]  # step 1: adapters at zero, noise acts on 0
     assert all(abs(a["loss"] - b["loss"]) > 1e-6 for a, b in zip(logged["noise"][1:], logged["off"][1:]))
-    assert json.loads((runs(2, "noise") / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-4
+    assert json.loads((runs["zero2-noise"] / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-4
