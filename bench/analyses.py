@@ -87,10 +87,10 @@ class Setup:
         import transformers
         self.args = args
         if args.smoke:
-            from pace_llm.tiny import tiny_sentences, tiny_tokenizer
+            from pace_llm.assets.tiny import tiny_sentences, tiny_tokenizer
             self.tokenizer = tiny_tokenizer(chat_template=False)
             rows = [{"sentence": r["sentence"], "label": r["label"]} for r in tiny_sentences(400, seed=0)]
-            self.source = "tiny RoBERTa (pace_llm.tiny) on generated sentences (pace_llm.tiny.tiny_sentences)"
+            self.source = "tiny RoBERTa (pace_llm.assets.tiny) on generated sentences (pace_llm.assets.tiny.tiny_sentences)"
         else:
             from pace_llm import assets
             self.model_dir = assets.minilm_dir()
@@ -130,7 +130,7 @@ class Setup:
         import pace_llm
         torch.manual_seed(seed)
         if self.args.smoke:
-            from pace_llm.tiny import tiny_model
+            from pace_llm.assets.tiny import tiny_model
             base = tiny_model("roberta", seed=seed, num_labels=2, hidden_dropout_prob=0.0,
                               attention_probs_dropout_prob=0.0, pad_token_id=self.tokenizer.pad_token_id)
         else:
@@ -145,12 +145,12 @@ def logits(setup: Setup, model, examples: list[dict], chunk: int = 128):
     """Eval-mode logits (no noise), in chunks."""
     import torch
 
-    from pace_llm import forward_rows
+    from pace_llm import forward_outputs
     model.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(examples), chunk):
-            out.append(forward_rows(model, setup.batch(examples[i:i + chunk])).f.float())
+            out.append(forward_outputs(model, setup.batch(examples[i:i + chunk])).f.float())
     model.train()
     return torch.cat(out)
 
@@ -163,8 +163,8 @@ def train(setup: Setup, method: str, train_set: list[dict], steps: int, seed: in
     import torch
 
     import pace_llm
-    from pace_llm.pace import mean_squared_norm
-    from pace_llm.rows import rows_for_model
+    from pace_llm.core.pace import mean_squared_norm
+    from pace_llm.core.outputs import outputs_for_model
     args = setup.args
     sigma = args.sigma if method.startswith("pace") else 0.0
     model = setup.model(seed, sigma)
@@ -197,7 +197,7 @@ def train(setup: Setup, method: str, train_set: list[dict], steps: int, seed: in
             out = objective(model, batch, step)
             loss, task = out.loss, out.task_loss
         else:  # FPA: λ·‖f(θ) − f(θ0)‖², f(θ0) the initial model's logits
-            reader = rows_for_model(model)
+            reader = outputs_for_model(model)
             rows = reader.forward(model, batch)
             task = reader.loss(rows)
             loss = task + lam * mean_squared_norm(rows.f.float() - f0_train[batch["sample_id"]])

@@ -7,7 +7,7 @@ logits cache, and the cache's read/write time per step against the step time.
 
 Shapes (recipes/gsm8k.yaml): Phi-3-mini-4k-instruct, hidden d = 3,072, vocabulary
 V = 32,064, 7,473 GSM-8K training samples, batch 4. What the cache holds per sample: one
-row per supervised (answer) token, the final hidden state h in bf16 (pace_llm.cache):
+row per supervised (answer) token, the final hidden state h in bf16 (pace_llm.core.cache):
 2·d bytes per token. A naive cache of the logits: 2·V bytes per token in bf16 (4·V in
 the fp32 the authors' vision code uses).
 
@@ -80,8 +80,8 @@ def token_counts(smoke: bool) -> tuple[dict, str]:
 
     from pace_llm import assets
     from pace_llm.tasks.causal_lm import tokenize_sft
-    from pace_llm.objectives import supervised_counts
-    from pace_llm.tasks.gsm8k import INSTRUCTION
+    from pace_llm.core.objectives import supervised_counts
+    from pace_llm.benchmarks.gsm8k import INSTRUCTION
     tokenizer = transformers.AutoTokenizer.from_pretrained(assets.smollm2_dir())
     train, test = assets.gsm_symbolic_split()
     out = {}
@@ -114,7 +114,7 @@ def time_cache(args, counts: list[int]) -> dict:
     memory-mapped in the first epoch (entries never written: the file's holes get pages)."""
     import torch
 
-    from pace_llm.cache import OutputCache
+    from pace_llm.core.cache import OutputCache
     n_mem = min(args.in_memory_samples, len(counts))
     memory = OutputCache(counts[:n_mem], args.dim, memory_budget_bytes=1 << 62)
     mapped = OutputCache(counts, args.dim, memory_budget_bytes=0, disk_dir=args.disk_dir)

@@ -8,7 +8,7 @@ same prompts, same greedy decoding (pace_llm.generation.Generator, as eval/gsm8k
 
 Prompts: the first --limit GSM-8K test problems that ship offline (the 50 originals held
 out by pace_llm.assets.gsm_symbolic_split), with the paper's instruction and the model's
-chat template (pace_llm.tasks.gsm8k.prompt_text + Generator.render), or --data FILE.jsonl.
+chat template (pace_llm.benchmarks.gsm8k.prompt_text + Generator.render), or --data FILE.jsonl.
 
 Each backend runs in its own worker process (vLLM patches torch's threading when it starts),
 both load first, then the parent alternates them round by round (hf, vllm, vllm, hf, ...),
@@ -63,7 +63,7 @@ def vllm_available() -> bool:
 
 def tiny_folder(root: Path) -> Path:
     """A tiny Llama (head dim 32, as vLLM's CPU attention needs) + the tiny chat tokenizer."""
-    from pace_llm.tiny import tiny_model, tiny_tokenizer
+    from pace_llm.assets.tiny import tiny_model, tiny_tokenizer
     folder = root / "tiny-llama"
     tok = tiny_tokenizer()
     model = tiny_model("llama", vocab_size=len(tok), eos_token_id=tok.eos_token_id,
@@ -75,10 +75,10 @@ def tiny_folder(root: Path) -> Path:
 
 def load_rows(args) -> list[dict]:
     if args.data:
-        from pace_llm.tasks.gsm8k import load_rows as load
+        from pace_llm.benchmarks.gsm8k import load_rows as load
         return load(args.data, args.limit)
     if args.smoke:
-        from pace_llm.tiny import tiny_arithmetic
+        from pace_llm.assets.tiny import tiny_arithmetic
         return tiny_arithmetic(args.limit)
     from pace_llm.assets import gsm_symbolic_split
     _, test = gsm_symbolic_split()
@@ -90,7 +90,7 @@ def load_rows(args) -> list[dict]:
 def worker(args) -> int:
     """Load one backend, then answer GO lines with one timed generate over all prompts."""
     from pace_llm.generation import Generator
-    from pace_llm.tasks.gsm8k import prompt_text
+    from pace_llm.benchmarks.gsm8k import prompt_text
     rows = json.loads(Path(args.rows_file).read_text())
     gen = Generator(args.model, backend=args.worker, batch_size=args.batch_size)
     prompts = gen.render([prompt_text(r["question"]) for r in rows])
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    from pace_llm.tasks.gsm8k import score
+    from pace_llm.benchmarks.gsm8k import score
     machine = common.machine_info()
     skipped = []
     if "vllm" in args.backends and not vllm_available():

@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (also puts the repository root on sys.path)
-from pace_llm.launcher import exit_now  # noqa: E402
+from pace_llm.distributed.launcher import exit_now  # noqa: E402
 
 ROOT = common.ROOT
 # Shapes from the models' published configs (rope scaling left out: it does not change the cost).
@@ -184,8 +184,8 @@ def check_core(device: str) -> dict:
     import torch
 
     import pace_llm
-    from pace_llm.pace import multiplicative_noise
-    from pace_llm.tiny import tiny_model
+    from pace_llm.core.pace import multiplicative_noise
+    from pace_llm.assets.tiny import tiny_model
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 256, (4, 16), generator=g)
     labels = ids.clone()
@@ -240,7 +240,7 @@ def build_model(spec: dict, folder: Path, device: str, dtype: str) -> None:
     import torch
     import transformers
 
-    from pace_llm.tiny import tiny_tokenizer
+    from pace_llm.assets.tiny import tiny_tokenizer
     tokenizer = tiny_tokenizer()
     spec = dict(spec)
     config_cls = {"phi3": transformers.Phi3Config, "llama": transformers.LlamaConfig}[spec.pop("arch")]

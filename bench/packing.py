@@ -8,7 +8,7 @@ and padding, on the same samples, interleaved.
 A micro-batch is --batch samples, as in training (README "Packing": the token budget is the
 micro-batch's samples, in rows of up to max_length tokens). Padded: the unpacked collate, one
 row per sample padded to the longest, with an attention mask. Packed: the same samples in rows
-of up to max_length tokens (pace_llm.packing.pack, best-fit-decreasing), padded only to the
+of up to max_length tokens (pace_llm.core.packing.pack, best-fit-decreasing), padded only to the
 longest row. Both run the same training step on the same model: PaceObjective(--mode) forward
 and loss (default `noise`: PACE's per-sample noise, no second forward), backward, AdamW step.
 
@@ -118,7 +118,7 @@ class Step:
         self.model = pace_llm.apply_pace(model, pace_llm.PaceConfig(rank=args.rank, alpha=2 * args.rank,
                                                                     sigma=args.sigma))
         self.model.train()
-        self.objective = pace_llm.PaceObjective(args.mode, lam=1e-3, rows=pace_llm.TokenRows())
+        self.objective = pace_llm.PaceObjective(args.mode, lam=1e-3, rows=pace_llm.TokenOutputs())
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
         self.vocab = self.model.config.vocab_size
         self.step = 0

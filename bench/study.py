@@ -49,7 +49,7 @@ import common  # bench/common.py: this script's folder is first on sys.path
 
 ROOT = common.ROOT
 sys.path.insert(0, str(ROOT))
-from pace_llm.launcher import launch_env  # noqa: E402
+from pace_llm.distributed.launcher import launch_env  # noqa: E402
 from pace_llm.sweep import SEED_KEY, Sweep, run_done  # noqa: E402
 
 ARMS = ("lora", "noise", "full", "fast")

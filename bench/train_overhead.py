@@ -108,7 +108,7 @@ def load_model(args):
     source = model_source(args.model)
     torch.manual_seed(0)
     if source is None:
-        from pace_llm.tiny import tiny_config
+        from pace_llm.assets.tiny import tiny_config
         model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=dtype)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -210,7 +210,7 @@ class Variant:
 def peft_lora_config(model, args):
     """PEFT's LoRA on the layers apply_pace adapts, listed as apply_pace lists them."""
     from pace_llm import PaceConfig
-    from pace_llm.adapters import peft_lora_config as lora_config
+    from pace_llm.core.adapters import peft_lora_config as lora_config
     return lora_config(model, PaceConfig(rank=args.rank, alpha=args.alpha, dropout=0.0, train_head=False))
 
 
@@ -303,7 +303,7 @@ def vocab_size(args) -> int:
     import transformers
     source = model_source(args.model)
     if source is None:
-        from pace_llm.tiny import tiny_config
+        from pace_llm.assets.tiny import tiny_config
         return tiny_config("llama").vocab_size
     return transformers.AutoConfig.from_pretrained(source).vocab_size
 
@@ -364,7 +364,7 @@ def table_single(result: dict) -> str:
 
 def launch_deepspeed(args, argv) -> int:
     """Re-run this script under `deepspeed --num_gpus 2` (1 OpenMP thread per rank on CPU)."""
-    from pace_llm.launcher import launch_env, script_command
+    from pace_llm.distributed.launcher import launch_env, script_command
     env = launch_env(threads=1, offline=False, BENCH_COMMAND=common.command_line())
     cmd = script_command("deepspeed", __file__, argv, nproc=2)
     print("$ OMP_NUM_THREADS=1 " + " ".join(cmd[0:1] + [os.path.relpath(c, common.ROOT) if c == __file__ else c
@@ -377,7 +377,7 @@ def launch_deepspeed(args, argv) -> int:
 
 def ds_config(args, world: int) -> dict:
     """The config launch/train.py would build for this batch, ZeRO stage and dtype."""
-    from pace_llm import deepspeed_engine
+    from pace_llm.distributed import deepspeed_engine
     from pace_llm.config import load_recipe
     recipe = load_recipe(None, [f"train.micro_batch_size={args.batch}", f"deepspeed.zero_stage={args.deepspeed}",
                                 f"model.dtype={args.dtype}"])
@@ -388,8 +388,8 @@ def distributed(args) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from pace_llm import deepspeed_engine
-    from pace_llm.distributed import all_reduce_scalars, init_distributed
+    from pace_llm.distributed import deepspeed_engine
+    from pace_llm.distributed.process_group import all_reduce_scalars, init_distributed
     rank, world = init_distributed()
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

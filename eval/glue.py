@@ -21,8 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout too
 
-from pace_llm import data, evaluation  # noqa: E402
-from pace_llm.tasks import glue  # noqa: E402
+from pace_llm import data  # noqa: E402
+
+from pace_llm.benchmarks import evaluation
+from pace_llm.benchmarks import glue
 
 
 def parse_args(argv=None):

@@ -5,7 +5,7 @@
     python eval/gsm8k.py --backend openai --base-url http://127.0.0.1:8000 ...   # launch/serve.sh
 
 Writes FILE.json (accuracy, accuracy_strict, strict_format_rate, n, settings, timing) and FILE.samples.jsonl
-(one record per question). The work is in pace_llm.tasks.gsm8k.evaluate.
+(one record per question). The work is in pace_llm.benchmarks.gsm8k.evaluate.
 """
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 
 from pace_llm import generation  # noqa: E402
 from pace_llm.data import DataError  # noqa: E402
-from pace_llm.evaluation import write_results  # noqa: E402
+from pace_llm.benchmarks.evaluation import write_results  # noqa: E402
 from pace_llm.logs import route_logs  # noqa: E402
-from pace_llm.tasks import gsm8k  # noqa: E402
+from pace_llm.benchmarks import gsm8k
 
 
 def parse_args(argv=None):

@@ -57,7 +57,7 @@ def evaluate(args) -> dict:
     import numpy as np
     import transformers
 
-    from pace_llm import evaluation
+    from pace_llm.benchmarks import evaluation
     from pace_llm.data import load_rows
     rows = load_rows(args.data, args.split, args.hub_config, args.limit, seed=args.seed)
     missing = [f for f in (args.image_field, args.label_field) if f not in rows.column_names]

@@ -7,7 +7,7 @@
 PACE adds its noise to the LoRA that TRL builds from `peft_config`, trains with the PACE
 loss, and logs `task_loss` and `consistency_loss` next to `loss` to every `report_to`
 target. `PaceArguments` also parses from the command line with HfArgumentParser; its
-fields are the recipe's `pace:` section (pace_llm/pace_config.py).
+fields are the recipe's `pace:` section (pace_llm/core/pace_config.py).
 """
 import sys
 
@@ -21,7 +21,7 @@ model, dataset = "Qwen/Qwen2.5-0.5B-Instruct", "trl-lib/Capybara"
 tokenizer = None
 if "--tiny" in sys.argv:  # no hub: a tiny chat model and conversations built locally
     import datasets
-    from pace_llm.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
+    from pace_llm.assets.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
     model, tokenizer = tiny_model("llama"), tiny_tokenizer()
     train_dataset = datasets.Dataset.from_list([{"messages": [
         {"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from pace_llm.launcher import launch_env, run_logged, train_command
+from pace_llm.distributed.launcher import launch_env, run_logged, train_command
 from pace_llm.logs import route_logs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def main() -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from pace_llm import assets
-    from pace_llm.tasks.gsm8k import evaluate, load_rows
+    from pace_llm.benchmarks.gsm8k import evaluate, load_rows
 
     started = time.time()
     print("[demo] 1/4 preparing the model and data (once; cached in .cache/)", flush=True)
@@ -88,7 +88,7 @@ def cpu_accelerator() -> dict:
 
 
 def save_eval(result: dict, path: Path) -> None:
-    from pace_llm.evaluation import write_results
+    from pace_llm.benchmarks.evaluation import write_results
     samples = result.pop("samples")
     write_results(path, result, samples)
 

@@ -45,8 +45,8 @@ def distribution(values: list[int]) -> str:
 def show_packing(task, train, recipe, n_batches: int, out) -> None:
     """The first micro-batches of epoch 0 in a one-process run's order as `collate` packs them,
     then the padding of the whole epoch at train.micro_batch_size, packed vs padded."""
-    from pace_llm.cache import ShardedEpochSampler
-    from pace_llm.packing import padded_tokens
+    from pace_llm.core.cache import ShardedEpochSampler
+    from pace_llm.core.packing import padded_tokens
     size, capacity = recipe.train.micro_batch_size, recipe.data.max_length
     order = list(ShardedEpochSampler(len(train), seed=recipe.train.seed))
     batches = [order[i:i + size] for i in range(0, len(order), size)]
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from pace_llm.data import DataError
     from pace_llm.models import load_tokenizer
     from pace_llm.tasks import get_task
-    from pace_llm.tiny import tiny_tokenizer
+    from pace_llm.assets.tiny import tiny_tokenizer
     datasets.disable_progress_bars()
     try:
         recipe = load_recipe(args.recipe, args.overrides)

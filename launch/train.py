@@ -7,7 +7,7 @@
 
 Overrides follow the recipe as section.key=value (train.max_steps=100, resume=true).
 """
-from pace_llm.launcher import exit_now
+from pace_llm.distributed.launcher import exit_now
 from pace_llm.training import main
 
 if __name__ == "__main__":

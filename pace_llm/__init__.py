@@ -11,16 +11,17 @@
 Importing pace_llm changes nothing in torch: PACE's shared dropout masks hold only inside
 an objective's scope (pace.paired_dropout).
 """
-from .adapters import apply_pace, head_noise, merge_pace, noise_layers, resolve_targets
-from .cache import OutputCache, ShardedEpochSampler
-from .export import load_adapter, save_adapter, save_merged
-from .objectives import PaceObjective
-from .pace_config import MODES, PaceConfig
-from .rows import SampleRows, TokenRows, cache_dim, forward_rows, supervised_counts
+import pace_llm.distributed.zero3  # noqa: F401  (installs ZeRO-3's gather into the core's hooks)
+from pace_llm.core.adapters import apply_pace, head_noise, merge_pace, noise_layers, resolve_targets
+from pace_llm.core.cache import OutputCache, ShardedEpochSampler
+from pace_llm.export import load_adapter, save_adapter, save_merged
+from pace_llm.core.objectives import PaceObjective
+from pace_llm.core.pace_config import MODES, PaceConfig
+from pace_llm.core.outputs import SampleOutputs, TokenOutputs, cache_dim, forward_outputs, supervised_counts
 
 __all__ = [
     "PaceConfig", "apply_pace", "merge_pace", "noise_layers", "head_noise", "resolve_targets",
     "OutputCache", "ShardedEpochSampler", "load_adapter", "save_adapter", "save_merged",
-    "MODES", "PaceObjective", "TokenRows", "SampleRows", "cache_dim", "forward_rows", "supervised_counts",
+    "MODES", "PaceObjective", "TokenOutputs", "SampleOutputs", "cache_dim", "forward_outputs", "supervised_counts",
 ]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from .pace_config import PaceConfig
+from pace_llm.core.pace_config import PaceConfig
 
 
 class RecipeError(ValueError):
@@ -82,7 +82,7 @@ class DataSection:
     eval: Union[str, list[DataSource], None] = None
     eval_split: str = "test"
     hub_config: Optional[str] = None   # e.g. "main" for openai/gsm8k, the task for glue
-    # causal_lm (pace_llm/tasks/chat_formats.py): auto picks the format from the columns
+    # causal_lm (pace_llm/tasks/data_formats.py): auto picks the format from the columns
     format: DATA_FORMATS = "auto"
     train_on: Literal["assistant", "last", "all"] = "assistant"  # all = every token but padding
     prompt_template: str = "{question}"  # prompt_answer: the user turn, fields in {braces}
@@ -102,7 +102,7 @@ class DataSection:
     label_field: str = "label"
     max_length: int = 512               # tokens per sample (truncated); with packing, per packed row
     # causal_lm: pack each micro-batch's train.micro_batch_size samples into rows of up to
-    # max_length tokens (best-fit-decreasing, pace_llm/packing.py): no padding but row tails
+    # max_length tokens (best-fit-decreasing, pace_llm/core/packing.py): no padding but row tails
     packing: bool = False
     limit: Optional[int] = None        # first N training rows (smoke runs)
     # train on N rows of data.train drawn with train.seed (a new subset per seed, the same in every
@@ -172,7 +172,7 @@ class Recipe:
     resume: bool = False
     resume_force: bool = False         # resume even though the recipe changed in ways that break exactness
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    pace: PaceConfig = dataclasses.field(default_factory=PaceConfig)  # pace_llm/pace_config.py
+    pace: PaceConfig = dataclasses.field(default_factory=PaceConfig)  # pace_llm/core/pace_config.py
     data: DataSection = dataclasses.field(default_factory=DataSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
@@ -286,9 +286,9 @@ def validate(r: Recipe) -> None:
     def need(cond, key, what):
         if not cond:
             raise RecipeError(f"{key}: expected {what}, got {eval_key(r, key)!r}")
-    from .tasks import TASKS
+    from pace_llm.tasks import TASKS
     need(r.model.task in TASKS, "model.task", f"one of {list(TASKS)}")
-    from .training.metrics import REPORT_TO
+    from pace_llm.training.metrics import REPORT_TO
     need(set(r.train.report_to) <= set(REPORT_TO), "train.report_to", f"a list of {list(REPORT_TO)}")
     need(0 <= r.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", "0, 1, 2 or 3")
     need(r.train.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")

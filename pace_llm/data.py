@@ -40,7 +40,7 @@ def load_rows(source: str, split: str = "train", hub_config: Optional[str] = Non
     `hub_config`) or `tiny:*` (generated from `seed`), each with its `sample_id`; the first
     `limit` only when given. Training and every eval/*.py entry point load through this."""
     if source.startswith("tiny:"):
-        from . import tiny
+        from pace_llm.assets import tiny
         generators = {"tiny:arithmetic": tiny.tiny_arithmetic, "tiny:sentences": tiny.tiny_sentences,
                       "tiny:images": tiny.tiny_images}
         if source not in generators:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .adapters import PaceConfig, apply_pace, merge_pace
-from .files import atomic_dir
+from pace_llm.core.adapters import PaceConfig, apply_pace, merge_pace
+from pace_llm.files import atomic_dir
 
 PACE_CONFIG = "pace_config.json"
 PACE_WEIGHTS = "pace_adapter.safetensors"

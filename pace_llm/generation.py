@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .data import render_prompt
+from pace_llm.data import render_prompt
 
 BACKENDS = ("vllm", "hf", "openai")
 # End-of-turn tokens of common chat templates (Phi-3, ChatML/SmolLM2/Qwen, Llama-3, Gemma).
@@ -202,7 +202,7 @@ class Generator:
                 import peft
                 model = peft.PeftModel.from_pretrained(model, str(self.adapter))
             else:  # lora_mul_vpt: pace-llm's own format
-                from .export import load_adapter
+                from pace_llm.export import load_adapter
                 model = load_adapter(model, self.adapter)
         self._model = model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
         self.max_model_len = getattr(model.config, "max_position_embeddings", None)

@@ -14,8 +14,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def materialize_tiny(name: str, folder: Path, num_labels=None) -> Path:
     """`tiny:phi3` etc.: a deterministic tiny model (+ tokenizer) saved once by rank 0, so
     every path after this (ZeRO-3 partitioned loading, QLoRA, export) is from_pretrained."""
-    from .files import atomic_dir
-    from .tiny import tiny_model, tiny_tokenizer
+    from pace_llm.files import atomic_dir
+    from pace_llm.assets.tiny import tiny_model, tiny_tokenizer
     if dist.get_rank() == 0 and not (folder / "config.json").exists():
         kind = name.split(":", 1)[1]
         overrides = {"num_labels": num_labels} if num_labels else {}

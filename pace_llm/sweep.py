@@ -39,9 +39,9 @@ import time
 import warnings
 from pathlib import Path
 
-from .config import RecipeError, _yaml, load_recipe
-from .files import file_lock
-from .launcher import train_command
+from pace_llm.config import RecipeError, _yaml, load_recipe
+from pace_llm.files import file_lock
+from pace_llm.distributed.launcher import train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "launch" / "train.py"

@@ -10,7 +10,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TORCH_DROPOUT = F.dropout  # before pace_llm is imported: what torch itself provides
 
-from pace_llm.tiny import tiny_model  # noqa: E402
+from pace_llm.assets.tiny import tiny_model  # noqa: E402
 
 KINDS = ["phi3", "llama", "roberta", "vit"]
 

@@ -4,7 +4,7 @@ from the test side through Trainer.before_checkpoint_commit."""
 import os
 import signal
 
-from pace_llm.launcher import exit_now
+from pace_llm.distributed.launcher import exit_now
 from pace_llm.training import Trainer, main
 
 

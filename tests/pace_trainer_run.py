@@ -20,8 +20,8 @@ import datasets
 import transformers
 
 from pace_llm.integrations import PaceArguments, PaceTrainer, cpu_distributed_state
-from pace_llm.launcher import exit_now
-from pace_llm.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
+from pace_llm.distributed.launcher import exit_now
+from pace_llm.assets.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
 
 
 def encoded(tokenizer, n: int) -> datasets.Dataset:

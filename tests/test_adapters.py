@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import pace_llm
-from pace_llm.tiny import tiny_model
+from pace_llm.assets.tiny import tiny_model
 
 from conftest import make_batch, model_inputs, perturb_adapters
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pace_llm.launcher import launch_env
+from pace_llm.distributed.launcher import launch_env
 
 ROOT = Path(__file__).resolve().parents[1]
 

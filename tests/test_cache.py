@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pace_llm import OutputCache, ShardedEpochSampler
-from pace_llm.launcher import free_port as _free_port
+from pace_llm.distributed.launcher import free_port as _free_port
 
 BF16 = torch.bfloat16
 

@@ -11,7 +11,7 @@ from pace_llm import assets
 from pace_llm.config import load_recipe
 from pace_llm.data import DataError, load_rows
 from pace_llm.tasks import get_task
-from pace_llm.tasks.chat_formats import FORMATS, Messages, encode_rows
+from pace_llm.tasks.data_formats import FORMATS, Messages, encode_rows
 
 # Phi-3-mini-4k-instruct's template, verbatim in shape: no {% generation %} markers, eos at the end.
 PHI3_TEMPLATE = (

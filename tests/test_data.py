@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from pace_llm import deepspeed_engine
+from pace_llm.distributed import deepspeed_engine
 from pace_llm.config import RecipeError, load_recipe
 from pace_llm.data import DataError, load_rows, render_prompt
 from pace_llm.tasks import get_task
 from pace_llm.tasks.causal_lm import tokenize_sft
 from pace_llm.tasks.classification import tokenize_classification
-from pace_llm.tiny import tiny_tokenizer
+from pace_llm.assets.tiny import tiny_tokenizer
 
 TEMPLATE = "Q: {question}"
 

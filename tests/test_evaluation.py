@@ -1,4 +1,4 @@
-"""pace_llm.evaluation: the result files every eval entry point writes, the shared
+"""pace_llm.benchmarks.evaluation: the result files every eval entry point writes, the shared
 classification predict loop, and the local formats the one row loader reads."""
 import json
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pace_llm.data import load_rows
-from pace_llm.evaluation import predict_logits, top1_metrics, write_results
+from pace_llm.benchmarks.evaluation import predict_logits, top1_metrics, write_results
 
 
 def test_write_results_json_and_jsonl(tmp_path):
@@ -65,8 +65,8 @@ def test_load_classifier_wants_the_adapters_head(tmp_path):
     import transformers
 
     import pace_llm
-    from pace_llm.evaluation import ModelError, load_classifier
-    from pace_llm.tiny import tiny_model
+    from pace_llm.benchmarks.evaluation import ModelError, load_classifier
+    from pace_llm.assets.tiny import tiny_model
     tiny_model("roberta", num_labels=2).save_pretrained(tmp_path / "base")
     headless = pace_llm.apply_pace(tiny_model("roberta", num_labels=2), pace_llm.PaceConfig(rank=4, train_head=False))
     pace_llm.save_adapter(headless, tmp_path / "adapter")
@@ -87,8 +87,8 @@ def test_a_classifier_from_base_and_adapter_takes_the_adapters_label_count(tmp_p
     import transformers
 
     import pace_llm
-    from pace_llm.evaluation import adapter_head_shape, load_classifier
-    from pace_llm.tiny import tiny_model
+    from pace_llm.benchmarks.evaluation import adapter_head_shape, load_classifier
+    from pace_llm.assets.tiny import tiny_model
     tiny_model(kind, num_labels=2).save_pretrained(tmp_path / "base")  # the base's own head: another size
     trained = pace_llm.apply_pace(tiny_model(kind, num_labels=labels), pace_llm.PaceConfig(rank=2))
     pace_llm.save_adapter(trained, tmp_path / "adapter")

@@ -13,8 +13,8 @@ import torch
 import transformers
 
 import pace_llm
-from pace_llm.tasks import glue
-from pace_llm.tiny import tiny_model
+from pace_llm.benchmarks import glue
+from pace_llm.assets.tiny import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,9 +23,9 @@ import transformers
 import pace_llm
 from pace_llm.data import render_prompt
 from pace_llm.generation import Generator, encode_prompts, stop_token_ids
-from pace_llm.launcher import free_port as _free_port
-from pace_llm.tasks.gsm8k import INSTRUCTION, evaluate, load_rows, prompt_text
-from pace_llm.tiny import tiny_model
+from pace_llm.distributed.launcher import free_port as _free_port
+from pace_llm.benchmarks.gsm8k import INSTRUCTION, evaluate, load_rows, prompt_text
+from pace_llm.assets.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 512  # the CLI default: long enough to reach the 256-token context limit

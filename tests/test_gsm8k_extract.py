@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from pace_llm.tasks.generation_task import GenerationTask
-from pace_llm.tasks.gsm8k import (INSTRUCTION, TASK, extract_answer, extract_answer_strict, load_rows,
+from pace_llm.benchmarks.generation_task import GenerationTask
+from pace_llm.benchmarks.gsm8k import (INSTRUCTION, TASK, extract_answer, extract_answer_strict, load_rows,
                                   normalize_number, prompt_text, reference_answer, score)
 
 

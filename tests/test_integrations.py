@@ -13,12 +13,12 @@ import torch.nn.functional as F
 import transformers
 
 from pace_llm.integrations import PaceArguments, PaceTrainer
-from pace_llm.objectives import PaceObjective
-from pace_llm.pace import noise_segments
-from pace_llm.packing import from_position_ids
-from pace_llm.rows import TokenRows
-from pace_llm.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
-from pace_llm.launcher import script_command
+from pace_llm.core.objectives import PaceObjective
+from pace_llm.core.pace import noise_segments
+from pace_llm.core.packing import from_position_ids
+from pace_llm.core.outputs import TokenOutputs
+from pace_llm.assets.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
+from pace_llm.distributed.launcher import script_command
 from trainrun import ROOT, env, launch, metrics, shm_segments
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -197,7 +197,7 @@ def test_sft_full_pace_on_packed_rows_draws_noise_per_sample(tmp_path):
         torch.testing.assert_close(noisy[segment == k], clean[segment == k] * z[k], rtol=1e-4, atol=1e-6)
     assert min((z[k] - z[k + 1]).abs().mean() for k in range(15)) > 0.1  # neighbours: other draws
 
-    rows, model = TokenRows(), trainer.model
+    rows, model = TokenOutputs(), trainer.model
     changed = dict(packed, input_ids=packed["input_ids"].clone())
     changed["input_ids"][packed["segment_index"] == 1] = 7  # sample 1 rewritten, in the row's middle
     f = []

@@ -1,4 +1,4 @@
-"""pace_llm.launcher (the commands and environment every launch here uses) and
+"""pace_llm.distributed.launcher (the commands and environment every launch here uses) and
 pace_llm.logs (library chatter to a file, our progress and all warnings to the terminal)."""
 import socket
 import subprocess
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pace_llm import launcher
-from pace_llm.launcher import for_terminal, free_port, launch_env, run_logged, script_command, train_command
+from pace_llm.distributed import launcher
+from pace_llm.distributed.launcher import for_terminal, free_port, launch_env, run_logged, script_command, train_command
 
 BIN = Path(sys.executable).parent
 
@@ -81,7 +81,7 @@ def test_deepspeed_info_lines_stay_off_the_terminal():
 def test_run_logged_echoes_all_but_deepspeed_info(tmp_path):
     script = "; ".join(f"print({line!r})" for line in [*DEEPSPEED_LINES, "ours"]) + \
         "; import sys; print('on stderr', file=sys.stderr); sys.exit(3)"
-    code = (f"from pathlib import Path; from pace_llm.launcher import run_logged; import sys; "
+    code = (f"from pathlib import Path; from pace_llm.distributed.launcher import run_logged; import sys; "
             f"sys.exit(run_logged([sys.executable, '-c', {script!r}], Path({str(tmp_path / 'echo.log')!r}), echo=True))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import pace_llm
-from pace_llm.pace import sigma_for_block
-from pace_llm.tiny import tiny_model
+from pace_llm.core.pace import sigma_for_block
+from pace_llm.assets.tiny import tiny_model
 
 from conftest import TORCH_DROPOUT, make_batch, model_inputs, perturb_adapters
 

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import pace_llm
-from pace_llm.pace import paired_dropout
-from pace_llm.tiny import tiny_model
+from pace_llm.core.pace import paired_dropout
+from pace_llm.assets.tiny import tiny_model
 
 from conftest import TORCH_DROPOUT, make_batch, model_inputs, perturb_adapters
 
@@ -79,7 +79,7 @@ def test_full_sigma_zero_has_zero_consistency_under_dropout(kind, overrides, cap
         f = rows_by_hand(model, duplicated(batch))
         n = len(f) // 2
         assert (f[:n] - f[n:]).abs().max() > 1e-4
-    with caplog.at_level(logging.WARNING, logger="pace_llm.objectives"):
+    with caplog.at_level(logging.WARNING, logger="pace_llm.core.objectives"):
         out = pace_llm.PaceObjective("full", lam=1.0)(model, batch)
     assert out.consistency_loss.item() <= 1e-10
     base = model.base_model.model
@@ -126,10 +126,10 @@ def test_full_task_loss_equals_off_without_noise_or_dropout(kind):
     full = pace_llm.PaceObjective("full", lam=0.3)(model, batch)
     off = pace_llm.PaceObjective("off")(model, batch)
     assert full.task_loss.item() == pytest.approx(off.task_loss.item(), rel=1e-5, abs=1e-7)
-    assert full.supervised_rows == off.supervised_rows
+    assert full.n_outputs == off.n_outputs
     assert off.consistency_loss.item() == 0.0 and off.loss is off.task_loss
     expected_rows = int((batch["labels"][:, 1:] != -100).sum()) if kind == "llama" else len(batch["labels"])
-    assert full.supervised_rows == expected_rows
+    assert full.n_outputs == expected_rows
 
 
 @pytest.mark.parametrize("kind", ["llama", "roberta"])
@@ -153,7 +153,7 @@ def test_full_consistency_and_task_loss_by_hand(kind):
     assert out.consistency_loss.item() == pytest.approx(cons, rel=1e-4)
     assert out.task_loss.item() == pytest.approx(F.cross_entropy(f1, labels).item(), rel=1e-5)
     assert out.loss.item() == pytest.approx(out.task_loss.item() + lam * cons, rel=1e-5)
-    assert out.supervised_rows == len(labels)
+    assert out.n_outputs == len(labels)
 
 
 # --- fast ------------------------------------------------------------------------------
@@ -272,13 +272,13 @@ def test_lazy_half_alternates_paired_half_and_plain_steps(kind):
         want = (full(model, first) if step % 2 == 0 else off(model, batch))
         assert got.task_loss.item() == pytest.approx(want.task_loss.item(), rel=1e-6)
         assert got.consistency_loss.item() == pytest.approx(want.consistency_loss.item(), rel=1e-6)
-        assert got.supervised_rows == want.supervised_rows
+        assert got.n_outputs == want.n_outputs
         if step % 2 == 0:  # paired half batch: consistency reported, task loss on the half
             assert got.consistency_loss.item() > 1e-4
-            assert got.supervised_rows == int(pace_llm.supervised_counts(first["labels"]).sum())
+            assert got.n_outputs == int(pace_llm.supervised_counts(first["labels"]).sum())
         else:               # plain step on the whole batch
             assert got.consistency_loss.item() == 0.0
-            assert got.supervised_rows == int(pace_llm.supervised_counts(batch["labels"]).sum())
+            assert got.n_outputs == int(pace_llm.supervised_counts(batch["labels"]).sum())
         got.loss.backward()
 
 

@@ -1,4 +1,4 @@
-"""Padding-free packing (data.packing, pace_llm/packing.py): the same samples give the same
+"""Padding-free packing (data.packing, pace_llm/core/packing.py): the same samples give the same
 losses and gradients packed or padded, at any micro-batch size and accumulation (step loss
 normalisation), samples in a row cannot see each other, and PACE's noise stays one draw per
 sample and channel."""
@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import pace_llm
-from pace_llm.objectives import PaceObjective
-from pace_llm.packing import best_fit_decreasing, duplicate_packed, pack, padded_tokens
-from pace_llm.pace import multiplicative_noise, noise_segments
-from pace_llm.rows import SampleRows, TokenRows, model_inputs
+from pace_llm.core.objectives import PaceObjective
+from pace_llm.core.packing import best_fit_decreasing, duplicate_packed, pack, padded_tokens
+from pace_llm.core.pace import multiplicative_noise, noise_segments
+from pace_llm.core.outputs import SampleOutputs, TokenOutputs, model_inputs
 from pace_llm.tasks.base import pad_tokens
-from pace_llm.tiny import tiny_model
+from pace_llm.assets.tiny import tiny_model
 
 from conftest import make_batch, perturb_adapters
 from trainrun import ds_steps, eval_losses, launch_many, metrics
@@ -90,11 +90,11 @@ def test_sigma_zero_packed_equals_padded(kind):
     grads, rows_of, losses = {}, {}, {}
     for how, batch in (("padded", padded(s)), ("packed", pack(s, 16, 0))):
         model = adapted(kind)
-        rows = TokenRows().forward(model, batch)
+        rows = TokenOutputs().forward(model, batch)
         rows_of[how] = per_sample(rows, batch["sample_id"])
         losses[how] = {i: torch.nn.functional.cross_entropy(f, t).item() for i, f, t in zip(
             batch["sample_id"].tolist(), rows.f.split(rows.counts.tolist()), rows.target.split(rows.counts.tolist()))}
-        out = PaceObjective("full", lam=0.1, rows=TokenRows())(model, batch)
+        out = PaceObjective("full", lam=0.1, rows=TokenOutputs())(model, batch)
         assert out.consistency_loss.item() == 0.0
         out.loss.backward()
         grads[how] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -151,9 +151,9 @@ def test_paired_copies_of_a_packed_batch_draw_their_own_noise():
     assert twice["segment_index"].max() == 2 * s - 1 and len(twice["sample_id"]) == 2 * s
     for sigma, equal in ((0.0, True), (1.0, False)):
         model = adapted("llama", sigma=sigma)
-        objective = PaceObjective("full", rows=TokenRows())
+        objective = PaceObjective("full", rows=TokenOutputs())
         with torch.no_grad(), objective.scope(0, batch):
-            out = TokenRows().forward(model, twice)
+            out = TokenOutputs().forward(model, twice)
         first, second = out.first(s), out.last(s)
         assert torch.equal(first.f, second.f) == equal
     half = duplicate_packed(batch, 1)  # lazy_half: the first row's samples, twice
@@ -164,7 +164,7 @@ def test_paired_copies_of_a_packed_batch_draw_their_own_noise():
 def test_inspect_data_shows_the_bins(capsys):
     """launch/inspect_data.py with data.packing: the first micro-batches' rows, each sample by
     id and length, in the order training takes them; and the epoch's padding packed vs padded."""
-    from pace_llm.cache import ShardedEpochSampler
+    from pace_llm.core.cache import ShardedEpochSampler
     sys.path.insert(0, str(ROOT / "launch"))
     import inspect_data
     assert inspect_data.main(["recipes/tiny.yaml", "data.packing=true", "data.max_length=100", "--n", "0",
@@ -185,8 +185,8 @@ def step_gradients(model, micro_batches, normalization, rows=None):
     it (trainer.train_step) on one rank without DeepSpeed's 1/A, which its scale undoes: full
     PACE; step: every micro-batch's loss over the rows of all of them; micro_batch: the mean
     of the micro-batches' means."""
-    objective = PaceObjective("full", lam=0.1, rows=rows or TokenRows())
-    supervised = sum(objective.task_rows(batch) for batch in micro_batches)
+    objective = PaceObjective("full", lam=0.1, rows=rows or TokenOutputs())
+    supervised = sum(objective.task_outputs(batch) for batch in micro_batches)
     for batch in micro_batches:
         if normalization == "step":
             objective(model, batch, 0, denominator=supervised).loss.backward()
@@ -225,12 +225,12 @@ def test_step_normalisation_of_a_classifier_weights_every_sample_once(kind):
         perturb_adapters(adapted)
         return adapted.train()
 
-    reference = step_gradients(model(), [batch], "step", SampleRows())
-    accumulated = step_gradients(model(), split, "step", SampleRows())
+    reference = step_gradients(model(), [batch], "step", SampleOutputs())
+    accumulated = step_gradients(model(), split, "step", SampleOutputs())
     assert all(g.abs().sum() > 0 for g in reference.values())
     for n, r in reference.items():
         assert (accumulated[n] - r).norm() <= 1e-5 * r.norm(), n
-    per_micro_batch = step_gradients(model(), split, "micro_batch", SampleRows())
+    per_micro_batch = step_gradients(model(), split, "micro_batch", SampleOutputs())
     assert any((per_micro_batch[n] - r).norm() > 1e-2 * r.norm() for n, r in reference.items())
 
 
@@ -261,11 +261,11 @@ def test_qlora_nf4_packed_equals_padded(tmp_path):
 def test_task_rows_counts_the_rows_the_task_loss_covers(mode):
     """What the trainer's denominator adds up before any forward (lazy_half's paired step:
     the first half of the packed or padded rows) is what the objective's task loss covers."""
-    model, objective = adapted("llama"), PaceObjective(mode, rows=TokenRows())
+    model, objective = adapted("llama"), PaceObjective(mode, rows=TokenOutputs())
     for batch in (padded(samples()), pack(samples(), 16, 0)):
         for step in (0, 1):
             with torch.no_grad():
-                assert objective(model, batch, step).supervised_rows == objective.task_rows(batch, step)
+                assert objective(model, batch, step).n_outputs == objective.task_outputs(batch, step)
 
 
 NORM_COMMON = ["deepspeed.zero_stage=2", "pace.mode=full", "pace.sigma=0", "data.limit=36", "train.epochs=2",

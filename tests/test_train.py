@@ -12,9 +12,9 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from pace_llm import deepspeed_engine as zero
+from pace_llm.distributed import deepspeed_engine
 from pace_llm.config import RecipeError, load_recipe, to_dict
-from pace_llm.rows import TokenRows
+from pace_llm.core.outputs import TokenOutputs
 from pace_llm.training import run
 from pace_llm.training.resume import check_resume
 from pace_llm.tasks import get_task
@@ -90,7 +90,7 @@ def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
     batch = task.collate([eval_set[i] for i in range(len(eval_set))])
     merged.eval()
     with torch.no_grad():
-        rows = TokenRows()
+        rows = TokenOutputs()
         assert evals[1][1] == pytest.approx(rows.loss(rows.forward(merged, batch)).item(), rel=1e-4)
     assert json.loads((out / "run_status.json").read_text()) == {"status": "done"}
 
@@ -182,7 +182,7 @@ def test_qlora_nf4_trains_on_cpu(tmp_path):
     import pace_llm
     from pace_llm.config import load_recipe
     from pace_llm.tasks import get_task
-    from pace_llm.tiny import tiny_model
+    from pace_llm.assets.tiny import tiny_model
 
     tiny_model("llama").save_pretrained(tmp_path / "base")
     recipe = load_recipe("recipes/tiny.yaml", ["model.quantization=nf4"])
@@ -276,7 +276,7 @@ def stopped_run(tmp_path_factory):
 def test_resume_refuses_a_change_that_breaks_exactness(stopped_run, override, listed):
     """Each change is refused by name (check_resume against the checkpoint's recipe, in this
     process); the first also through launch/train.py, as a user meets it."""
-    saved = zero.saved_recipe(stopped_run)
+    saved = deepspeed_engine.saved_recipe(stopped_run)
     changed = to_dict(load_recipe("recipes/tiny.yaml", [f"output_dir={stopped_run}", "deepspeed.zero_stage=0",
                                                         "train.stop_after=3", "resume=true", override]))
     with pytest.raises(RecipeError) as refused:

@@ -25,12 +25,12 @@ from pace_llm.data import load_rows
 from pace_llm.tasks import get_task
 from pace_llm.tasks.classification import tokenize_classification
 from pace_llm.tasks.images import prepare_images
-from pace_llm.tasks import glue
+from pace_llm.benchmarks import glue
 from trainrun import ROOT, launch, launch_many, metrics
 
 RECIPES = {"roberta": "recipes/tiny_cls.yaml", "vit": "recipes/tiny_vit.yaml"}
 # One objective per model (2 runs, not 4: the suite's time): classifiers share the objective
-# code (SampleRows), so full PACE on RoBERTa and PACE_fast's logit cache on the ViT cover both.
+# code (SampleOutputs), so full PACE on RoBERTa and PACE_fast's logit cache on the ViT cover both.
 MODE = {"roberta": "full", "vit": "fast"}
 STEPS = list(range(1, 17))  # both tiny recipes: max_steps 16, 8 steps per epoch
 
@@ -182,7 +182,7 @@ def test_stsb_shaped_regression_through_the_data_path():
     """A 1-wide head on float labels (GLUE STS-B): tokenized, collated as floats, MSE task
     loss, PACE consistency on the score."""
     import datasets
-    from pace_llm.tiny import tiny_model, tiny_tokenizer
+    from pace_llm.assets.tiny import tiny_model, tiny_tokenizer
     tokenizer = tiny_tokenizer(chat_template=False)
     rows = datasets.Dataset.from_list([{"sentence1": "a cat sat", "sentence2": "a cat sits", "label": 4.6},
                                        {"sentence1": "dark film", "sentence2": "bright day", "label": 0.4}])
@@ -281,7 +281,7 @@ def test_images_are_stored_raw_and_made_into_pixels_at_collation():
 
 
 def test_crop_flip_differs_by_epoch_replays_exactly_and_centre_crops_held_out_batches():
-    from pace_llm.objectives import _duplicate
+    from pace_llm.core.objectives import _duplicate
     from pace_llm.tasks.images import image_pixels
     task = image_task("data.augment=crop_flip")
     train, _ = task.datasets()

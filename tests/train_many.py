@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pace_llm import deepspeed_engine
+from pace_llm.distributed import deepspeed_engine
 from pace_llm.config import load_recipe
 from pace_llm.logs import route_logs
 from pace_llm.training import Trainer, run

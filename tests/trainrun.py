@@ -1,12 +1,12 @@
 """Run launch/train.py as users do (deepspeed / torchrun / python) and read its outputs.
-Commands and environment come from pace_llm.launcher, as for the demos and bench/."""
+Commands and environment come from pace_llm.distributed.launcher, as for the demos and bench/."""
 from __future__ import annotations
 
 import json
 import subprocess
 from pathlib import Path
 
-from pace_llm.launcher import free_port, launch_env, script_command, train_command  # noqa: F401  (free_port: for the tests)
+from pace_llm.distributed.launcher import free_port, launch_env, script_command, train_command  # noqa: F401  (free_port: for the tests)
 
 ROOT = Path(__file__).resolve().parents[1]
 

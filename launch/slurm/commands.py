@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pace_llm.launcher import train_command
+from pace_llm.distributed.launcher import train_command
 
 ROOT = Path(__file__).resolve().parents[2]
 

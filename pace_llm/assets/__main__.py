@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from pace_llm.assets.cli import main
 
 sys.exit(main())

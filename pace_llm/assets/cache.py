@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..files import prepare_once
+from pace_llm.files import prepare_once
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

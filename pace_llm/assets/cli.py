@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from .cache import AssetMissing, cache_dir
-from .fashion import FASHION_MNIST_ROOT, fashion_mnist
-from .gsm_symbolic import gsm_symbolic_files
-from .minilm import minilm_dir
-from .polarity import polarity_csv
-from .smollm2 import check_generation, smollm2_dir
+from pace_llm.assets.cache import AssetMissing, cache_dir
+from pace_llm.assets.fashion import FASHION_MNIST_ROOT, fashion_mnist
+from pace_llm.assets.gsm_symbolic import gsm_symbolic_files
+from pace_llm.assets.minilm import minilm_dir
+from pace_llm.assets.polarity import polarity_csv
+from pace_llm.assets.smollm2 import check_generation, smollm2_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import AssetMissing
+from pace_llm.assets.cache import AssetMissing
 
 FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 

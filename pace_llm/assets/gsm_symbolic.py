@@ -13,7 +13,7 @@ from fractions import Fraction
 from pathlib import Path
 from random import Random
 
-from .cache import AssetMissing, log, package_dir, package_version, prepare
+from pace_llm.assets.cache import AssetMissing, log, package_dir, package_version, prepare
 
 GSM_TEMPLATES = "data/templates/eng/symbolic"
 # A GSM-8K final answer line: "#### 72", "#### -3", "#### 2.5" (no thousands separators).

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cache import AssetMissing, package_dir
+from pace_llm.assets.cache import AssetMissing, package_dir
 
 
 def minilm_dir() -> Path:

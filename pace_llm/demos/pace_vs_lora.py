@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..launcher import launch_env, run_logged, train_command
+from pace_llm.distributed.launcher import launch_env, run_logged, train_command
 
 METHODS = {"LoRA": ["pace.mode=off"], "PACE": []}
 

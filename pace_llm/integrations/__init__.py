@@ -6,14 +6,14 @@
 their parent takes (as keywords) plus `pace=PaceArguments(...)`, the recipe's `pace`
 section. PaceSFTTrainer is imported on first use, so PaceTrainer needs no trl.
 """
-from .arguments import PaceArguments
-from .trainer import PaceTrainer, cpu_distributed_state
+from pace_llm.integrations.arguments import PaceArguments
+from pace_llm.integrations.trainer import PaceTrainer, cpu_distributed_state
 
 __all__ = ["PaceArguments", "PaceTrainer", "PaceSFTTrainer", "cpu_distributed_state"]
 
 
 def __getattr__(name):
     if name == "PaceSFTTrainer":
-        from .sft import PaceSFTTrainer
+        from pace_llm.integrations.sft import PaceSFTTrainer
         return PaceSFTTrainer
     raise AttributeError(name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from ..pace_config import PaceConfig
+from pace_llm.core.pace_config import PaceConfig
 
 
 @dataclasses.dataclass

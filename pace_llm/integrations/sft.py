@@ -12,7 +12,7 @@ micro-batch into one row; `packing=True` (strategy bfd, the default) packs the d
 into rows of `max_length` tokens (column `seq_lengths`) and flattens a micro-batch of those
 rows into one row, the same way. Either batch has `position_ids` restarting at every sample,
 no attention_mask (transformers then masks block-diagonally) and each sample's first label
--100. The mixin reads the samples off the position_ids (pace_llm.packing.from_position_ids):
+-100. The mixin reads the samples off the position_ids (pace_llm.core.packing.from_position_ids):
 PACE's noise is one draw per sample and channel, full PACE's [x; x] copies are new samples,
 and PACE_fast keys its cache by sample (trainer.first_sample_keys). Two consequences:
   - lazy_half halves by rows, and the micro-batch is one row: its paired steps pair all of it;
@@ -26,8 +26,8 @@ from typing import Optional
 
 import trl
 
-from ..pace_config import PaceConfig
-from .trainer import PaceMixin
+from pace_llm.core.pace_config import PaceConfig
+from pace_llm.integrations.trainer import PaceMixin
 
 
 class PaceSFTTrainer(PaceMixin, trl.SFTTrainer):

@@ -9,11 +9,11 @@
 What the mixin changes in the Trainer, and nothing else:
   - the model: PACE-LoRA applied (apply_pace), or PACE's noise added to the LoRA of a
     model that already is a PeftModel (built by the user or from TRL's `peft_config`);
-  - the training loss: PaceObjective (pace_llm/objectives.py) on the batch, its paired
+  - the training loss: PaceObjective (pace_llm/core/objectives.py) on the batch, its paired
     dropout held across forward and backward (training_step); evaluation keeps the parent's
     loss, in eval mode, without noise;
   - padding-free batches (position_ids restarting at every sample, no attention_mask: TRL's
-    padding_free and packing) are read into pace_llm.packing's layout before the step, so
+    padding_free and packing) are read into pace_llm.core.packing's layout before the step, so
     the noise is one draw per sample even inside a row, also in a checkpointed recompute;
   - logging: `task_loss` and `consistency_loss` (means over the logging window and the
     ranks) join the Trainer's own `loss` row, so every `report_to` target gets them;
@@ -23,7 +23,7 @@ What the mixin changes in the Trainer, and nothing else:
     (pace_cache_rank{r}.pt) and restored by `train(resume_from_checkpoint=...)`. A row TRL
     packed holds several samples: the cache has an entry per sample (first_sample_keys).
 
-A causal LM's rows (TokenRows) run the decoder on the unwrapped model, which bypasses
+A causal LM's rows (TokenOutputs) run the decoder on the unwrapped model, which bypasses
 DDP's forward, and with it DDP's gradient hooks: under DDP the trainer averages the
 (LoRA-only) gradients itself at each synchronising step. DeepSpeed reduces gradients
 through its own hooks and needs nothing.
@@ -46,15 +46,15 @@ import torch.distributed as dist
 import transformers
 from torch.utils.data import Dataset
 
-from ..adapters import add_lora_noise, apply_pace, merge_pace
-from ..cache import OutputCache, ShardedEpochSampler
-from ..distributed import skip_deepspeed_shm_allreduce
-from ..export import PACE_CONFIG
-from ..objectives import PaceObjective
-from ..pace_config import PaceConfig
-from ..packing import from_position_ids, is_packed
-from ..rows import TokenRows, rows_for_model
-from .arguments import PaceArguments
+from pace_llm.core.adapters import add_lora_noise, apply_pace, merge_pace
+from pace_llm.core.cache import OutputCache, ShardedEpochSampler
+from pace_llm.distributed.process_group import skip_deepspeed_shm_allreduce
+from pace_llm.export import PACE_CONFIG
+from pace_llm.core.objectives import PaceObjective
+from pace_llm.core.pace_config import PaceConfig
+from pace_llm.core.packing import from_position_ids, is_packed
+from pace_llm.core.outputs import TokenOutputs, outputs_for_model
+from pace_llm.integrations.arguments import PaceArguments
 
 log = logging.getLogger("pace_llm.integrations")
 CACHE_FILE = "pace_cache_rank{rank}.pt"
@@ -146,7 +146,7 @@ class PaceMixin:
             else:
                 self.model = self.model_wrapped = apply_pace(self.model, self.pace)
         self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the GA steps
-        self._pace_rows = rows_for_model(self.model)
+        self._pace_rows = outputs_for_model(self.model)
         self._pace_window = torch.zeros(3)  # sums of task loss, consistency, micro-steps since the last log
         self.pace_cache = self._pace_first_keys = None
         if self.pace.mode == "fast":
@@ -165,9 +165,9 @@ class PaceMixin:
 
     def _samples(self, i: int, example: dict):
         """(cache key, labels) of each sample in dataset item i: the item, or each sample of a row
-        TRL packed, whose first label the padding-free batch masks (row_count skips it too)."""
+        TRL packed, whose first label the padding-free batch masks (output_count skips it too)."""
         labels = example.get("labels")
-        if labels is None and isinstance(self._pace_rows, TokenRows):  # TRL: labels = input_ids
+        if labels is None and isinstance(self._pace_rows, TokenOutputs):  # TRL: labels = input_ids
             labels = example["input_ids"]
         if self._pace_first_keys is None:
             return [(i, labels)]
@@ -181,7 +181,7 @@ class PaceMixin:
             example = self.train_dataset[i]
             for key, labels in self._samples(i, example):
                 keys.append(key)
-                counts.append(rows.row_count({**example, "labels": labels}))
+                counts.append(rows.output_count({**example, "labels": labels}))
         cache = OutputCache(counts, rows.cache_dim(self.model), sample_ids=keys,
                             memory_budget_bytes=int(self.pace.cache_memory_gb * 2**30),
                             disk_dir=self.args.output_dir if os.path.isdir(self.args.output_dir) else None)
@@ -215,7 +215,7 @@ class PaceMixin:
     # --- loss ----------------------------------------------------------------------------
     def _packed(self, inputs: dict) -> dict:
         """A padding-free batch (position_ids restarting at every sample, no attention_mask: TRL's
-        padding_free and packing) in pace_llm.packing's layout, so PACE sees its samples: noise
+        padding_free and packing) in pace_llm.core.packing's layout, so PACE sees its samples: noise
         per sample, rows counted per sample, [x; x] copies as new samples. PACE_fast's batch
         names dataset items (sample_id): their samples' cache keys take its place."""
         if "position_ids" not in inputs or "attention_mask" in inputs or is_packed(inputs):
@@ -232,7 +232,7 @@ class PaceMixin:
         with self.pace_objective.scope(self.state.global_step, inputs):
             loss = super().training_step(model, inputs, num_items_in_batch)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel) and self.accelerator.sync_gradients \
-                and isinstance(self._pace_rows, TokenRows):
+                and isinstance(self._pace_rows, TokenOutputs):
             self._average_gradients()
         return loss
 

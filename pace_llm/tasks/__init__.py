@@ -2,10 +2,10 @@
 (tasks/base.py says what it defines), a line below, and a recipe; see CONTRIBUTING.md."""
 from __future__ import annotations
 
-from .base import Task
-from .causal_lm import CausalLMTask
-from .classification import SequenceClassificationTask
-from .images import ImageClassificationTask
+from pace_llm.tasks.base import Task
+from pace_llm.tasks.causal_lm import CausalLMTask
+from pace_llm.tasks.classification import SequenceClassificationTask
+from pace_llm.tasks.images import ImageClassificationTask
 
 TASKS: dict[str, type[Task]] = {
     "causal_lm": CausalLMTask,

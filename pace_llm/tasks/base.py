@@ -2,7 +2,7 @@
 
 A task kind says how a recipe's rows become training samples and batches, which
 transformers Auto class builds the model, and what PACE regularises (its `rows`:
-pace_llm/rows.py). The trainer, the objectives and the cache only call these methods,
+pace_llm/core/outputs.py). The trainer, the objectives and the cache only call these methods,
 so a new task is one module with a subclass, a line in tasks/__init__.py and a recipe.
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import datasets
 import numpy as np
 import torch
 
-from ..config import DataSource
-from ..data import DataError, load_rows
-from ..models import load_base
+from pace_llm.config import DataSource
+from pace_llm.data import DataError, load_rows
+from pace_llm.models import load_base
 
 
 class Task:
@@ -30,7 +30,7 @@ class Task:
         self.sources_by_id: list[tuple[int, int, str]] = []  # (first id, end, source): source_of
 
     # --- what each kind defines ------------------------------------------------------
-    rows = None  # TokenRows() or SampleRows(...): f, the task loss, cache rows
+    outputs = None  # TokenOutputs() or SampleOutputs(...): f, the task loss, the cache row width
 
     def encode(self, rows: datasets.Dataset, source: str, data=None) -> datasets.Dataset:
         """Raw rows (with `sample_id`) -> encoded samples, fields checked by name; `data`:

@@ -1,7 +1,7 @@
 """Causal-LM supervised fine-tuning on prompt/answer pairs or conversations (the formats
-of tasks/chat_formats.py); the loss and PACE's consistency cover the supervised tokens
-only (TokenRows): by default every assistant turn with its end-of-turn token. With
-`data.packing` a micro-batch's samples are packed into rows (pace_llm/packing.py)."""
+of tasks/data_formats.py); the loss and PACE's consistency cover the supervised tokens
+only (TokenOutputs): by default every assistant turn with its end-of-turn token. With
+`data.packing` a micro-batch's samples are packed into rows (pace_llm/core/packing.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,11 +11,11 @@ import datasets
 import torch
 import transformers
 
-from ..data import DataError
-from ..packing import is_packed, pack
-from ..rows import TokenRows
-from .base import Task, pad_tokens
-from .chat_formats import Conversation, PromptAnswer, choose_format, encode_rows
+from pace_llm.data import DataError
+from pace_llm.core.packing import is_packed, pack
+from pace_llm.core.outputs import TokenOutputs
+from pace_llm.tasks.base import Task, pad_tokens
+from pace_llm.tasks.data_formats import Conversation, PromptAnswer, choose_format, encode_rows
 
 
 def tokenize_sft(rows: datasets.Dataset, tokenizer, prompt_template: str, answer_field: str,
@@ -38,7 +38,7 @@ def chat_template_text(value: str) -> str:
 class CausalLMTask(Task):
     name = "causal_lm"
     auto_class = transformers.AutoModelForCausalLM
-    rows = TokenRows()
+    outputs = TokenOutputs()
 
     def __init__(self, recipe, tokenizer=None):
         super().__init__(recipe, tokenizer)

@@ -1,5 +1,5 @@
 """Sequence classification (GLUE-style): one text or a pair (`data.text_fields`) and a
-label (`data.label_field`); PACE regularises the head's logits (SampleRows). A
+label (`data.label_field`); PACE regularises the head's logits (SampleOutputs). A
 one-output head (`model.num_labels: 1`) is regression with an MSE loss (STS-B)."""
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import datasets
 import torch
 import transformers
 
-from ..rows import SampleRows
-from .base import Task, encoded_columns, pad_tokens, require_fields
+from pace_llm.core.outputs import SampleOutputs
+from pace_llm.tasks.base import Task, encoded_columns, pad_tokens, require_fields
 
 
 def tokenize_classification(rows: datasets.Dataset, tokenizer, text_fields: list[str], label_field: str,
@@ -28,13 +28,13 @@ class SequenceClassificationTask(Task):
 
     def __init__(self, recipe, tokenizer=None):
         super().__init__(recipe, tokenizer)
-        self.rows = SampleRows(regression=recipe.model.num_labels == 1)
+        self.outputs = SampleOutputs(regression=recipe.model.num_labels == 1)
 
     def model_kwargs(self):
         return {"num_labels": self.model_section.num_labels, "ignore_mismatched_sizes": True}
 
     def sample_field(self, data):
-        return None if self.rows.regression else data.label_field
+        return None if self.outputs.regression else data.label_field
 
     def encode(self, rows, source, data=None):
         d = data or self.data

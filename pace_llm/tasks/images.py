@@ -1,5 +1,5 @@
 """Image classification (ViT): an image (`data.image_field`) and a label; PACE regularises
-the head's logits (SampleRows).
+the head's logits (SampleOutputs).
 
 Pixels are made at collation, not stored: the dataset keeps the images as they came
 (uint8), and each batch is resized to `data.image_size`² and scaled to [-1, 1] (ViT's
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import transformers
 
-from ..data import pixel_values
-from ..rows import SampleRows
-from .base import Task, require_fields
+from pace_llm.data import pixel_values
+from pace_llm.core.outputs import SampleOutputs
+from pace_llm.tasks.base import Task, require_fields
 
 AUGMENTATIONS = ("none", "crop_flip")
 
@@ -60,7 +60,7 @@ class ImageClassificationTask(Task):
     name = "image_cls"
     auto_class = transformers.AutoModelForImageClassification
     uses_tokenizer = False
-    rows = SampleRows()
+    outputs = SampleOutputs()
 
     def __init__(self, recipe, tokenizer=None):
         super().__init__(recipe, tokenizer)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..adapters import TargetError
-from ..config import Recipe, RecipeError, load_recipe, to_dict
-from ..data import DataError
-from ..logs import route_logs
-from .schedule import lr_lambda, warmup_steps
-from .trainer import Trainer
+from pace_llm.core.adapters import TargetError
+from pace_llm.config import Recipe, RecipeError, load_recipe, to_dict
+from pace_llm.data import DataError
+from pace_llm.logs import route_logs
+from pace_llm.training.schedule import lr_lambda, warmup_steps
+from pace_llm.training.trainer import Trainer
 
 __all__ = ["Trainer", "run", "main", "lr_lambda", "warmup_steps"]
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .resume import flatten  # the recipe as dotted keys, as the resume check lists them
+from pace_llm.training.resume import flatten  # the recipe as dotted keys, as the resume check lists them
 
 REPORT_TO = ("tensorboard", "wandb", "mlflow")  # train.report_to (config.validate checks it)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from ..config import RecipeError
+from pace_llm.config import RecipeError
 
 log = logging.getLogger("pace_llm.resume")
 

@@ -24,23 +24,23 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .. import deepspeed_engine as zero
-from ..adapters import apply_pace, trainable_parameter_count
-from ..cache import OutputCache, ShardedEpochSampler
-from ..config import Recipe, loss_normalization, to_dict
-from ..distributed import all_ranks, all_reduce_scalars, any_rank, init_distributed, rank0_first
-from ..export import export_merged
-from ..logs import route_logs
-from ..models import load_tokenizer, model_source
-from ..objectives import PaceObjective
-from ..pace import mean_squared_norm
-from ..plots import plot_metrics
-from ..rows import SampleRows
-from ..tasks import TASKS, Task
-from .metrics import MetricWriter
-from .resume import check_resume
-from .schedule import lr_lambda
-from .state import MicroStep, Progress, StepStats
+from pace_llm.distributed import deepspeed_engine
+from pace_llm.core.adapters import apply_pace, trainable_parameter_count
+from pace_llm.core.cache import OutputCache, ShardedEpochSampler
+from pace_llm.config import Recipe, loss_normalization, to_dict
+from pace_llm.distributed.process_group import all_ranks, all_reduce_scalars, any_rank, init_distributed, rank0_first
+from pace_llm.export import export_merged
+from pace_llm.logs import route_logs
+from pace_llm.models import load_tokenizer, model_source
+from pace_llm.core.objectives import PaceObjective
+from pace_llm.core.pace import mean_squared_norm
+from pace_llm.training.plots import plot_metrics
+from pace_llm.core.outputs import SampleOutputs
+from pace_llm.tasks import TASKS, Task
+from pace_llm.training.metrics import MetricWriter
+from pace_llm.training.resume import check_resume
+from pace_llm.training.schedule import lr_lambda
+from pace_llm.training.state import MicroStep, Progress, StepStats
 
 log = logging.getLogger("pace_llm.train")
 
@@ -82,10 +82,10 @@ class Trainer:
         self.out = Path(r.output_dir)
         route_logs(self.out, "train.log")  # again: DeepSpeed, imported just now, added a console handler
         if r.resume:  # before any heavy work: a changed recipe is refused by name
-            check_resume(zero.saved_recipe(self.out), to_dict(r), self.world, r.resume_force)
+            check_resume(deepspeed_engine.saved_recipe(self.out), to_dict(r), self.world, r.resume_force)
         torch.manual_seed(r.train.seed + self.rank)
-        ds_config = zero.build_config(r, self.world)
-        self._zero3 = zero.zero3_context(ds_config)  # held: ZeRO-3 partitioned loading lasts while it lives
+        ds_config = deepspeed_engine.build_config(r, self.world)
+        self._zero3 = deepspeed_engine.zero3_context(ds_config)  # held: ZeRO-3 partitioned loading lasts while it lives
         self.base_source = model_source(r.model, self.out)
         task_kind = TASKS[r.model.task]
         tokenizer = load_tokenizer(self.base_source) if task_kind.uses_tokenizer else None
@@ -104,13 +104,13 @@ class Trainer:
         steps_per_epoch = math.ceil(math.ceil(len(train_set) / self.world) / t.micro_batch_size
                                     / t.gradient_accumulation)
         self.total_steps = t.max_steps or steps_per_epoch * t.epochs
-        self.engine = zero.initialize(model, ds_config, r, lr_lambda(r, self.total_steps))
+        self.engine = deepspeed_engine.initialize(model, ds_config, r, lr_lambda(r, self.total_steps))
         self.sampler = ShardedEpochSampler(len(train_set), self.rank, self.world, seed=t.seed)
         self.loader = DataLoader(train_set, batch_size=t.micro_batch_size, sampler=self.sampler,
                                  collate_fn=functools.partial(self.task.collate, train=True),
                                  generator=torch.Generator())  # not the global RNG: resumes replay it exactly
         self.cache = self._build_cache(train_set) if r.pace.mode == "fast" else None
-        self.objective = PaceObjective.from_config(r.pace, self.cache, self.task.rows)
+        self.objective = PaceObjective.from_config(r.pace, self.cache, self.task.outputs)
         self.step_normalised = loss_normalization(r) == "step"
         trainable, total = trainable_parameter_count(model)
         if self.rank == 0:
@@ -120,7 +120,7 @@ class Trainer:
 
     def _build_cache(self, train_set) -> OutputCache:
         shard = [train_set[i] for i in self.sampler.shard]
-        cache = OutputCache([self.task.rows.row_count(s) for s in shard], self.task.rows.cache_dim(self.engine),
+        cache = OutputCache([self.task.outputs.output_count(s) for s in shard], self.task.outputs.cache_dim(self.engine),
                             sample_ids=[s["sample_id"] for s in shard], disk_dir=str(self.out),
                             memory_budget_bytes=int(self.recipe.pace.cache_memory_gb * 2**30))
         log.info("PACE_fast cache: %d samples on this rank, %.1f MiB", len(shard), cache.nbytes / 2**20)
@@ -193,7 +193,7 @@ class Trainer:
         accumulation = self.recipe.train.gradient_accumulation
         denominator, scale = None, accumulation / len(micro_batches)
         if self.step_normalised:
-            rows = sum(self.objective.task_rows(batch, step) for _, batch in micro_batches)
+            rows = sum(self.objective.task_outputs(batch, step) for _, batch in micro_batches)
             denominator = all_reduce_scalars([float(rows)])[0]
             scale = accumulation * self.world
         for k, (_, batch) in enumerate(micro_batches):
@@ -212,7 +212,7 @@ class Trainer:
                     f"{result.consistency_loss.item():.4g}): stopping; the last good checkpoint in "
                     f"{self.out / 'checkpoints'} is intact (lower train.lr or pace.lam?)")
             self.engine.backward(result.loss if scale == 1 else result.loss * scale)
-        self.stage0_norm = zero.stage0_grad_norm(self.engine)
+        self.stage0_norm = deepspeed_engine.stage0_grad_norm(self.engine)
         self.engine.step()
         return MicroStep(result.loss.item(), result.task_loss.item(), result.consistency_loss.item(),
                          self.task.count_tokens(batch), time.perf_counter() - started)
@@ -226,7 +226,7 @@ class Trainer:
         t, step = self.recipe.train, progress.step
         if not (step % t.log_every == 0 or step == self.total_steps):
             return
-        norm = zero.grad_norm(self.engine) if self.stage0_norm is None else self.stage0_norm
+        norm = deepspeed_engine.grad_norm(self.engine) if self.stage0_norm is None else self.stage0_norm
         row = {"step": step, "epoch": progress.epoch + (batch_index + 1) / len(self.loader), "loss": loss,
                "task_loss": task, "consistency_loss": cons, "grad_norm": norm,
                "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s * self.world}
@@ -255,12 +255,12 @@ class Trainer:
         "eval_accuracy", the fraction of samples whose argmax logit is the label. Rank r scores
         samples r, r+W, ...; every rank runs the same number of batches (ZeRO-3 forwards are
         collective), padding with a repeat that counts zero."""
-        eval_set, size, rows = self.eval_set, self.recipe.train.micro_batch_size, self.task.rows
+        eval_set, size, rows = self.eval_set, self.recipe.train.micro_batch_size, self.task.outputs
         mine = list(range(self.rank, len(eval_set), self.world))
         per_rank = -(-len(eval_set) // self.world)
         weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
         mine += [0] * (per_rank - len(mine))
-        classifier = isinstance(rows, SampleRows) and not rows.regression
+        classifier = isinstance(rows, SampleOutputs) and not rows.regression
         loss_sum, rows_sum, correct_sum = 0.0, 0.0, 0.0
         with eval_mode(self.engine):
             for i in range(0, per_rank, size):
@@ -287,15 +287,15 @@ class Trainer:
     def fixed_outputs(self, batch) -> torch.Tensor:
         """Eval-mode outputs f on a fixed batch (FP-distance and the export check)."""
         with eval_mode(self.engine):
-            return self.task.rows.forward(self.engine, batch).f.float().cpu()
+            return self.task.outputs.forward(self.engine, batch).f.float().cpu()
 
     # --- save ----------------------------------------------------------------------------
     def resume(self) -> Progress:
-        state = zero.load_checkpoint(self.engine, self.out, self.cache)
+        state = deepspeed_engine.load_checkpoint(self.engine, self.out, self.cache)
         return Progress(**state) if state else Progress()
 
     def save_checkpoint(self, progress: Progress) -> None:
-        zero.save_checkpoint(self.engine, self.out, progress.to_dict(), self.cache,
+        deepspeed_engine.save_checkpoint(self.engine, self.out, progress.to_dict(), self.cache,
                              self.recipe.train.keep_checkpoints, to_dict(self.recipe),
                              before_commit=self.before_checkpoint_commit)
 
@@ -308,9 +308,9 @@ class Trainer:
         r, out = self.recipe, self.out
         check_batch = self.first_batch(4)
         trained = self.fixed_outputs(check_batch)  # every rank: ZeRO-3 forwards are collective
-        zero.save_adapter(self.engine, out / "adapter")
+        deepspeed_engine.save_adapter(self.engine, out / "adapter")
         if self.rank == 0:
-            zero.unset_zero3()  # the base for merging is a plain, unpartitioned model
+            deepspeed_engine.unset_zero3()  # the base for merging is a plain, unpartitioned model
             merged = export_merged(self.task.load_model(self.base_source), out / "adapter", out / "merged",
                                    self.task.tokenizer, quantized=bool(r.model.quantization))
             if r.train.export_check:
@@ -323,7 +323,7 @@ class Trainer:
     def check_export(self, merged, batch: dict, trained: torch.Tensor) -> None:
         merged.eval()
         with torch.no_grad():
-            diff = (self.task.rows.forward(merged, batch).f.float() - trained).abs().max().item()
+            diff = (self.task.outputs.forward(merged, batch).f.float() - trained).abs().max().item()
         # Merging W + sBA re-rounds every weight, and the error grows with the logits' size
         # (SmolLM2, fp32, 30 layers, |logit| up to ~43: 0.8-1.1e-4), so the bound is relative
         # with an absolute floor; a wrong merge (noise or scaling left in) is off by O(1).

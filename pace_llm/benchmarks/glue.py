@@ -187,7 +187,7 @@ def max_sequence_length(model, tokenizer, requested: int | None = None) -> int:
 def predict(model, tokenizer, spec: GlueTask, rows, batch_size: int = 32, max_length: int | None = None,
             text_fields: Sequence[str] | None = None, progress: bool = False) -> np.ndarray:
     """Raw outputs [N, num_labels] (logits, or scores for regression), in row order, fp32."""
-    from ..evaluation import predict_logits
+    from pace_llm.benchmarks.evaluation import predict_logits
     texts = text_inputs(spec, rows, text_fields)
     max_length = max_sequence_length(model, tokenizer, max_length)
     # token_type_ids only for models with more than one token type (BERT, not RoBERTa)

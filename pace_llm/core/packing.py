@@ -14,7 +14,7 @@ alone (and hence on the seed, epoch and rank shard, as the batch does). A packed
                                                the micro-batch as given to collate
 
 Samples are numbered row-major (row 0's first, in row order), so the supervised tokens of
-`labels[:, 1:]`, read row-major, come grouped by sample in segment order: TokenRows turns
+`labels[:, 1:]`, read row-major, come grouped by sample in segment order: TokenOutputs turns
 them into per-sample rows and counts, and the objectives never see the packing. Each
 sample's first label is -100: it would be predicted from the previous sample's last token.
 The micro-batch holds the same samples packed or not, so its token-mean loss and

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import RecipeError
+from pace_llm.config import RecipeError
 
 log = logging.getLogger("pace_llm.deepspeed")
 
@@ -108,7 +108,7 @@ def _gathered(params, engine):
 
 def save_adapter(engine, path: Path) -> None:
     """The adapter, gathered from all ranks under ZeRO-3 (never an empty file)."""
-    from .export import save_adapter as save
+    from pace_llm.export import save_adapter as save
     model = engine.module
     params = [p for p in model.parameters() if p.requires_grad]
     with _gathered(params, engine):

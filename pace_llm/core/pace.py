@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .pace_config import SCHEDULES
+from pace_llm.core.pace_config import SCHEDULES
 
 
 def sigma_for_block(sigma: float, block: int, num_blocks: int, schedule: str = "linear",
@@ -61,7 +61,7 @@ def sigma_for_block(sigma: float, block: int, num_blocks: int, schedule: str = "
     return float(sigma) * (n_ids - block) / (n_ids - first_noisy_block)
 
 
-# Packed rows (pace_llm/packing.py) hold several samples each: inside `noise_segments(index)`
+# Packed rows (pace_llm/core/packing.py) hold several samples each: inside `noise_segments(index)`
 # the noise draws one Z per sample and channel and gives each token its sample's Z through the
 # per-token segment index [R, T] (-1 on a row's unused tail). Outside it, nothing changes.
 _segments: Optional[tuple[torch.Tensor, int]] = None  # (index, samples)
@@ -106,7 +106,7 @@ class NoiseHook:
         return output
 
 
-def reduce_rows(per_row: torch.Tensor, denominator: Optional[float] = None) -> torch.Tensor:
+def reduce_outputs(per_row: torch.Tensor, denominator: Optional[float] = None) -> torch.Tensor:
     """The mean of per-row values, or their sum / denominator: a denominator counting more
     rows than these (the trainer's train.loss_normalization=step) makes them a share of a
     larger mean."""
@@ -115,10 +115,10 @@ def reduce_rows(per_row: torch.Tensor, denominator: Optional[float] = None) -> t
 
 def mean_squared_norm(diff: torch.Tensor, denominator: Optional[float] = None) -> torch.Tensor:
     """mean over rows of ‖diff‖² (summed over the last dimension), in fp32; 0 for no rows.
-    With a denominator: the sum over rows / denominator (reduce_rows)."""
+    With a denominator: the sum over rows / denominator (reduce_outputs)."""
     if diff.numel() == 0:
         return diff.new_zeros((), dtype=torch.float32)
-    return reduce_rows(diff.float().square().sum(-1), denominator)
+    return reduce_outputs(diff.float().square().sum(-1), denominator)
 
 
 def consistency_loss(f1: torch.Tensor, f2: torch.Tensor, denominator: Optional[float] = None) -> torch.Tensor:

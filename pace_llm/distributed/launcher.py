@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Iterable, NoReturn, Optional
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "launch" / "train.py"
 LAUNCHERS = ("python", "deepspeed", "torchrun")
 # torchrun passes these on to the trainers, which checkpoint and exit on SIGUSR1 (what

@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .pace import NoiseHook, sigma_for_block
-from .pace_config import PaceConfig
+from pace_llm.core.pace import NoiseHook, sigma_for_block
+from pace_llm.core.pace_config import PaceConfig
 
 # Per-architecture defaults (config.model_type -> targets), as the paper and PEFT use them.
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -6,7 +6,7 @@ prediction (a model with its task head; batched logits in row order).
     logits = predict_logits(model, batches, total=len(rows))
 
 eval/gsm8k.py, eval/glue.py, eval/vision.py and launch/demo.py write through
-`write_results`; GLUE (pace_llm.tasks.glue.predict) and vision (`predict_images`) predict
+`write_results`; GLUE (pace_llm.benchmarks.glue.predict) and vision (`predict_images`) predict
 through `predict_logits`.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .adapters import HEAD_NAMES
+from pace_llm.core.adapters import HEAD_NAMES
 
 
 class ModelError(ValueError):
@@ -70,7 +70,7 @@ def load_classifier(auto_class, model, adapter=None, num_labels: int | None = No
     """
     import torch
 
-    from .export import load_adapter
+    from pace_llm.export import load_adapter
     dtype = getattr(torch, dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if adapter:
@@ -119,7 +119,7 @@ def predict_images(model, rows, image_field: str, image_size: int, batch_size: i
     when the model was trained with `augment`), batch by batch."""
     import torch
 
-    from .tasks.images import image_pixels
+    from pace_llm.tasks.images import image_pixels
 
     def batches():
         for start in range(0, len(rows), batch_size):

@@ -1,6 +1,6 @@
 """The interface of a task evaluated by generating answers, and the one evaluation over it.
 
-A task (pace_llm.tasks.gsm8k.GSM8K is one) says three things:
+A task (pace_llm.benchmarks.gsm8k.GSM8K is one) says three things:
 
     prompt(row) -> str                 the user message, before the model's chat template
     score(completion, row) -> dict     one sample's record (a line of FILE.samples.jsonl)
@@ -53,7 +53,7 @@ def evaluate(task: GenerationTask, model_dir, rows, backend: str | None = None, 
     Returns {**task.summarize(...), "settings", "timing", "samples", "finished_at"}; each
     sample is task.score's record plus its rendered "prompt" and "completion_tokens".
     """
-    from .. import generation
+    from pace_llm import generation
     backend = backend or generation.default_backend()
     with generation.Generator(model_dir, backend=backend, adapter=adapter, base_url=base_url,
                               batch_size=batch_size, served_model=served_model, dtype=dtype) as gen:

@@ -6,12 +6,12 @@
         out.loss.backward()                               # engine.backward(out.loss)
 
 A batch holds the model inputs, `labels` and `sample_id`. What PACE regularises, f, and the
-task loss come from `rows` (pace_llm/rows.py: TokenRows for causal LMs, SampleRows for
+task loss come from `outputs` (pace_llm/core/outputs.py: TokenOutputs for causal LMs, SampleOutputs for
 classifiers), which the task kind passes; without one it is picked from the model's class.
 Reductions (pace.py): task loss = mean over rows; consistency = mean over rows of the
 squared L2 distance summed over classes / vocabulary. Given a `denominator` (the trainer's
-train.loss_normalization=step: the supervised rows of the whole optimizer step, counted
-beforehand with `task_rows`), both are sums over the batch's rows / denominator instead, so
+train.loss_normalization=step: the supervised outputs of the whole optimizer step, counted
+beforehand with `task_outputs`), both are sums over the batch's outputs / denominator instead, so
 the step's micro-batches add up to its mean per row however the samples were batched.
 
   off        task loss only (plain LoRA when σ = 0).
@@ -20,12 +20,12 @@ the step's micro-batches add up to its mean per row however the samples were bat
              half; λ·consistency(f1, f2). Both halves get gradients (as the authors).
   fast       one forward; λ·consistency(f, o) with o this sample's output stored in
              the previous epoch (OutputCache), a constant target; samples without a
-             stored output get no consistency term (with a denominator their rows
+             stored output get no consistency term (with a denominator their outputs
              still count in it); then o ← f.
   lazy_half  every `lazy_every`-th step, `full` on the first half of the batch;
              the other steps `off` on the whole batch (noise stays on).
 
-Packed batches (pace_llm/packing.py, `data.packing`) work unchanged: rows, counts, the
+Packed batches (pace_llm/core/packing.py, `data.packing`) work unchanged: outputs, counts, the
 cache and the halves are per sample; `scope(step, batch)` makes the noise one draw per
 packed sample, and lazy_half halves by packed rows.
 
@@ -42,12 +42,13 @@ from typing import Optional
 
 import torch
 
-from .adapters import base_model
-from .cache import OutputCache
-from .packing import duplicate_packed, is_packed, sample_count
-from .pace import consistency_loss, mean_squared_norm, noise_segments, paired_dropout, reduce_rows
-from .pace_config import MODES, PaceConfig
-from .rows import Rows, rows_for_model, supervised_counts
+from pace_llm.core import hooks
+from pace_llm.core.adapters import base_model
+from pace_llm.core.cache import OutputCache
+from pace_llm.core.packing import duplicate_packed, is_packed, sample_count
+from pace_llm.core.pace import consistency_loss, mean_squared_norm, noise_segments, paired_dropout, reduce_outputs
+from pace_llm.core.pace_config import MODES, PaceConfig
+from pace_llm.core.outputs import Outputs, outputs_for_model, supervised_counts
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class LossOutput:
     loss: torch.Tensor
     task_loss: torch.Tensor
     consistency_loss: torch.Tensor
-    supervised_rows: int
+    n_outputs: int
 
 
 # Config keys that hold an attention-probability dropout rate, across architectures.
@@ -89,8 +90,8 @@ def _duplicate(batch: dict, n: Optional[int] = None) -> dict:
 
 class PaceObjective:
     def __init__(self, mode: str = "full", lam: float = 1.0, lazy_every: int = 2,
-                 cache: Optional[OutputCache] = None, rows=None, head_gram: bool = True):
-        """rows: TokenRows / SampleRows (None: chosen from the model on the first call).
+                 cache: Optional[OutputCache] = None, outputs=None, head_gram: bool = True):
+        """outputs: TokenOutputs / SampleOutputs (None: chosen from the model on the first call).
         head_gram=False computes PACE_fast's consistency through the lm_head itself rather
         than WᵀW (the benchmark's before/after comparison)."""
         if mode not in MODES:
@@ -99,13 +100,13 @@ class PaceObjective:
             raise ValueError("pace.mode=fast needs an OutputCache")
         if lazy_every < 1:
             raise ValueError(f"lazy_every must be >= 1, got {lazy_every}")
-        self.mode, self.lam, self.lazy_every, self.cache, self.rows = mode, lam, lazy_every, cache, rows
+        self.mode, self.lam, self.lazy_every, self.cache, self.outputs = mode, lam, lazy_every, cache, outputs
         self.head_gram = head_gram
         self._gram = None  # (lm_head, WᵀW), computed once
 
     @classmethod
-    def from_config(cls, config: PaceConfig, cache: Optional[OutputCache] = None, rows=None) -> "PaceObjective":
-        return cls(config.mode, config.lam, config.lazy_every, cache, rows)
+    def from_config(cls, config: PaceConfig, cache: Optional[OutputCache] = None, outputs=None) -> "PaceObjective":
+        return cls(config.mode, config.lam, config.lazy_every, cache, outputs)
 
     def is_paired(self, step: int) -> bool:
         """Does this step run on [x; x] (full, and lazy_half's every lazy_every-th step)?"""
@@ -132,66 +133,66 @@ class PaceObjective:
         half = self._task_half(batch, step)
         return duplicate_packed(batch, half) if is_packed(batch) else _duplicate(batch, half)
 
-    def task_rows(self, batch: dict, step: int = 0) -> int:
-        """The rows the task loss of `batch` covers at `step` (LossOutput.supervised_rows),
+    def task_outputs(self, batch: dict, step: int = 0) -> int:
+        """The outputs the task loss of `batch` covers at `step` (LossOutput.n_outputs),
         from its labels, before any forward: what a step's denominator adds up."""
         return int(supervised_counts(batch["labels"][:self._task_half(batch, step)]).sum())
 
     def __call__(self, model, batch: dict, step: int = 0, denominator: Optional[float] = None) -> LossOutput:
-        """denominator: None for means over the batch's rows, else sums / denominator."""
-        if self.rows is None:
-            self.rows = rows_for_model(model)
+        """denominator: None for means over the batch's outputs, else sums / denominator."""
+        if self.outputs is None:
+            self.outputs = outputs_for_model(model)
         with self.scope(step, batch):
             if self.is_paired(step):
                 return self._paired(model, self.forward_batch(batch, step), denominator)
-            rows = self.rows.forward(model, batch)
-            task = self._task_loss(rows, denominator)
+            out = self.outputs.forward(model, batch)
+            task = self._task_loss(out, denominator)
             if self.mode != "fast":  # off, noise, and lazy_half's unpaired steps
-                return LossOutput(task, task, task.new_zeros(()), len(rows.target))
-            return self._fast(batch, rows, task, denominator)
+                return LossOutput(task, task, task.new_zeros(()), len(out.target))
+            return self._fast(batch, out, task, denominator)
 
-    def _task_loss(self, rows: Rows, denominator: Optional[float]) -> torch.Tensor:
+    def _task_loss(self, out: Outputs, denominator: Optional[float]) -> torch.Tensor:
         if denominator is None:
-            return self.rows.loss(rows)
-        return self.rows.loss(rows, reduction="sum") / denominator
+            return self.outputs.loss(out)
+        return self.outputs.loss(out, reduction="sum") / denominator
 
     def _paired(self, model, batch2: dict, denominator: Optional[float]) -> LossOutput:
         share_attention_dropout(model)
-        rows = self.rows.forward(model, batch2)
+        out = self.outputs.forward(model, batch2)
         n = sample_count(batch2) // 2
-        r1, r2 = rows.first(n), rows.last(n)
+        r1, r2 = out.first(n), out.last(n)
         task = self._task_loss(r1, denominator)
         cons = consistency_loss(r1.f, r2.f, denominator)
         return LossOutput(task + self.lam * cons, task, cons, len(r1.target))
 
-    def _fast(self, batch: dict, rows: Rows, task: torch.Tensor, denominator: Optional[float]) -> LossOutput:
+    def _fast(self, batch: dict, out: Outputs, task: torch.Tensor, denominator: Optional[float]) -> LossOutput:
         ids = batch["sample_id"]
         stored, has = self.cache.read(ids)
-        stored, has = stored.to(rows.stored.device), has.to(rows.stored.device)
+        stored, has = stored.to(out.stored.device), has.to(out.stored.device)
         cons = task.new_zeros(())
-        head, gram = rows.head, None
+        head, gram = out.head, None
         if head is not None:
             gram = self._head_gram(head)  # before has.any(): under ZeRO-3 every rank gathers
         if has.any():
-            prev = stored[has].to(rows.stored.dtype)
+            prev = stored[has].to(out.stored.dtype)
             if head is None:  # cached logits
-                cons = consistency_loss(rows.f[has], prev, denominator)
+                cons = consistency_loss(out.f[has], prev, denominator)
             elif gram is not None:  # ‖W(h − h_o)‖² = (h − h_o)ᵀ WᵀW (h − h_o)
-                diff = rows.stored[has].float() - stored[has].float()
-                cons = reduce_rows(((diff @ gram) * diff).sum(-1), denominator)
+                diff = out.stored[has].float() - stored[has].float()
+                cons = reduce_outputs(((diff @ gram) * diff).sum(-1), denominator)
             elif head.bias is None:  # cached hidden states: f − o = W(h − h_o)
-                cons = mean_squared_norm(head(rows.stored[has] - prev), denominator)
+                cons = mean_squared_norm(head(out.stored[has] - prev), denominator)
             else:
-                cons = consistency_loss(rows.f[has], head(prev), denominator)
-        self.cache.write(ids.cpu(), rows.stored.detach())
-        return LossOutput(task + self.lam * cons, task, cons, len(rows.target))
+                cons = consistency_loss(out.f[has], head(prev), denominator)
+        self.cache.write(ids.cpu(), out.stored.detach())
+        return LossOutput(task + self.lam * cons, task, cons, len(out.target))
 
     def _head_gram(self, head) -> Optional[torch.Tensor]:
         """WᵀW in fp32 (d×d) of a frozen, bias-free, unquantized lm_head W, computed once.
 
         PACE_fast's consistency for a cached hidden state h_o is ‖W(h − h_o)‖²; as
         (h − h_o)ᵀ WᵀW (h − h_o) it costs d² per row, forward and backward, instead of d·V
-        and never builds a [rows, V] tensor: 10x fewer FLOPs for Phi-3 (3,072 vs 32,064),
+        and never builds an [outputs, V] tensor: 10x fewer FLOPs for Phi-3 (3,072 vs 32,064),
         85x for SmolLM2 (576 vs 49,152). Measured on SmolLM2 (CPU): PACE_fast's step went from
         1.16x to 1.04x that of `off` (the noise alone: 1.05x), its peak memory from 1.075x to
         0.99x that of plain PEFT LoRA (bench/train_overhead.py, BENCHMARKS.md).
@@ -206,11 +207,7 @@ class PaceObjective:
                 or hasattr(w, "quant_state") or head.in_features >= head.out_features:
             self._gram = (head, None)
             return None
-        gather = contextlib.nullcontext()
-        if hasattr(w, "ds_id"):  # ZeRO-3 partitions the weight: gather it once, on every rank
-            import deepspeed
-            gather = deepspeed.zero.GatheredParameters([w], modifier_rank=None)
-        with gather, torch.no_grad():
+        with hooks.gathered([w]), torch.no_grad():  # ZeRO-3: whole on every rank, once
             gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float32, device=w.device)
             for chunk in w.split(4096):  # fp32 copies of 4,096 vocabulary rows at a time
                 chunk = chunk.float()

@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from .launcher import free_port
+from pace_llm.distributed.launcher import free_port
 
 
 def init_distributed() -> tuple[int, int]:

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import datasets
 
-from ..data import DataError, render_prompt, template_fields
+from pace_llm.data import DataError, render_prompt, template_fields
 
 log = logging.getLogger("pace_llm.data")
 
@@ -266,7 +266,7 @@ def encode_rows(rows: datasets.Dataset, fmt: Format, max_length: int, source: st
     Truncation keeps the first `max_length` tokens and their labels; a sample left with no
     supervised token is dropped (its id is unused). A row the format cannot read is an
     error naming the source, the row and the field, unless `skip_invalid`."""
-    from .base import encoded_columns, require_fields
+    from pace_llm.tasks.base import encoded_columns, require_fields
     require_fields(rows, fmt.fields(), source)
     tokenizer, special = fmt.tokenizer, fmt.first_special_tokens()
 

@@ -1,5 +1,5 @@
 """GSM-8K: the paper's prompt (Appendix G), answer extraction and scoring, as a
-generation task (`GSM8K`, pace_llm.tasks.generation_task), and `evaluate(model_dir, rows,
+generation task (`GSM8K`, pace_llm.benchmarks.generation_task), and `evaluate(model_dir, rows,
 backend=...)`, the in-process evaluation `eval/gsm8k.py` and launch/demo.py run.
 
 Scoring follows lm-evaluation-harness: "strict" reads only `#### N`; "flexible" reads
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .generation_task import GenerationTask, evaluate as evaluate_task, score_all
+from pace_llm.benchmarks.generation_task import GenerationTask, evaluate as evaluate_task, score_all
 
 INSTRUCTION = "Answer below question. First think step-by-step and then answer the final number:\n\n"
 
@@ -74,7 +74,7 @@ def load_rows(data: str, limit: int | None = None) -> list[dict]:
     """Rows with `question` and `answer` (other columns dropped): a local .jsonl / .json
     file, or a hub dataset id (`openai/gsm8k`, config "main", split "test"), through
     pace_llm.data.load_rows."""
-    from ..data import load_rows as load
+    from pace_llm.data import load_rows as load
     return [{"question": r["question"], "answer": r["answer"]} for r in load(data, "test", "main", limit)]
 
 
@@ -119,7 +119,7 @@ def score(rows: list[dict], completions: list[str]) -> tuple[list[dict], dict]:
 
 def evaluate(model_dir, rows: list[dict], backend: str | None = None, **options) -> dict:
     """Greedy GSM-8K evaluation of a merged folder (or base + adapter, or a server); options
-    as pace_llm.tasks.generation_task.evaluate (adapter, base_url, max_new_tokens, batch_size, ...).
+    as pace_llm.benchmarks.generation_task.evaluate (adapter, base_url, max_new_tokens, batch_size, ...).
 
     Returns {"accuracy", "accuracy_strict", "strict_format_rate", "n", "settings", "timing", "samples"}.
     """

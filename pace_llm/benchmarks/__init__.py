@@ -1,0 +1,1 @@
+"""What we evaluate on."""
