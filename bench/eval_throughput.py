@@ -73,9 +73,9 @@ def tiny_folder(root: Path) -> Path:
     return folder
 
 
-def load_rows(args) -> list[dict]:
+def load_questions(args) -> list[dict]:
     if args.data:
-        from pace_llm.benchmarks.gsm8k import load_rows as load
+        from pace_llm.benchmarks.gsm8k import load_problems as load
         return load(args.data, args.limit)
     if args.smoke:
         from pace_llm.assets.tiny import tiny_arithmetic
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     if "vllm" in args.backends and not vllm_available():
         args.backends.remove("vllm")
         skipped.append("vllm (not installed)")
-    rows = load_rows(args)
+    rows = load_questions(args)
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         tmp = Path(tmp)
         if args.model == "tiny":

@@ -30,7 +30,7 @@ from pace_llm.benchmarks import glue
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--task", choices=sorted(glue.TASKS), help="GLUE task")
+    p.add_argument("--task", choices=sorted(glue.GLUE_TASKS), help="GLUE task")
     p.add_argument("--model", help="merged/saved classifier folder, or the base model with --adapter")
     p.add_argument("--adapter", help="adapter folder from pace_llm.save_adapter, on top of --model")
     p.add_argument("--tokenizer", help="default: the adapter folder if it has a tokenizer, else --model")
@@ -60,9 +60,9 @@ def parse_args(argv=None):
     return args
 
 
-def load_rows(args, spec: glue.GlueTask):
+def load_split(args, spec: glue.GlueTask):
     try:
-        return data.load_rows(args.data, args.split or spec.validation_split, args.hub_config or spec.name,
+        return data.load_examples(args.data, args.split or spec.validation_split, args.hub_config or spec.name,
                               args.limit)
     except data.DataError as err:
         raise SystemExit(f"[glue] {err}") from None
@@ -88,13 +88,13 @@ def run_name(args) -> str:
 
 
 def evaluate(args) -> dict:
-    spec = glue.get_task(args.task)
-    rows = load_rows(args, spec)
+    spec = glue.glue_task(args.task)
+    rows = load_split(args, spec)
     fields = args.text_fields.split(",") if args.text_fields else None
     glue.text_inputs(spec, rows, fields)            # fail on missing fields or -1 labels
     glue.references_of(spec, rows, args.label_field)  # before loading the model
     model, tokenizer = load_model(args, spec)
-    result = glue.evaluate(model, tokenizer, spec, rows, batch_size=args.batch_size,
+    result = glue.evaluate_glue(model, tokenizer, spec, rows, batch_size=args.batch_size,
                            max_length=args.max_length, text_fields=fields,
                            label_field=args.label_field, progress=not args.quiet)
     outputs = result.pop("outputs")

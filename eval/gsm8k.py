@@ -5,7 +5,7 @@
     python eval/gsm8k.py --backend openai --base-url http://127.0.0.1:8000 ...   # launch/serve.sh
 
 Writes FILE.json (accuracy, accuracy_strict, strict_format_rate, n, settings, timing) and FILE.samples.jsonl
-(one record per question). The work is in pace_llm.benchmarks.gsm8k.evaluate.
+(one record per question). The work is in pace_llm.benchmarks.gsm8k.evaluate_gsm8k.
 """
 from __future__ import annotations
 
@@ -57,10 +57,10 @@ def main(argv=None) -> dict:
     if args.output:  # vLLM's engine INFO to FILE.log beside the results; warnings still here
         route_logs(Path(args.output).parent, Path(args.output).stem + ".log")
     try:
-        rows = gsm8k.load_rows(args.data, args.limit)
+        rows = gsm8k.load_problems(args.data, args.limit)
     except DataError as err:
         raise SystemExit(f"[gsm8k] {err}") from None
-    result = gsm8k.evaluate(args.model, rows, backend=args.backend, adapter=args.adapter,
+    result = gsm8k.evaluate_gsm8k(args.model, rows, backend=args.backend, adapter=args.adapter,
                             base_url=args.base_url, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, served_model=args.served_model,
                             dtype=args.dtype, verbose=not args.quiet)

@@ -9,7 +9,7 @@ AutoModelForImageClassification; with --adapter it is the base model, and the ad
 folder (pace_llm.save_adapter: lora_mul_vpt's pace_adapter.safetensors or a PEFT LoRA, the
 classifier head included) is applied on top through pace_llm.load_adapter.
 
-DATA is anything a recipe's data.train / data.eval accepts (pace_llm.data.load_rows): a hub
+DATA is anything a recipe's data.train / data.eval accepts (pace_llm.data.load_examples): a hub
 dataset id (--hub-config, --split), a local image folder (datasets' imagefolder: DIR/train/<class>/*.png,
 DIR/test/<class>/*.png), a local .parquet / .jsonl / .csv, or tiny:images. Columns: an image
 (--image-field, default `image`: a PIL image or a uint8 array [H, W] / [H, W, C]) and an integer
@@ -58,8 +58,8 @@ def evaluate(args) -> dict:
     import transformers
 
     from pace_llm.benchmarks import evaluation
-    from pace_llm.data import load_rows
-    rows = load_rows(args.data, args.split, args.hub_config, args.limit, seed=args.seed)
+    from pace_llm.data import load_examples
+    rows = load_examples(args.data, args.split, args.hub_config, args.limit, seed=args.seed)
     missing = [f for f in (args.image_field, args.label_field) if f not in rows.column_names]
     if missing:
         raise SystemExit(f"[vision] field {missing[0]!r} is not in {args.data} (it has: {', '.join(rows.column_names)})")

@@ -33,20 +33,20 @@ def main() -> int:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from pace_llm import assets
-    from pace_llm.benchmarks.gsm8k import evaluate, load_rows
+    from pace_llm.benchmarks.gsm8k import evaluate_gsm8k, load_problems
 
     started = time.time()
     print("[demo] 1/4 preparing the model and data (once; cached in .cache/)", flush=True)
     model_dir = assets.smollm2_dir()
     train_file, test_file = assets.gsm_symbolic_files()
-    test_rows = load_rows(str(test_file), limit=args.limit)
+    test_rows = load_problems(str(test_file), limit=args.limit)
     out = ROOT / args.output_dir
     shutil.rmtree(out, ignore_errors=True)  # the demo always starts fresh
     out.mkdir(parents=True)
     log = route_logs(out, "demo.log")  # vLLM's and DeepSpeed's INFO lines go there, not to the terminal
 
     print(f"[demo] 2/4 evaluating the base model on {len(test_rows)} held-out GSM-8K problems", flush=True)
-    base = evaluate(model_dir, test_rows, backend="vllm", max_new_tokens=args.max_new_tokens)
+    base = evaluate_gsm8k(model_dir, test_rows, backend="vllm", max_new_tokens=args.max_new_tokens)
     save_eval(base, out / "eval_base.json")
 
     print(f"[demo] 3/4 training PACE ({args.mode}) under DeepSpeed, 2 ranks, {args.steps} steps "
@@ -59,7 +59,7 @@ def main() -> int:
         return 1
 
     print("[demo] 4/4 evaluating the fine-tuned (merged) model", flush=True)
-    tuned = evaluate(out / "merged", test_rows, backend="vllm", max_new_tokens=args.max_new_tokens)
+    tuned = evaluate_gsm8k(out / "merged", test_rows, backend="vllm", max_new_tokens=args.max_new_tokens)
     save_eval(tuned, out / "eval_pace.json")
 
     minutes = (time.time() - started) / 60

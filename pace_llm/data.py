@@ -1,4 +1,4 @@
-"""Rows for training and evaluation: one loader (`load_rows`, through `datasets`), the
+"""Rows for training and evaluation: one loader (`load_examples`, through `datasets`), the
 prompt rendering training and generation share, and image pixels. How rows become
 samples and batches is each task kind's (pace_llm/tasks/).
 
@@ -34,7 +34,7 @@ def render_prompt(tokenizer, user_text: str) -> str:
     return user_text
 
 
-def load_rows(source: str, split: str = "train", hub_config: Optional[str] = None,
+def load_examples(source: str, split: str = "train", hub_config: Optional[str] = None,
               limit: Optional[int] = None, seed: int = 0) -> datasets.Dataset:
     """Rows of a local .jsonl/.json/.csv/.tsv/.parquet file, a hub dataset (`split`,
     `hub_config`) or `tiny:*` (generated from `seed`), each with its `sample_id`; the first

@@ -9,7 +9,7 @@ import transformers
 
 from pace_llm import assets
 from pace_llm.config import load_recipe
-from pace_llm.data import DataError, load_rows
+from pace_llm.data import DataError, load_examples
 from pace_llm.tasks import get_task
 from pace_llm.tasks.data_formats import FORMATS, Messages, encode_rows
 
@@ -166,7 +166,7 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n{\"messages\": [oops\n")
     with pytest.raises(DataError, match=rf"data file {path}, line 3: not valid JSON"):
-        load_rows(str(path))
+        load_examples(str(path))
 
 
 def test_a_template_that_cannot_be_masked_is_named(tmp_path, phi3):
@@ -174,7 +174,7 @@ def test_a_template_that_cannot_be_masked_is_named(tmp_path, phi3):
     tok.chat_template = ("{% for m in messages %}{% if loop.last %}LAST:{% endif %}{{ m['role'] + ': ' + "
                          "m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(DataError, match=r"row 1: field 'turn 2' cannot be masked"):
-        encode_rows(load_rows(write_jsonl(tmp_path / "d.jsonl", [GOOD])),
+        encode_rows(load_examples(write_jsonl(tmp_path / "d.jsonl", [GOOD])),
                     Messages(load_recipe(None).data, tok), 512, "d.jsonl")
 
 

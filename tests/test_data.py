@@ -6,7 +6,7 @@ import torch
 
 from pace_llm.distributed import deepspeed_engine
 from pace_llm.config import RecipeError, load_recipe
-from pace_llm.data import DataError, load_rows, render_prompt
+from pace_llm.data import DataError, load_examples, render_prompt
 from pace_llm.tasks import get_task
 from pace_llm.tasks.causal_lm import tokenize_sft
 from pace_llm.tasks.classification import tokenize_classification
@@ -22,7 +22,7 @@ def write_jsonl(path, rows):
 
 def test_labels_cover_exactly_the_answer_tokens(tmp_path):
     tok = tiny_tokenizer()
-    rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "2"}]))
+    rows = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "2"}]))
     ex = tokenize_sft(rows, tok, TEMPLATE, "answer", 512)[0]
     prompt = render_prompt(tok, "Q: 1+1?")
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -35,14 +35,14 @@ def test_labels_cover_exactly_the_answer_tokens(tmp_path):
 
 def test_plain_prompt_without_chat_template_ends_with_eos(tmp_path):
     tok = tiny_tokenizer(chat_template=False)
-    rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [{"question": "x", "answer": "7"}]))
+    rows = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "x", "answer": "7"}]))
     ex = tokenize_sft(rows, tok, TEMPLATE, "answer", 512)[0]
     assert tok.decode([t for t in ex["labels"] if t != -100]) == "7<|endoftext|>"
 
 
 def test_truncation_keeps_ids_stable_and_drops_empty_answers(tmp_path):
     tok = tiny_tokenizer()
-    rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [{"question": "q" * 200, "answer": "a"},
+    rows = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "q" * 200, "answer": "a"},
                                                           {"question": "short", "answer": "b"}]))
     out = tokenize_sft(rows, tok, TEMPLATE, "answer", 64)
     assert [r["sample_id"] for r in out] == [1]  # the first lost its answer; ids unchanged
@@ -56,14 +56,14 @@ def test_missing_field_names_field_and_file(tmp_path, suffix):
     else:
         write_jsonl(path, [{"question": "q", "solution": "s"}])
     with pytest.raises(DataError) as err:
-        tokenize_sft(load_rows(str(path)), tiny_tokenizer(), TEMPLATE, "answer", 64, source=str(path))
+        tokenize_sft(load_examples(str(path)), tiny_tokenizer(), TEMPLATE, "answer", 64, source=str(path))
     assert f"field 'answer' is missing from the data {path}" in str(err.value)
     assert "question, solution" in str(err.value)
 
 
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(DataError, match="data file .*nope.jsonl does not exist"):
-        load_rows(str(tmp_path / "nope.jsonl"))
+        load_examples(str(tmp_path / "nope.jsonl"))
 
 
 def test_collator_pads_right_and_masks_labels():
@@ -78,7 +78,7 @@ def test_collator_pads_right_and_masks_labels():
 
 def test_classification_rows_and_pairs(tmp_path):
     tok = tiny_tokenizer()
-    rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [{"s1": "a b", "s2": "c", "label": 1}]))
+    rows = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"s1": "a b", "s2": "c", "label": 1}]))
     ex = tokenize_classification(rows, tok, ["s1", "s2"], "label", 32)[0]
     assert ex["labels"] == 1 and len(ex["input_ids"]) >= 4
     task = get_task(load_recipe(None, ["model.task=seq_cls", "model.num_labels=2"]), tok)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pace_llm.data import load_rows
+from pace_llm.data import load_examples
 from pace_llm.benchmarks.evaluation import predict_logits, top1_metrics, write_results
 
 
@@ -53,11 +53,11 @@ def test_top1_metrics():
     assert metrics["per_class"] == {0: 1.0, 1: 0.5}
 
 
-def test_load_rows_reads_json_lists_and_tsv(tmp_path):
+def test_load_examples_reads_json_lists_and_tsv(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([{"sentence": "a b", "label": 1}, {"sentence": "c", "label": 0}]))
     (tmp_path / "d.tsv").write_text("sentence\tlabel\na, b\t1\nc\t0\n")
     for name in ("d.json", "d.tsv"):
-        rows = load_rows(str(tmp_path / name), limit=1)
+        rows = load_examples(str(tmp_path / name), limit=1)
         assert rows[:] == {"sentence": ["a b" if name == "d.json" else "a, b"], "label": [1], "sample_id": [0]}
 
 

@@ -91,13 +91,13 @@ def test_compute_metrics_takes_logits_and_labels():
 
 
 def test_task_specs():
-    assert set(glue.TASKS) == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"}
-    assert glue.TASKS["stsb"].num_labels == 1 and glue.TASKS["stsb"].is_regression
-    assert glue.TASKS["mnli"].num_labels == 3 and glue.TASKS["mnli"].validation_split == "validation_matched"
-    assert glue.TASKS["qqp"].text_fields == ("question1", "question2")
-    assert glue.TASKS["qnli"].text_fields == ("question", "sentence")
-    assert {t: s.metric for t, s in glue.TASKS.items()}["cola"] == "mcc"
-    assert glue.get_task("SST-2") is glue.TASKS["sst2"]
+    assert set(glue.GLUE_TASKS) == {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"}
+    assert glue.GLUE_TASKS["stsb"].num_labels == 1 and glue.GLUE_TASKS["stsb"].is_regression
+    assert glue.GLUE_TASKS["mnli"].num_labels == 3 and glue.GLUE_TASKS["mnli"].validation_split == "validation_matched"
+    assert glue.GLUE_TASKS["qqp"].text_fields == ("question1", "question2")
+    assert glue.GLUE_TASKS["qnli"].text_fields == ("question", "sentence")
+    assert {t: s.metric for t, s in glue.GLUE_TASKS.items()}["cola"] == "mcc"
+    assert glue.glue_task("SST-2") is glue.GLUE_TASKS["sst2"]
 
 
 # --------------------------------------------------------------------------- eval CLI
@@ -156,7 +156,7 @@ def test_cli_saved_and_reloaded_classifier_identical(tmp_path, cli):
     rows = _rows(23, ("sentence1", "sentence2"))
     data = _write_jsonl(tmp_path / "rte.jsonl", rows)
     model, tok = tiny_model("roberta", num_labels=2).eval(), _tokenizer()
-    before = glue.predict(model, tok, glue.TASKS["rte"], rows, batch_size=8)
+    before = glue.predict(model, tok, glue.GLUE_TASKS["rte"], rows, batch_size=8)
     model.save_pretrained(tmp_path / "clf")
     tok.save_pretrained(tmp_path / "clf")
 
@@ -189,7 +189,7 @@ def test_cli_base_plus_adapter_and_merged(tmp_path, cli, adapter):
     model = pace_llm.apply_pace(base, pace_llm.PaceConfig(rank=4, sigma=1.0, adapter=adapter))
     _perturb(model)  # adapter factors and the trained head get non-trivial values
     model.eval()
-    expected = glue.predict(model, tok, glue.TASKS["sst2"], rows, batch_size=4)
+    expected = glue.predict(model, tok, glue.GLUE_TASKS["sst2"], rows, batch_size=4)
     pace_llm.save_adapter(model, tmp_path / "adapter")
 
     common = ["--task", "sst2", "--data", str(data), "--batch-size", "4", "--quiet"]
@@ -231,7 +231,7 @@ def test_cli_errors(tmp_path, cli):
 
 
 def _result(tmp_path, name, task, main):
-    spec = glue.TASKS[task]
+    spec = glue.GLUE_TASKS[task]
     path = tmp_path / f"{name}-{task}.json"
     path.write_text(json.dumps({"name": name, "task": task, "main_metric": spec.metric, "main": main,
                                 "metrics": {spec.metric: main}, "n": 10}))

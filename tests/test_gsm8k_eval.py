@@ -24,7 +24,7 @@ import pace_llm
 from pace_llm.data import render_prompt
 from pace_llm.generation import Generator, encode_prompts, stop_token_ids
 from pace_llm.distributed.launcher import free_port as _free_port
-from pace_llm.benchmarks.gsm8k import INSTRUCTION, evaluate, load_rows, prompt_text
+from pace_llm.benchmarks.gsm8k import INSTRUCTION, evaluate_gsm8k, load_problems, prompt_text
 from pace_llm.assets.tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def exported(tmp_path_factory, one_thread):
 
 @pytest.fixture(scope="module")
 def hf_result(exported):
-    return evaluate(exported.merged, load_rows(str(exported.data)), backend="hf",
+    return evaluate_gsm8k(exported.merged, load_problems(str(exported.data)), backend="hf",
                     max_new_tokens=MAX_NEW_TOKENS, batch_size=4, verbose=False)
 
 
@@ -167,14 +167,14 @@ def test_hf_greedy_paths_have_no_near_ties(exported, hf_result):
 
 
 def test_hf_adapter_and_batching_match_merged(exported, hf_result):
-    rows = load_rows(str(exported.data))
+    rows = load_problems(str(exported.data))
     # PEFT adapter on the base, one prompt per batch (no padding): same completions
-    peft_result = evaluate(exported.base, rows, backend="hf", adapter=exported.adapter,
+    peft_result = evaluate_gsm8k(exported.base, rows, backend="hf", adapter=exported.adapter,
                            max_new_tokens=MAX_NEW_TOKENS, batch_size=1, verbose=False)
     assert completions(peft_result) == completions(hf_result)
     assert token_counts(peft_result) == token_counts(hf_result)
     # and the adapter matters: the base model alone answers differently
-    base_result = evaluate(exported.base, rows, backend="hf", max_new_tokens=MAX_NEW_TOKENS,
+    base_result = evaluate_gsm8k(exported.base, rows, backend="hf", max_new_tokens=MAX_NEW_TOKENS,
                            batch_size=6, verbose=False)
     assert completions(base_result) != completions(hf_result)
 

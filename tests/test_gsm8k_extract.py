@@ -4,7 +4,7 @@ import json
 import pytest
 
 from pace_llm.benchmarks.generation_task import GenerationTask
-from pace_llm.benchmarks.gsm8k import (INSTRUCTION, TASK, extract_answer, extract_answer_strict, load_rows,
+from pace_llm.benchmarks.gsm8k import (INSTRUCTION, TASK, extract_answer, extract_answer_strict, load_problems,
                                   normalize_number, prompt_text, reference_answer, score)
 
 
@@ -105,18 +105,18 @@ def test_score_counts_flexible_and_strict():
         score(rows, completions[:2])
 
 
-def test_load_rows_from_jsonl(tmp_path):
+def test_load_problems_from_jsonl(tmp_path):
     path = tmp_path / "gsm.jsonl"
     rows = [{"question": f"q{i}", "answer": f"#### {i}", "extra": 1} for i in range(5)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
-    assert load_rows(str(path)) == [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(5)]
-    assert len(load_rows(str(path), limit=2)) == 2
+    assert load_problems(str(path)) == [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(5)]
+    assert len(load_problems(str(path), limit=2)) == 2
 
 
-def test_load_rows_from_a_json_list(tmp_path):
+def test_load_problems_from_a_json_list(tmp_path):
     path = tmp_path / "gsm.json"
     path.write_text(json.dumps([{"question": "q0", "answer": "#### 0"}, {"question": "q1", "answer": "#### 1"}]))
-    assert load_rows(str(path)) == [{"question": "q0", "answer": "#### 0"}, {"question": "q1", "answer": "#### 1"}]
+    assert load_problems(str(path)) == [{"question": "q0", "answer": "#### 0"}, {"question": "q1", "answer": "#### 1"}]
 
 
 def test_gsm8k_as_a_generation_task():

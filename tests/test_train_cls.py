@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import pace_llm
 from pace_llm.config import RecipeError, load_recipe
-from pace_llm.data import load_rows
+from pace_llm.data import load_examples
 from pace_llm.tasks import get_task
 from pace_llm.tasks.classification import tokenize_classification
 from pace_llm.tasks.images import prepare_images
@@ -75,10 +75,10 @@ def from_pretrained(cls, path):
 def eval_batch(kind: str, out):
     if kind == "roberta":
         tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")
-        rows = tokenize_classification(load_rows("tiny:sentences", "test"), tokenizer, ["sentence"], "label", 96)
+        rows = tokenize_classification(load_examples("tiny:sentences", "test"), tokenizer, ["sentence"], "label", 96)
         task = get_task(load_recipe(None, ["model.task=seq_cls", "model.num_labels=3"]), tokenizer)
         return task.collate([rows[i] for i in range(len(rows))])
-    rows = prepare_images(load_rows("tiny:images", "test"), "image", "label")
+    rows = prepare_images(load_examples("tiny:images", "test"), "image", "label")
     return get_task(load_recipe(None, ["model.task=image_cls", "model.num_labels=4", "data.image_size=32"])).collate(
         [rows[i] for i in range(len(rows))])
 
@@ -132,7 +132,7 @@ def test_roberta_trains_and_exports_its_trained_head(runs, tmp_path):
 
     # eval/glue.py gives the same accuracy for merged and base + adapter, matching these logits.
     data = tmp_path / "eval.csv"
-    load_rows("tiny:sentences", "test").remove_columns("sample_id").to_csv(data, index=False)
+    load_examples("tiny:sentences", "test").remove_columns("sample_id").to_csv(data, index=False)
     eval_glue = load_script("glue")
     expected = glue.accuracy(reference.argmax(-1).numpy(), batch["labels"].numpy())
     for args in (["--model", str(out / "merged")], ["--model", str(out / "tiny-base"), "--adapter", str(out / "adapter")]):
@@ -214,7 +214,7 @@ LAMBDAS, SIGMAS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0), (0.1, 0.5, 1.0, 1.5, 2.0)
 @pytest.mark.parametrize("task", sorted(TABLE_9))
 def test_glue_recipes_follow_the_lora_protocol(task):
     r = load_recipe(f"recipes/glue/{task}.yaml")
-    spec = glue.get_task(task)
+    spec = glue.glue_task(task)
     batch, epochs, lr = TABLE_9[task]
     assert (r.model.name, r.model.task, r.model.num_labels) == ("roberta-base", "seq_cls", spec.num_labels)
     assert (r.data.train, r.data.hub_config, r.data.eval, r.data.eval_split) == \

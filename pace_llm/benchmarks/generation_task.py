@@ -6,7 +6,7 @@ A task (pace_llm.benchmarks.gsm8k.GSM8K is one) says three things:
     score(completion, row) -> dict     one sample's record (a line of FILE.samples.jsonl)
     summarize(records) -> dict         the metrics over all records (accuracy, n, ...)
 
-`evaluate(task, model_dir, rows, backend=...)` renders the prompts with the chat template
+`generate_and_score(task, model_dir, rows, backend=...)` renders the prompts with the chat template
 training uses, decodes greedily with any pace_llm.generation backend (vllm, hf, openai),
 scores, and returns the summary with settings, timing and the per-sample records.
 """
@@ -45,7 +45,7 @@ def score_all(task: GenerationTask, rows, completions: list[str]) -> tuple[list[
     return records, task.summarize(records)
 
 
-def evaluate(task: GenerationTask, model_dir, rows, backend: str | None = None, adapter=None,
+def generate_and_score(task: GenerationTask, model_dir, rows, backend: str | None = None, adapter=None,
              base_url: str | None = None, max_new_tokens: int = 512, batch_size: int = 16,
              served_model: str | None = None, dtype: str | None = None, verbose: bool = True) -> dict:
     """Greedy evaluation of a merged folder (or base + adapter, or a server) on `rows`.

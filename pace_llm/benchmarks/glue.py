@@ -1,6 +1,6 @@
 """GLUE tasks: field names, label counts, metrics (numpy only) and batched evaluation.
 
-    spec = glue.TASKS["stsb"]                  # text_fields, num_labels (1: regression), metric
+    spec = glue.GLUE_TASKS["stsb"]                  # text_fields, num_labels (1: regression), metric
     glue.compute_metrics("cola", logits_or_labels, references)   # {"mcc": ..., "accuracy": ...}
 
 Metrics follow the GLUE benchmark and the LoRA/VeRA RoBERTa protocol the PACE paper's
@@ -36,7 +36,7 @@ class GlueTask:
         return self.num_labels == 1
 
 
-TASKS: dict[str, GlueTask] = {t.name: t for t in [
+GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in [
     GlueTask("cola", ("sentence",), 2, "mcc", ("mcc", "accuracy"), display="CoLA"),
     GlueTask("sst2", ("sentence",), 2, "accuracy", ("accuracy",), display="SST-2"),
     GlueTask("mrpc", ("sentence1", "sentence2"), 2, "accuracy", ("accuracy", "f1"), display="MRPC"),
@@ -52,11 +52,11 @@ TABLE_ORDER = ["cola", "stsb", "mrpc", "rte", "qnli", "sst2", "mnli", "qqp"]
 METRIC_NAMES = {"mcc": "MCC", "pearson": "Pearson", "spearman": "Spearman", "accuracy": "Acc", "f1": "F1"}
 
 
-def get_task(name: str) -> GlueTask:
+def glue_task(name: str) -> GlueTask:
     key = name.lower().replace("-", "")
-    if key not in TASKS:
-        raise ValueError(f"unknown GLUE task {name!r}; one of {', '.join(TASKS)}")
-    return TASKS[key]
+    if key not in GLUE_TASKS:
+        raise ValueError(f"unknown GLUE task {name!r}; one of {', '.join(GLUE_TASKS)}")
+    return GLUE_TASKS[key]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -140,7 +140,7 @@ METRICS = {"accuracy": accuracy, "f1": f1_binary, "mcc": matthews_corrcoef,
 def to_predictions(task: str | GlueTask, outputs) -> np.ndarray:
     """Model outputs -> predictions: argmax of [N, C] logits for classification, the
     [N] / [N, 1] scores for regression; 1-D label ids pass through."""
-    spec = task if isinstance(task, GlueTask) else get_task(task)
+    spec = task if isinstance(task, GlueTask) else glue_task(task)
     out = np.asarray(outputs)
     if spec.is_regression:
         return out.reshape(len(out), -1)[:, 0].astype(np.float64) if out.ndim > 1 else out.astype(np.float64)
@@ -150,7 +150,7 @@ def to_predictions(task: str | GlueTask, outputs) -> np.ndarray:
 def compute_metrics(task: str | GlueTask, predictions, references) -> dict[str, float]:
     """All of the task's metrics, e.g. {"accuracy": 0.9, "f1": 0.93} for MRPC.
     `predictions`: label ids, scores (STS-B) or raw logits (argmax is taken)."""
-    spec = task if isinstance(task, GlueTask) else get_task(task)
+    spec = task if isinstance(task, GlueTask) else glue_task(task)
     preds = to_predictions(spec, predictions)
     refs = np.asarray(references, dtype=np.float64 if spec.is_regression else None)
     return {name: METRICS[name](preds, refs) for name in spec.metrics}
@@ -215,11 +215,11 @@ def references_of(spec: GlueTask, rows, label_field: str | None = None) -> np.nd
     return labels
 
 
-def evaluate(model, tokenizer, task: str | GlueTask, rows, batch_size: int = 32,
+def evaluate_glue(model, tokenizer, task: str | GlueTask, rows, batch_size: int = 32,
              max_length: int | None = None, text_fields: Sequence[str] | None = None,
              label_field: str | None = None, progress: bool = False) -> dict:
     """{"task", "n", "metrics", "main_metric", "main", "outputs" (np.ndarray), "seconds"}."""
-    spec = task if isinstance(task, GlueTask) else get_task(task)
+    spec = task if isinstance(task, GlueTask) else glue_task(task)
     refs = references_of(spec, rows, label_field)
     start = time.time()
     outputs = predict(model, tokenizer, spec, rows, batch_size, max_length, text_fields, progress)
@@ -255,7 +255,7 @@ def format_table(results: Sequence[dict], by_task: bool = False) -> str:
         return sum(values) / len(values) if values else None
 
     def title(task):
-        spec = TASKS.get(task)
+        spec = GLUE_TASKS.get(task)
         return f"{spec.display} ({METRIC_NAMES[spec.metric]})" if spec else task
 
     def avg_cell(row):  # "*": averaged over fewer tasks than the table shows

@@ -1,5 +1,5 @@
 """GSM-8K: the paper's prompt (Appendix G), answer extraction and scoring, as a
-generation task (`GSM8K`, pace_llm.benchmarks.generation_task), and `evaluate(model_dir, rows,
+generation task (`GSM8K`, pace_llm.benchmarks.generation_task), and `evaluate_gsm8k(model_dir, rows,
 backend=...)`, the in-process evaluation `eval/gsm8k.py` and launch/demo.py run.
 
 Scoring follows lm-evaluation-harness: "strict" reads only `#### N`; "flexible" reads
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from pace_llm.benchmarks.generation_task import GenerationTask, evaluate as evaluate_task, score_all
+from pace_llm.benchmarks.generation_task import GenerationTask, generate_and_score, score_all
 
 INSTRUCTION = "Answer below question. First think step-by-step and then answer the final number:\n\n"
 
@@ -70,11 +70,11 @@ def reference_answer(answer_field: str) -> str:
     return number
 
 
-def load_rows(data: str, limit: int | None = None) -> list[dict]:
+def load_problems(data: str, limit: int | None = None) -> list[dict]:
     """Rows with `question` and `answer` (other columns dropped): a local .jsonl / .json
     file, or a hub dataset id (`openai/gsm8k`, config "main", split "test"), through
-    pace_llm.data.load_rows."""
-    from pace_llm.data import load_rows as load
+    pace_llm.data.load_examples."""
+    from pace_llm.data import load_examples as load
     return [{"question": r["question"], "answer": r["answer"]} for r in load(data, "test", "main", limit)]
 
 
@@ -117,10 +117,10 @@ def score(rows: list[dict], completions: list[str]) -> tuple[list[dict], dict]:
     return score_all(TASK, rows, completions)
 
 
-def evaluate(model_dir, rows: list[dict], backend: str | None = None, **options) -> dict:
+def evaluate_gsm8k(model_dir, rows: list[dict], backend: str | None = None, **options) -> dict:
     """Greedy GSM-8K evaluation of a merged folder (or base + adapter, or a server); options
     as pace_llm.benchmarks.generation_task.evaluate (adapter, base_url, max_new_tokens, batch_size, ...).
 
     Returns {"accuracy", "accuracy_strict", "strict_format_rate", "n", "settings", "timing", "samples"}.
     """
-    return evaluate_task(TASK, model_dir, rows, backend=backend, **options)
+    return generate_and_score(TASK, model_dir, rows, backend=backend, **options)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from pace_llm.config import DataSource
-from pace_llm.data import DataError, load_rows
+from pace_llm.data import DataError, load_examples
 from pace_llm.models import load_base
 
 
@@ -69,7 +69,7 @@ class Task:
         """One source's encoded samples (`sample` rows of it, drawn with train.seed), and how
         many raw rows it had (its id block: a drawn row keeps its row index as sample id)."""
         data = self.data.for_source(source)
-        rows = load_rows(source.path, source.split, data.hub_config, source.limit, seed=self.seed)
+        rows = load_examples(source.path, source.split, data.hub_config, source.limit, seed=self.seed)
         n_rows = len(rows)
         if sample is not None:
             rows = rows.select(sample_indices(rows, sample, self.seed, self.sample_field(data), source.path))
