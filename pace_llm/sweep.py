@@ -4,49 +4,56 @@
         --seeds 0,1 --metric eval_accuracy --direction max
 
 State lives in an Optuna study on a real database (`sqlite:///SWEEP_DIR/sweep.db` by
-default, any SQLAlchemy URL so that many workers on many machines share one sweep):
+default, any SQLAlchemy URL so that many workers on many machines share one sweep), used
+through Optuna's public API only:
 
-- Trial k of the study is grid point k (Optuna's GridSampler maps trial number to grid
-  id, and the storage numbers trials atomically), so workers started at once split the grid
-  without running a point twice; a retry (below) keeps its point under a later number, and
-  the points that number skipped are handed out after the first N trials. SQLite gets BEGIN
-  IMMEDIATE transactions so that its claims are as atomic as PostgreSQL's / MySQL's
-  SELECT ... FOR UPDATE (which it lacks).
+- A grid point becomes a trial by `study.enqueue_trial(params, user_attrs={"point": ...})`,
+  and `study.optimize(objective, n_trials=1)` pops it from the queue and runs it. Which point
+  a trial runs is its own queued parameters, never its trial number, so a retry (a new trial
+  with the old one's parameters) keeps its point and costs no other point its run.
+- Workers claim one at a time, under a file lock in SWEEP_DIR (`.sweep.lock`): fail the dead
+  workers' trials, then pop a waiting trial (a retry first), or queue the first point that has
+  no trial yet and pop that; the lock is let go once the popped trial holds its parameters.
+  Enqueuing is check-then-insert and SQLite has no SELECT ... FOR UPDATE, so without the lock
+  two workers could queue or pop the same point. The lock file must be one file for all
+  workers: with a database server, SWEEP_DIR on a shared filesystem (the runs live there too).
 - A trial's run lives in SWEEP_DIR/runs/<its parameters>, so a rerun finds it: a COMPLETE
-  trial is never rerun; a trial whose worker died (its heartbeat stops) is failed after the
-  grace period and re-queued by Optuna's RetryHeartbeatStaleTrialCallback, and its retry
-  continues the run from its last checkpoint (resume=true). A worker leaves only when every
-  grid point has a trial and none is waiting or running, so the last one to leave writes the
-  complete table.
+  trial is never rerun. A dead worker's trial stops beating (the storage's heartbeat, which
+  `study.optimize` records): after the grace period `fail_stale_trials` fails it and the
+  storage's RetryHeartbeatStaleTrialCallback queues its retry, which continues the run from
+  its last checkpoint (resume=true). A run that checkpointed and stopped on a signal, or a
+  worker interrupted mid-trial, re-queues the trial at once, with the same callback. A run
+  that crashed is failed and not retried (it would crash again).
+- A worker leaves when every grid point has a trial and none is waiting or running, so the
+  last one to leave writes the complete table.
 - The metric is the last value of --metric in the run's metrics.jsonl (eval_loss, or
   eval_accuracy for classifiers: both need data.eval).
 
 Results: SWEEP_DIR/sweep.json and sweep.md (mean ± std over seeds per point, best marked),
-and heatmap.png when the grid is pace.lam x pace.sigma.
+and heatmap.png when the grid is pace.lam x pace.sigma (`write_sweep_results`).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import os
 import statistics
 import subprocess
-import threading
 import time
 import warnings
 from pathlib import Path
 
-from pace_llm.config import RecipeError, _yaml, load_recipe
+from pace_llm.config import RecipeError, eval_key, load_recipe
+from pace_llm.distributed.launcher import LAUNCHERS, train_command
 from pace_llm.files import file_lock
-from pace_llm.distributed.launcher import train_command
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = ROOT / "launch" / "train.py"
 SEED_KEY = "train.seed"
-LAUNCHERS = ("python", "deepspeed", "torchrun")
+POINT_ATTR = "point"      # a trial's user attribute: its grid point, {key: value as given}
+SURPLUS_ATTR = "surplus"  # a trial that was handed no grid point (failed at once, ignored)
 
 
 class SweepError(RuntimeError):
@@ -55,6 +62,14 @@ class SweepError(RuntimeError):
 
 class RunStopped(SweepError):
     """The run checkpointed and exited on a signal (Slurm time limit, preemption)."""
+
+
+class TrainingFailed(SweepError):
+    """The run crashed, or logged no usable metric: its trial fails and is not retried."""
+
+
+class Surplus(SweepError):
+    """A trial Optuna created outside the queue (no grid point to run): failed and ignored."""
 
 
 def parse_grid(specs: list[str]) -> dict[str, list[str]]:
@@ -96,6 +111,10 @@ class Sweep:
             raise SweepError(f"--direction {self.direction!r}: expected min or max")
         if self.launcher not in LAUNCHERS:
             raise SweepError(f"--launcher {self.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+        for flag, seconds in (("--heartbeat-interval", self.heartbeat_interval),
+                              ("--grace-period", self.grace_period)):
+            if not isinstance(seconds, int) or seconds < 1:  # Optuna's storage takes whole seconds
+                raise SweepError(f"{flag} {seconds!r}: expected a whole number of seconds >= 1")
         if SEED_KEY not in self.grid:
             self.grid[SEED_KEY] = [str(load_recipe(self.recipe, self.overrides).train.seed)]
         self.grid[SEED_KEY] = self.grid.pop(SEED_KEY)  # seeds last: folder names group by point
@@ -104,8 +123,24 @@ class Sweep:
 
     # --- the grid ------------------------------------------------------------------------
     def search_space(self) -> dict[str, list]:
-        """What Optuna stores: the values as the recipe reads them (0.1 a float, 0 an int)."""
-        return {key: [_yaml(v) for v in values] for key, values in self.grid.items()}
+        """What Optuna stores: each value as the recipe reads it (0.1 a float, 0 an int), read
+        from the recipe the value is set in (the first point that has it)."""
+        return self.typed_grid
+
+    @functools.cached_property
+    def typed_grid(self) -> dict[str, list]:
+        first = {key: values[0] for key, values in self.grid.items()}
+        space = {}
+        for key, values in self.grid.items():
+            typed = []
+            for value in values:
+                read = eval_key(self.load({**first, key: value}), key)
+                # Optuna's categorical choices are scalars; anything else stays as written
+                typed.append(read if isinstance(read, (str, int, float, bool, type(None))) else value)
+            if len(set(map(repr, typed))) != len(typed):
+                raise SweepError(f"--grid {key}={','.join(values)}: two values read as the same {typed}")
+            space[key] = typed
+        return space
 
     def points(self) -> list[dict[str, str]]:
         keys = list(self.grid)
@@ -116,23 +151,33 @@ class Sweep:
         space = self.search_space()
         return {key: self.grid[key][space[key].index(params[key])] for key in self.grid}
 
+    def typed(self, point: dict[str, str]) -> dict:
+        """A point's parameters as Optuna stores them (search_space's values)."""
+        space = self.search_space()
+        return {key: space[key][self.grid[key].index(point[key])] for key in self.grid}
+
     def run_dir(self, point: dict[str, str]) -> Path:
         name = ",".join(f"{key}={value}" for key, value in point.items()).replace("/", "_")
         return self.sweep_dir / "runs" / name
 
+    def load(self, point: dict[str, str]):
+        """The recipe of one point (keys and types checked)."""
+        try:
+            return load_recipe(self.recipe, self.overrides + [f"{k}={v}" for k, v in point.items()])
+        except RecipeError as err:
+            raise SweepError(f"grid point {point}: {err}") from None
+
     def check(self) -> None:
         """Every point's recipe loads (keys and types checked) before anything runs."""
         for point in self.points():
-            try:
-                load_recipe(self.recipe, self.overrides + [f"{k}={v}" for k, v in point.items()])
-            except RecipeError as err:
-                raise SweepError(f"grid point {point}: {err}") from None
+            self.load(point)
+        self.search_space()
 
     # --- one run -------------------------------------------------------------------------
     def command(self, point: dict[str, str], resume: bool) -> list[str]:
         overrides = [*self.overrides, *(f"{k}={v}" for k, v in point.items()),
                      f"output_dir={self.run_dir(point)}", f"resume={'true' if resume else 'false'}"]
-        return train_command(self.launcher, self.recipe, overrides, script=TRAIN_SCRIPT, nproc=self.nproc)
+        return train_command(self.launcher, self.recipe, overrides, nproc=self.nproc)
 
 
 def read_metric(run_dir: Path, metric: str) -> float:
@@ -140,7 +185,7 @@ def read_metric(run_dir: Path, metric: str) -> float:
     path = run_dir / "metrics.jsonl"
     values = [row[metric] for row in map(json.loads, path.read_text().splitlines()) if metric in row]
     if not values:
-        raise SweepError(f"{path} logs no {metric} (eval_loss needs data.eval; eval_accuracy a classifier)")
+        raise TrainingFailed(f"{path} logs no {metric} (eval_loss needs data.eval; eval_accuracy a classifier)")
     return float(values[-1])
 
 
@@ -174,161 +219,199 @@ def train(sweep: Sweep, point: dict[str, str]) -> float:
             raise RunStopped(f"{run_dir.name} checkpointed and stopped on a signal")
         if proc.returncode != 0 or not run_done(run_dir):
             tail = (run_dir / "train.log").read_text()[-3000:]
-            raise SweepError(f"training {run_dir.name} exited {proc.returncode}; end of its train.log:\n{tail}")
-    return read_metric(run_dir, sweep.metric)
+            raise TrainingFailed(f"training {run_dir.name} exited {proc.returncode}; end of its train.log:\n{tail}")
+    value = read_metric(run_dir, sweep.metric)
+    if math.isnan(value):  # Optuna would fail the trial too, but silently
+        raise TrainingFailed(f"{run_dir.name}: its last {sweep.metric} is nan")
+    return value
 
 
 # --- the study -----------------------------------------------------------------------------
-def open_study(sweep: Sweep):
+@contextlib.contextmanager
+def _experimental_ok():
+    """Heartbeats, fail_stale_trials and the stale-trial retry are marked experimental in
+    Optuna (they warn on every use); they are what this module is built on."""
     import optuna
-    from sqlalchemy import event
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # Heartbeats, their stale-trial retry and ask/tell with them are marked experimental, and
-    # Optuna expects heartbeats under study.optimize: this module records its own (heartbeat()).
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _lock_path(sweep: Sweep) -> Path:
+    return sweep.sweep_dir / ".sweep.lock"
+
+
+def open_study(sweep: Sweep):
+    """The sweep's study, created by the first worker and loaded by the others, on a storage
+    that records heartbeats and queues a retry of every trial whose heartbeat went stale."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial is reported by run_worker
     sqlite = sweep.storage.startswith("sqlite")
-    if sqlite:
-        sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
+    sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     # Two workers creating the same SQLite file's tables at once can collide: one at a time.
-    with file_lock(sweep.sweep_dir / ".storage.lock") if sqlite else contextlib.nullcontext():
+    with file_lock(_lock_path(sweep)), _experimental_ok():
         storage = optuna.storages.RDBStorage(
             sweep.storage, heartbeat_interval=sweep.heartbeat_interval, grace_period=sweep.grace_period,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+            # a worker waits for another's write (SQLite locks the whole file) instead of failing
             engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else None)
-        if sqlite:
-            _immediate_transactions(storage.engine, event)
+        # The values come from the queue: the sampler is never asked for one (a trial created
+        # outside the queue is failed before it suggests anything).
         study = optuna.create_study(storage=storage, study_name=sweep.study_name, load_if_exists=True,
                                     direction="minimize" if sweep.direction == "min" else "maximize",
-                                    sampler=grid_sampler(sweep.search_space()))
+                                    sampler=optuna.samplers.RandomSampler(seed=0))
     saved = study.user_attrs.get("grid")
     if saved is not None and saved != sweep.grid:
         raise SweepError(f"study {sweep.study_name!r} in {sweep.storage} was started with the grid {saved}, "
                          f"not {sweep.grid}: use another --sweep-dir or --study")
     study.set_user_attr("grid", sweep.grid)  # the same value from every worker: no race to lose
     study.set_user_attr("metric", sweep.metric)
-    return study, storage
+    return study
 
 
-def _immediate_transactions(engine, event) -> None:
-    """SQLite has no SELECT ... FOR UPDATE, so Optuna's check-then-set claims (a waiting
-    trial -> RUNNING, a stale trial -> FAIL) could both succeed in two processes. Starting
-    every transaction with BEGIN IMMEDIATE takes the write lock first: the second one sees
-    the first one's result (SQLAlchemy's documented pysqlite recipe)."""
-    @event.listens_for(engine, "connect")
-    def _no_implicit_begin(dbapi_connection, record):
-        dbapi_connection.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin_immediate(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()  # connections opened before the hooks would not run them
-
-
-def grid_sampler(search_space: dict):
-    """Optuna's GridSampler (trial k -> grid point k) without the stop() its after_trial calls
-    once the grid is covered: stop() works only inside study.optimize, and here the worker
-    loop decides when to stop."""
-    from optuna.samplers import GridSampler
-
-    class GridPoints(GridSampler):
-        def after_trial(self, study, trial, state, values) -> None:
-            pass
-
-    return GridPoints(search_space, seed=0)
-
-
-@contextlib.contextmanager
-def heartbeat(storage, trial_id: int, interval: int):
-    """Record the trial's heartbeat every `interval` s while the block runs."""
-    stop = threading.Event()
-
-    def beat():
-        while True:
-            storage.record_heartbeat(trial_id)
-            if stop.wait(interval):
-                return
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
+def point_of(sweep: Sweep, trial) -> dict[str, str] | None:
+    """The grid point a trial (Trial or FrozenTrial) runs: its queued `point` user attribute,
+    else (a study an earlier version of this module started) its parameters; None for a trial
+    that has neither, or a point of another grid."""
+    point = trial.user_attrs.get(POINT_ATTR)
+    if point is not None:
+        return {key: point[key] for key in sweep.grid} if set(point) == set(sweep.grid) else None
+    if set(trial.params) != set(sweep.grid):
+        return None
     try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+        return sweep.raw(trial.params)
+    except ValueError:
+        return None
+
+
+def _key(sweep: Sweep, point: dict[str, str]) -> tuple[str, ...]:
+    return tuple(point[key] for key in sweep.grid)
+
+
+def _claim_next(sweep: Sweep, study) -> str:
+    """Under the claim lock: "run" when a trial waits in the queue for this worker (a retry,
+    or the first point without a trial, queued now), "wait" when none does but others' trials
+    run (they finish, or go stale and come back as retries), "done" when every point has had
+    its trial ("again": look once more, see below)."""
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    with _experimental_ok():
+        fail_stale_trials(study)  # dead workers' trials -> FAIL; the storage's callback queues retries
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.WAITING for t in trials):
+        return "run"
+    taken = _taken(sweep, trials)
+    for point in sweep.points():
+        if _key(sweep, point) in taken:
+            continue
+        study.enqueue_trial(sweep.typed(point), user_attrs={POINT_ATTR: point}, skip_if_exists=True)
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return "run"
+        # Not queued (skip_if_exists found a trial with its parameters) or already popped: by
+        # another worker since we looked, which only a lock file the workers do not share
+        # allows (look again), or by a trial that point_of cannot read (an error, or this loop
+        # would never end).
+        if _key(sweep, point) not in _taken(sweep, study.get_trials(deepcopy=False)):
+            raise SweepError(f"study {sweep.study_name!r} holds a trial with the parameters of "
+                             f"{_label(point)} that is not this sweep's: use another --sweep-dir or --study")
+        return "again"
+    return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
+
+
+def _taken(sweep: Sweep, trials) -> set[tuple[str, ...]]:
+    """The grid points that have a trial: done, running, crashed (not rerun), or stale and
+    retried. Counted by point, not by trial: a retry is a second trial of its point."""
+    return {_key(sweep, p) for t in trials
+            if not t.user_attrs.get(SURPLUS_ATTR) and (p := point_of(sweep, t)) is not None}
+
+
+def _requeue(study, number: int) -> None:
+    """Queue a retry of trial `number` if it failed: what the storage does for a stale trial,
+    done at once for a trial whose run stopped or whose worker was interrupted."""
+    import optuna
+    from optuna.trial import TrialState
+
+    (trial,) = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+    if trial.state == TrialState.FAIL:
+        with _experimental_ok():
+            optuna.storages.RetryHeartbeatStaleTrialCallback()(study, trial)
 
 
 def run_worker(sweep: Sweep, n_trials: int | None = None) -> dict:
     """Run trials until none is left (or `n_trials` were run here); returns the summary,
     written to sweep.json / sweep.md from what the study holds now."""
-    from optuna.storages import fail_stale_trials
-    from optuna.trial import TrialState
-
     sweep.check()
-    study, storage = open_study(sweep)
+    study = open_study(sweep)
     n_points, ran = len(sweep.points()), 0
     while n_trials is None or ran < n_trials:
-        fail_stale_trials(study)  # dead workers' trials -> FAIL, re-queued as WAITING
-        trials = study.get_trials(deepcopy=False)
-        waiting = any(t.state == TrialState.WAITING for t in trials)
-        if not waiting and len(_points_taken(trials)) >= n_points:  # every grid point has had its trial
-            if any(t.state == TrialState.RUNNING for t in trials):
-                time.sleep(sweep.heartbeat_interval)  # others' trials: finish, or go stale and come back
-                continue
+        current: dict = {}  # what the objective got: the trial number, its point, its value
+        with contextlib.ExitStack() as claim:
+            claim.enter_context(file_lock(_lock_path(sweep)))
+            step = _claim_next(sweep, study)
+            if step == "run":
+                # study.optimize pops the queued trial, records its heartbeat while it runs and
+                # tells its result; the objective lets the claim lock go once the popped trial
+                # is RUNNING with its parameters set.
+                try:
+                    study.optimize(lambda trial: _objective(sweep, trial, claim, current), n_trials=1,
+                                   catch=(TrainingFailed, Surplus))
+                except BaseException as err:
+                    claim.close()
+                    if "number" in current:  # its run stopped, or this worker is being stopped
+                        _requeue(study, current["number"])
+                    if not isinstance(err, RunStopped):
+                        raise
+                    _say(sweep, f"[trial {current['number']}] stopped: {err}; re-queued, this worker leaves")
+                    break
+        if step == "done":
             break
-        trial = study.ask()
-        if _surplus(trial, study.get_trials(deepcopy=False)):
-            # Its grid point already has a trial: another worker took that point (or the last
-            # waiting retry) between our look and our ask. Closed at once, marked, and ignored
-            # by the results and by _points_taken.
-            trial.set_user_attr("surplus", True)
-            study.tell(trial, state=TrialState.FAIL)
+        if step == "again":
             continue
-        space = sweep.search_space()
-        point = sweep.raw({key: trial.suggest_categorical(key, space[key]) for key in sweep.grid})
+        if step == "wait":
+            time.sleep(sweep.heartbeat_interval)
+            continue
+        if "number" not in current:  # a surplus trial: nothing ran
+            continue
         ran += 1
-        _say(sweep, f"[trial {trial.number}] start  {_label(point)}")
-        try:
-            with heartbeat(storage, trial._trial_id, sweep.heartbeat_interval):
-                value = train(sweep, point)
-        except RunStopped as err:
-            # Not a failure: the trial is left as it is, goes stale, and its retry resumes it.
-            _say(sweep, f"[trial {trial.number}] stopped: {err}; this worker leaves")
-            break
-        except SweepError as err:  # a crashed run: failed, not retried (it would crash again)
-            study.tell(trial, state=TrialState.FAIL)
-            _say(sweep, f"[trial {trial.number}] FAILED {_label(point)}\n{err}")
-            continue
-        study.tell(trial, value)
-        _say(sweep, f"[trial {trial.number}] done   {_label(point)}  {sweep.metric}={value:.4f}  "
-                    f"({_completed(study)}/{n_points} complete)")
+        if "value" in current:
+            _say(sweep, f"[trial {current['number']}] done   {_label(current['point'])}  "
+                        f"{sweep.metric}={current['value']:.4f}  ({_completed(sweep, study)}/{n_points} complete)")
     summary = summarize(sweep, study)
-    write_results(sweep, summary)
+    write_sweep_results(sweep, summary)
     return summary
 
 
-def _points_taken(trials) -> set[int]:
-    """The grid points (GridSampler's grid_id) that have a trial: done, running, waiting, or
-    crashed (not rerun). Not the number of trials: a trial a dead worker left goes FAIL and its
-    retry keeps its point under a trial number of its own, and GridSampler gives trial k the
-    point k, so counting trials would end the sweep with points never run."""
-    return {t.system_attrs["grid_id"] for t in trials if "grid_id" in t.system_attrs and not t.user_attrs.get("surplus")}
+def _objective(sweep: Sweep, trial, claim: contextlib.ExitStack, current: dict) -> float:
+    point = point_of(sweep, trial)
+    if point is None:
+        # Created by ask() with an empty queue: only if the claim lock did not hold (two
+        # machines without a shared lock file). Failed, marked, and ignored by the results.
+        trial.set_user_attr(SURPLUS_ATTR, True)
+        claim.close()
+        raise Surplus(f"trial {trial.number} was handed no grid point")
+    space = sweep.search_space()
+    for key, value in sweep.typed(point).items():
+        if trial.suggest_categorical(key, space[key]) != value:  # the queued values, checked
+            raise SweepError(f"trial {trial.number}: {key} is not {point[key]}, the value its point says")
+    claim.close()
+    current.update(number=trial.number, point=point)
+    _say(sweep, f"[trial {trial.number}] start  {_label(point)}")
+    try:
+        current["value"] = train(sweep, point)
+    except TrainingFailed as err:  # a crashed run: failed, not retried (it would crash again)
+        _say(sweep, f"[trial {trial.number}] FAILED {_label(point)}\n{err}")
+        raise
+    return current["value"]
 
 
-def _surplus(trial, trials) -> bool:
-    """A new trial (not a retry) whose point an earlier trial already holds."""
-    mine = next(t for t in trials if t.number == trial.number)
-    if "failed_trial" in mine.system_attrs:
-        return False
-    return any(t.system_attrs.get("grid_id") == mine.system_attrs["grid_id"] and t.number < trial.number
-               and not t.user_attrs.get("surplus") for t in trials)
-
-
-def _completed(study) -> int:
+def _completed(sweep: Sweep, study) -> int:
+    """Grid points with a COMPLETE trial."""
     from optuna.trial import TrialState
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return len({_key(sweep, p) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if (p := point_of(sweep, t)) is not None})
 
 
 def _label(point: dict[str, str]) -> str:
@@ -347,7 +430,9 @@ def summarize(sweep: Sweep, study) -> dict:
 
     values: dict[tuple, dict[str, float]] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        point = sweep.raw(t.params)
+        point = point_of(sweep, t)
+        if point is None:
+            continue
         seed = point.pop(SEED_KEY)
         values.setdefault(tuple(point.items()), {})[seed] = t.value
     keys = [k for k in sweep.grid if k != SEED_KEY]
@@ -384,7 +469,8 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(sweep: Sweep, summary: dict) -> None:
+def write_sweep_results(sweep: Sweep, summary: dict) -> None:
+    """sweep.json, sweep.md and (a pace.lam x pace.sigma grid) heatmap.png in the sweep folder."""
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep.sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2))
     table = markdown(summary)

@@ -1,6 +1,7 @@
 """Sweeps (pace_llm/sweep.py, launch/sweep.py): real Optuna on SQLite, real tiny training runs."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 
 from trainrun import ROOT, env, metrics
@@ -39,6 +41,11 @@ def trial_states(sweep_dir: Path) -> list[tuple[int, str]]:
         return db.execute("select number, state from trials order by number").fetchall()
 
 
+def trials(sweep_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    """The study's trials, read through Optuna (the study is named after the sweep folder)."""
+    return optuna.load_study(study_name=sweep_dir.name, storage=f"sqlite:///{sweep_dir / 'sweep.db'}").trials
+
+
 def launches(run_dir: Path) -> list[str]:
     """The training commands the sweep ran in this run's folder (train.log's '$ ...' lines)."""
     return [line for line in (run_dir / "train.log").read_text().splitlines() if line.startswith("$ ")]
@@ -62,6 +69,10 @@ def test_two_workers_split_a_2x2x2_grid_and_write_the_table(tmp_path):
     runs = sorted((sweep_dir / "runs").iterdir())
     assert len(runs) == 8 and all(len(launches(r)) == 1 for r in runs)
     assert [state for _, state in trial_states(sweep_dir)] == ["COMPLETE"] * 8
+    points = [t.user_attrs["point"] for t in trials(sweep_dir)]  # the point each trial was queued for
+    assert len({tuple(p.values()) for p in points}) == 8
+    assert all({k: float(v) for k, v in t.params.items()} == {k: float(v) for k, v in t.user_attrs["point"].items()}
+               for t in trials(sweep_dir))  # and ran
 
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     assert summary["trials_complete"] == 8 and len(summary["points"]) == 4
@@ -81,6 +92,32 @@ def test_two_workers_split_a_2x2x2_grid_and_write_the_table(tmp_path):
     assert "| pace.lam | pace.sigma | eval_accuracy | n |" in table
     assert sum("**" in line for line in table.splitlines() if line.startswith("|")) == 1  # the best, in bold
     assert (sweep_dir / "heatmap.png").stat().st_size > 0
+
+
+def test_four_workers_claim_every_point_of_a_finished_grid_exactly_once(tmp_path):
+    """Claims under contention: the 24 runs are already done (a trial then only reads its run's
+    metric), so four workers started at once claim trials back to back. Each point gets one
+    trial, none a second or a trial without a point, and the table holds the runs' values."""
+    sweep_dir = tmp_path / "sweep"
+    grid = {"pace.lam": ["0.1", "0.2", "0.3", "0.4"], "pace.sigma": ["0.5", "1"], "train.seed": ["0", "1", "2"]}
+    written = {}
+    for i, combo in enumerate(itertools.product(*grid.values())):
+        run = sweep_dir / "runs" / ",".join(f"{k}={v}" for k, v in zip(grid, combo))
+        run.mkdir(parents=True)
+        written[combo] = 1.0 + i / 100
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 4, "eval_loss": written[combo]}) + "\n")
+        (run / "run_status.json").write_text(json.dumps({"status": "done"}))
+    cmd = sweep_command(sweep_dir, "recipes/tiny.yaml", "--grid", *(f"{k}={','.join(v)}" for k, v in grid.items()))
+    workers = [start(cmd, tmp_path / f"worker{i}.log") for i in range(4)]
+    logs = [finish(w, tmp_path / f"worker{i}.log") for i, w in enumerate(workers)]
+
+    assert sum(log.count("] start") for log in logs) == 24
+    assert [state for _, state in trial_states(sweep_dir)] == ["COMPLETE"] * 24
+    claimed = sorted(tuple(t.user_attrs["point"].values()) for t in trials(sweep_dir))
+    assert claimed == sorted(written)
+    assert {tuple(t.user_attrs["point"].values()): t.value for t in trials(sweep_dir)} == written
+    summary = json.loads((sweep_dir / "sweep.json").read_text())
+    assert summary["trials_complete"] == 24 and [p["n"] for p in summary["points"]] == [3] * 8
 
 
 @pytest.mark.slow
@@ -118,8 +155,37 @@ def test_killed_sweep_reruns_no_finished_trial_and_resumes_the_interrupted_one(t
     assert len(launches(third)) == 1 and [r["step"] for r in metrics(third)][-1] == 8
     states = dict(trial_states(sweep_dir))
     assert sorted(states.values()) == ["COMPLETE"] * 3 + ["FAIL"]  # the killed one, retried
+    (dead,) = [t for t in trials(sweep_dir) if t.state == optuna.trial.TrialState.FAIL]
+    complete = [t for t in trials(sweep_dir) if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.params["train.seed"] for t in complete) == [0, 1, 2]  # every point, once
+    (retry,) = [t for t in complete if t.number > dead.number and t.params == dead.params]  # kept its point
+    assert killed.name == ",".join(f"{k}={v}" for k, v in retry.user_attrs["point"].items())
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     assert summary["trials_complete"] == 3 and summary["points"][0]["n"] == 3
+
+
+@pytest.mark.slow
+def test_a_run_stopped_on_a_signal_is_requeued_at_once_and_resumed(tmp_path):
+    """A run that checkpoints and stops (train.stop_after: what SIGUSR1 / SIGTERM do) makes
+    its worker re-queue the trial at once (no grace period, 60 s here, to wait out) and leave,
+    cleanly; the next worker takes the retry and continues the run from its checkpoint."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = [*sweep_command(sweep_dir, "recipes/tiny.yaml", "train.stop_after=2", "--grid", "pace.lam=0.1"),
+           "--grace-period", "60"]
+    log = finish(start(cmd, tmp_path / "first.log"), tmp_path / "first.log")
+    assert "stopped" in log and "re-queued" in log
+    assert [state for _, state in trial_states(sweep_dir)] == ["FAIL", "WAITING"]
+    (run,) = (sweep_dir / "runs").iterdir()
+    assert json.loads((run / "run_status.json").read_text())["status"] == "stopped"
+
+    log = finish(start(cmd, tmp_path / "rerun.log"), tmp_path / "rerun.log")
+    assert log.count("] start") == 1
+    first, again = launches(run)
+    assert "resume=false" in first and "resume=true" in again
+    steps = [r["step"] for r in metrics(run)]
+    assert steps[-1] == 4 and steps.count(1) == 1
+    assert [state for _, state in trial_states(sweep_dir)] == ["FAIL", "COMPLETE"]
+    assert json.loads((sweep_dir / "sweep.json").read_text())["trials_complete"] == 1
 
 
 def test_slurm_array_dry_run_prints_each_tasks_command():
