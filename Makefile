@@ -3,6 +3,6 @@
 setup:
 	bash scripts/setup.sh
 demo: setup
-	.venv/bin/python launch/demo.py
+	.venv/bin/pace-llm demo
 test: setup
 	.venv/bin/python -m pytest -q

@@ -28,8 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common  # bench/common.py: this script's folder is first on sys.path
 
 PREFIX = "@@BENCH@@ "
 

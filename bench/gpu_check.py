@@ -42,9 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (also puts the repository root on sys.path)
-from pace_llm.distributed.launcher import exit_now  # noqa: E402
+import common  # bench/common.py: this script's folder is first on sys.path
+from pace_llm.distributed.launcher import exit_now
 
 ROOT = common.ROOT
 # Shapes from the models' published configs (rope scaling left out: it does not change the cost).

@@ -118,7 +118,7 @@ class Step:
         self.model = pace_llm.apply_pace(model, pace_llm.PaceConfig(rank=args.rank, alpha=2 * args.rank,
                                                                     sigma=args.sigma))
         self.model.train()
-        self.objective = pace_llm.PaceObjective(args.mode, lam=1e-3, rows=pace_llm.TokenOutputs())
+        self.objective = pace_llm.PaceObjective(args.mode, lam=1e-3, outputs=pace_llm.TokenOutputs())
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
         self.vocab = self.model.config.vocab_size
         self.step = 0

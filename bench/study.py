@@ -47,10 +47,10 @@ from typing import Callable
 
 import common  # bench/common.py: this script's folder is first on sys.path
 
+from pace_llm.distributed.launcher import launch_env
+from pace_llm.sweep import SEED_KEY, Sweep, run_done
+
 ROOT = common.ROOT
-sys.path.insert(0, str(ROOT))
-from pace_llm.distributed.launcher import launch_env  # noqa: E402
-from pace_llm.sweep import SEED_KEY, Sweep, run_done  # noqa: E402
 
 ARMS = ("lora", "noise", "full", "fast")
 
@@ -82,10 +82,8 @@ def prepare_polarity() -> tuple[list[str], Path]:
 
 def prepare_fashion() -> tuple[list[str], Path]:
     import torch
-    sys.path.insert(0, str(ROOT / "launch"))
-    import demo_fashion  # the demo's pre-trained base ViT and its data
-
     from pace_llm import assets
+    from pace_llm.demos import fashion as demo_fashion  # the demo's pre-trained base ViT and its data
     torch.set_num_threads(1)
     folder = assets.cache_dir() / "demo-fashion"
     base = demo_fashion.prepare_base(folder / demo_fashion.BASE_NAME)

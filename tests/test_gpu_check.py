@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+import gpu_check  # bench/gpu_check.py (pytest's pythonpath)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import gpu_check  # noqa: E402
 
 
 @pytest.mark.slow

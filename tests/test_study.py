@@ -1,13 +1,10 @@
 """bench/study.py's own logic, without training: the paired statistics and the selection of
 each arm's grid point from its sweep's results (the study itself: `python bench/study.py --smoke`)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import study  # noqa: E402
+import study  # bench/study.py (pytest's pythonpath)
 
 
 @pytest.mark.parametrize("df, t", [(1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262)])

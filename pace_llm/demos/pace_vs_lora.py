@@ -1,6 +1,6 @@
-"""What the two offline classification demos share (launch/demo_polarity.py, launch/demo_fashion.py):
-train one recipe per (seed, method) through launch/train.py, evaluate its merged model with
-the eval/ script, time both, print PACE vs LoRA.
+"""What the two offline classification demos share (`pace-llm demo polarity|fashion`: polarity.py,
+fashion.py): train one recipe per (seed, method) through launch/train.py, evaluate its merged
+model with the demo's `pace-llm eval` command, time both, print PACE vs LoRA.
 
 The LoRA baseline is the same recipe with `pace.mode=off` (σ = 0: no noise, no consistency
 term); PACE runs the recipe's `pace.mode` (full). Both share the seed, so they share the
@@ -41,7 +41,7 @@ def _run(cmd: list[str], log: Path, launcher: str = "python") -> float:
 
 def train_and_evaluate(recipe: Path, out: Path, overrides: list[str], eval_cmd: list[str],
                        launcher: str = "python") -> dict:
-    """A fresh run of launch/train.py, then `eval_cmd + [--model OUT/merged --output OUT/eval.json]`.
+    """A fresh run of launch/train.py, then `python eval_cmd... --model OUT/merged --output OUT/eval.json`.
     Returns the eval JSON with train_seconds / eval_seconds added. Log: OUT.log."""
     shutil.rmtree(out, ignore_errors=True)
     log = out.parent / f"{out.name}.log"
