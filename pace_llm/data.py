@@ -1,10 +1,11 @@
-"""Rows for training and evaluation: one loader (`load_examples`, through `datasets`), the
-prompt rendering training and generation share, and image pixels. How rows become
-samples and batches is each task kind's (pace_llm/tasks/).
+"""Examples (raw records) for training and evaluation: one loader (`load_examples`, through
+`datasets`), the prompt rendering training and generation share, and image pixels. How
+examples become samples and batches is each task kind's (pace_llm/tasks/).
 
 Sources: a local .jsonl/.json/.csv/.parquet file, a hub id (with `data.hub_config`), or
-`tiny:arithmetic|sentences|images` (generated rows for smoke runs). A sample's id is its row index in the
-source, so it is stable across shuffling, ranks and resumes (the PACE_fast cache key).
+`tiny:arithmetic|sentences|images` (generated examples for smoke runs). A sample's id is its
+example's index (a file's row) in the source, so it is stable across shuffling, ranks and
+resumes (the PACE_fast cache key).
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def render_prompt(tokenizer, user_text: str) -> str:
 
 
 def load_examples(source: str, split: str = "train", hub_config: Optional[str] = None,
-              limit: Optional[int] = None, seed: int = 0) -> datasets.Dataset:
-    """Rows of a local .jsonl/.json/.csv/.tsv/.parquet file, a hub dataset (`split`,
+                  limit: Optional[int] = None, seed: int = 0) -> datasets.Dataset:
+    """Examples of a local .jsonl/.json/.csv/.tsv/.parquet file, a hub dataset (`split`,
     `hub_config`) or `tiny:*` (generated from `seed`), each with its `sample_id`; the first
     `limit` only when given. Training and every eval/*.py entry point load through this."""
     if source.startswith("tiny:"):
@@ -45,23 +46,23 @@ def load_examples(source: str, split: str = "train", hub_config: Optional[str] =
                       "tiny:images": tiny.tiny_images}
         if source not in generators:
             raise DataError(f"unknown generated data {source!r}; available: {', '.join(generators)}")
-        rows = datasets.Dataset.from_list(generators[source](64 if split == "train" else 16,
-                                                             seed=seed + (split != "train")))
+        examples = datasets.Dataset.from_list(generators[source](64 if split == "train" else 16,
+                                                                 seed=seed + (split != "train")))
     elif Path(source).suffix in _FILE_FORMATS:
         if not Path(source).exists():
             raise DataError(f"data file {source} does not exist")
         options = {"delimiter": "\t"} if Path(source).suffix == ".tsv" else {}
         try:
-            rows = datasets.load_dataset(_FILE_FORMATS[Path(source).suffix], data_files=source, split="train",
-                                         **options)
+            examples = datasets.load_dataset(_FILE_FORMATS[Path(source).suffix], data_files=source,
+                                             split="train", **options)
         except datasets.exceptions.DatasetGenerationError:
             if _FILE_FORMATS[Path(source).suffix] == "json":
                 check_json_lines(source)  # names the line; datasets' error does not
             raise
     else:
-        rows = datasets.load_dataset(source, hub_config, split=split)
-    rows = rows.add_column("sample_id", list(range(len(rows))))
-    return rows.select(range(min(limit, len(rows)))) if limit else rows
+        examples = datasets.load_dataset(source, hub_config, split=split)
+    examples = examples.add_column("sample_id", list(range(len(examples))))
+    return examples.select(range(min(limit, len(examples)))) if limit else examples
 
 
 def check_json_lines(path: str) -> None:

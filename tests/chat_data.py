@@ -31,9 +31,9 @@ def write(folder: Path) -> dict[str, Path]:
                           for m in conversations(16, seed=1)],
              "eval": [{"messages": m} for m in conversations(8, seed=2)]}
     paths = {}
-    for name, rows in files.items():
+    for name, examples in files.items():
         paths[name] = folder / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in examples))
     return paths
 
 

@@ -11,7 +11,7 @@ from pace_llm import assets
 from pace_llm.config import load_recipe
 from pace_llm.data import DataError, load_examples
 from pace_llm.tasks import get_task
-from pace_llm.tasks.data_formats import FORMATS, Messages, encode_rows
+from pace_llm.tasks.data_formats import FORMATS, Messages, encode_examples
 
 # Phi-3-mini-4k-instruct's template, verbatim in shape: no {% generation %} markers, eos at the end.
 PHI3_TEMPLATE = (
@@ -45,12 +45,12 @@ def phi3(smollm2):
 TEMPLATES = {"smollm2": ("smollm2", "<|im_end|>"), "phi3": ("phi3", "<|end|>")}
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def write_jsonl(path, examples):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in examples))
     return str(path)
 
 
-def rows_in(fmt: str, messages=MESSAGES) -> dict:
+def example_in(fmt: str, messages=MESSAGES) -> dict:
     if fmt == "messages":
         return {"messages": messages}
     if fmt == "sharegpt":
@@ -58,8 +58,8 @@ def rows_in(fmt: str, messages=MESSAGES) -> dict:
     raise ValueError(fmt)
 
 
-def encode(tmp_path, tok, rows, *overrides, fmt="auto"):
-    recipe = load_recipe(None, [f"data.train={write_jsonl(tmp_path / 'd.jsonl', rows)}", f"data.format={fmt}",
+def encode(tmp_path, tok, examples, *overrides, fmt="auto"):
+    recipe = load_recipe(None, [f"data.train={write_jsonl(tmp_path / 'd.jsonl', examples)}", f"data.format={fmt}",
                                 *overrides])
     task = get_task(recipe, tok)
     train, _ = task.datasets()
@@ -74,17 +74,17 @@ def supervised(tok, sample) -> str:
 @pytest.mark.parametrize("fmt", ["messages", "sharegpt"])
 def test_assistant_turns_and_their_end_of_turn_are_exactly_what_is_trained(tmp_path, request, template, fmt):
     tok, eot = request.getfixturevalue(TEMPLATES[template][0]), TEMPLATES[template][1]
-    (s,), _ = encode(tmp_path, tok, [rows_in(fmt)])
+    (s,), _ = encode(tmp_path, tok, [example_in(fmt)])
     assert supervised(tok, s) == f"{ANSWER1}{eot}{ANSWER2}{eot}"
     assert tok.decode(s["input_ids"]) == tok.apply_chat_template(MESSAGES, tokenize=False)
-    (s,), _ = encode(tmp_path, tok, [rows_in(fmt)], "data.train_on=last")
+    (s,), _ = encode(tmp_path, tok, [example_in(fmt)], "data.train_on=last")
     assert supervised(tok, s) == f"{ANSWER2}{eot}"
-    (s,), _ = encode(tmp_path, tok, [rows_in(fmt)], "data.train_on=all")
+    (s,), _ = encode(tmp_path, tok, [example_in(fmt)], "data.train_on=all")
     assert s["labels"] == s["input_ids"]
 
 
 @pytest.mark.parametrize("template", TEMPLATES)
-def test_alpaca_rows_become_system_user_assistant(tmp_path, request, template):
+def test_alpaca_examples_become_system_user_assistant(tmp_path, request, template):
     tok, eot = request.getfixturevalue(TEMPLATES[template][0]), TEMPLATES[template][1]
     row = {"instruction": USER1, "input": "contexte: ☕", "output": ANSWER1, "system": SYSTEM}
     (s,), _ = encode(tmp_path, tok, [row])
@@ -102,22 +102,22 @@ def test_auto_detects_each_format(tmp_path, smollm2):
 
 
 def test_max_length_keeps_the_assistant_tokens_that_fit_and_drops_prompt_only_samples(tmp_path, phi3):
-    (whole,), _ = encode(tmp_path, phi3, [rows_in("messages")])
+    (whole,), _ = encode(tmp_path, phi3, [example_in("messages")])
     starts = [i for i in range(1, len(whole["labels"])) if whole["labels"][i] != -100 and whole["labels"][i - 1] == -100]
     cut = starts[1] + 2  # two tokens into the second assistant turn
-    (s,), stats = encode(tmp_path, phi3, [rows_in("messages")], f"data.max_length={cut}")
+    (s,), stats = encode(tmp_path, phi3, [example_in("messages")], f"data.max_length={cut}")
     assert s["input_ids"] == whole["input_ids"][:cut] and s["labels"] == whole["labels"][:cut]
     assert supervised(phi3, s) == ANSWER1 + "<|end|>" + phi3.decode(whole["input_ids"][starts[1]:cut])
     assert (stats.truncated, stats.dropped) == (1, 0)
     long_user = [dict(m, content=m["content"] * 40) if m["role"] == "user" else m for m in MESSAGES]
-    train, stats = encode(tmp_path, phi3, [rows_in("messages", long_user), rows_in("messages")],
+    train, stats = encode(tmp_path, phi3, [example_in("messages", long_user), example_in("messages")],
                           f"data.max_length={starts[0] + 10}")
     assert [s["sample_id"] for s in train] == [1] and (stats.truncated, stats.dropped, stats.samples) == (2, 1, 1)
     assert stats.supervised_tokens == sum(x != -100 for x in train[0]["labels"][1:])
 
 
 def test_a_mixture_has_unique_ids_and_weighted_counts(tmp_path, phi3):
-    a = write_jsonl(tmp_path / "a.jsonl", [rows_in("messages")] * 10)
+    a = write_jsonl(tmp_path / "a.jsonl", [example_in("messages")] * 10)
     b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"q{i}", "output": f"r{i}"} for i in range(6)])
     recipe = load_recipe(None, [f"data.train=[{{path: {a}, weight: 2}}, {{path: {b}, weight: 1.5, limit: 4}}]"])
     task = get_task(recipe, phi3)
@@ -132,10 +132,10 @@ def test_a_mixture_has_unique_ids_and_weighted_counts(tmp_path, phi3):
     assert [s["sample_id"] for s in single] == list(range(10))
 
 
-GOOD = rows_in("messages")
+GOOD = example_in("messages")
 
 
-@pytest.mark.parametrize("rows, message", [
+@pytest.mark.parametrize("examples, message", [
     ([GOOD, {"messages": None}], "row 2: field 'messages' is null"),
     ([GOOD, {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}],
      "row 2: field 'messages[0].content' is null"),
@@ -145,12 +145,12 @@ GOOD = rows_in("messages")
      "row 2: field 'messages[0].role' has an unknown role 'bot'"),
     ([GOOD, {"messages": [{"role": "user", "content": "hi"}]}], "row 2: field 'messages' has no assistant turn"),
 ])
-def test_bad_rows_are_named_and_skippable(tmp_path, phi3, rows, message):
-    path = write_jsonl(tmp_path / "d.jsonl", rows)
+def test_bad_rows_are_named_and_skippable(tmp_path, phi3, examples, message):
+    path = write_jsonl(tmp_path / "d.jsonl", examples)
     with pytest.raises(DataError) as err:
-        encode(tmp_path, phi3, rows)
+        encode(tmp_path, phi3, examples)
     assert f"data {path}, {message}" in str(err.value)
-    train, stats = encode(tmp_path, phi3, rows, "data.skip_invalid=true")
+    train, stats = encode(tmp_path, phi3, examples, "data.skip_invalid=true")
     assert len(train) == 1 and stats.first_skipped == [2] and sum(stats.skipped.values()) == 1
     assert "1 invalid rows skipped" in stats.summary()
 
@@ -174,8 +174,8 @@ def test_a_template_that_cannot_be_masked_is_named(tmp_path, phi3):
     tok.chat_template = ("{% for m in messages %}{% if loop.last %}LAST:{% endif %}{{ m['role'] + ': ' + "
                          "m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(DataError, match=r"row 1: field 'turn 2' cannot be masked"):
-        encode_rows(load_examples(write_jsonl(tmp_path / "d.jsonl", [GOOD])),
-                    Messages(load_recipe(None).data, tok), 512, "d.jsonl")
+        encode_examples(load_examples(write_jsonl(tmp_path / "d.jsonl", [GOOD])),
+                        Messages(load_recipe(None).data, tok), 512, "d.jsonl")
 
 
 def test_a_tokenizer_without_chat_template_needs_data_chat_template(tmp_path, phi3):
@@ -190,10 +190,8 @@ def test_a_tokenizer_without_chat_template_needs_data_chat_template(tmp_path, ph
 
 
 def test_inspect_data_marks_and_dumps_the_supervised_tokens(tmp_path, capsys):
-    import sys
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "launch"))
-    import inspect_data
     from chat_data import write
+    from pace_llm.cli import inspect_data
     paths = write(tmp_path)
     overrides = [f"data.train={paths['messages']}", "data.eval=null"]
     assert inspect_data.main(["recipes/tiny_chat.yaml", *overrides, "--n", "1"]) == 0

@@ -15,15 +15,15 @@ from pace_llm.assets.tiny import tiny_tokenizer
 TEMPLATE = "Q: {question}"
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+def write_jsonl(path, examples):
+    path.write_text("".join(json.dumps(r) + "\n" for r in examples))
     return str(path)
 
 
 def test_labels_cover_exactly_the_answer_tokens(tmp_path):
     tok = tiny_tokenizer()
-    rows = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "2"}]))
-    ex = tokenize_sft(rows, tok, TEMPLATE, "answer", 512)[0]
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1?", "answer": "2"}]))
+    ex = tokenize_sft(examples, tok, TEMPLATE, "answer", 512)[0]
     prompt = render_prompt(tok, "Q: 1+1?")
     n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
     assert ex["labels"][:n_prompt] == [-100] * n_prompt
@@ -35,16 +35,16 @@ def test_labels_cover_exactly_the_answer_tokens(tmp_path):
 
 def test_plain_prompt_without_chat_template_ends_with_eos(tmp_path):
     tok = tiny_tokenizer(chat_template=False)
-    rows = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "x", "answer": "7"}]))
-    ex = tokenize_sft(rows, tok, TEMPLATE, "answer", 512)[0]
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "x", "answer": "7"}]))
+    ex = tokenize_sft(examples, tok, TEMPLATE, "answer", 512)[0]
     assert tok.decode([t for t in ex["labels"] if t != -100]) == "7<|endoftext|>"
 
 
 def test_truncation_keeps_ids_stable_and_drops_empty_answers(tmp_path):
     tok = tiny_tokenizer()
-    rows = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "q" * 200, "answer": "a"},
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "q" * 200, "answer": "a"},
                                                           {"question": "short", "answer": "b"}]))
-    out = tokenize_sft(rows, tok, TEMPLATE, "answer", 64)
+    out = tokenize_sft(examples, tok, TEMPLATE, "answer", 64)
     assert [r["sample_id"] for r in out] == [1]  # the first lost its answer; ids unchanged
 
 
@@ -67,34 +67,34 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_collator_pads_right_and_masks_labels():
-    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "sample_id": 3},
+    samples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "sample_id": 3},
             {"input_ids": [8], "labels": [8], "sample_id": 9}]
-    batch = get_task(load_recipe(None, ["model.task=causal_lm"])).collate(rows)  # no tokenizer: pad id 0
+    batch = get_task(load_recipe(None, ["model.task=causal_lm"])).collate(samples)  # no tokenizer: pad id 0
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["sample_id"].tolist() == [3, 9]
 
 
-def test_classification_rows_and_pairs(tmp_path):
+def test_classification_examples_and_pairs(tmp_path):
     tok = tiny_tokenizer()
-    rows = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"s1": "a b", "s2": "c", "label": 1}]))
-    ex = tokenize_classification(rows, tok, ["s1", "s2"], "label", 32)[0]
+    examples = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"s1": "a b", "s2": "c", "label": 1}]))
+    ex = tokenize_classification(examples, tok, ["s1", "s2"], "label", 32)[0]
     assert ex["labels"] == 1 and len(ex["input_ids"]) >= 4
     task = get_task(load_recipe(None, ["model.task=seq_cls", "model.num_labels=2"]), tok)
-    batch = task.collate(list(tokenize_classification(rows, tok, ["s1"], "label", 32)))
+    batch = task.collate(list(tokenize_classification(examples, tok, ["s1"], "label", 32)))
     assert batch["labels"].dtype == torch.long and batch["labels"].shape == (1,)
 
 
 def test_data_sample_draws_a_class_balanced_set_per_seed(tmp_path):
-    rows = [{"sentence": f"s{i}", "label": int(i % 4 == 0)} for i in range(40)]  # 10 of class 1, 30 of 0
-    path = write_jsonl(tmp_path / "pool.jsonl", rows)
+    examples = [{"sentence": f"s{i}", "label": int(i % 4 == 0)} for i in range(40)]  # 10 of class 1, 30 of 0
+    path = write_jsonl(tmp_path / "pool.jsonl", examples)
 
     def drawn(seed, sample=8, classes=2):
         recipe = load_recipe(None, ["model.task=seq_cls", f"model.num_labels={classes}", f"data.train={path}",
                                     f"data.sample={sample}", f"train.seed={seed}"])
         train = get_task(recipe, tiny_tokenizer()).load_mixture("train")
-        return train["sample_id"], [rows[i]["label"] for i in train["sample_id"]]
+        return train["sample_id"], [examples[i]["label"] for i in train["sample_id"]]
 
     ids, labels = drawn(0)
     assert len(ids) == 8 and sorted(labels) == [0] * 4 + [1] * 4  # balanced; ids = rows of the pool

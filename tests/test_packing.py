@@ -4,8 +4,6 @@ normalisation), samples in a row cannot see each other, and PACE's noise stays o
 sample and channel."""
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +19,6 @@ from pace_llm.assets.tiny import tiny_model
 from conftest import make_batch, perturb_adapters
 from trainrun import ds_steps, eval_losses, launch_many, metrics
 
-ROOT = Path(__file__).resolve().parents[1]
 LENGTHS = [9, 4, 7, 3, 12, 5, 6, 2]  # packed into rows of 16 tokens: 3 rows, several per row
 
 
@@ -94,7 +91,7 @@ def test_sigma_zero_packed_equals_padded(kind):
         rows_of[how] = per_sample(rows, batch["sample_id"])
         losses[how] = {i: torch.nn.functional.cross_entropy(f, t).item() for i, f, t in zip(
             batch["sample_id"].tolist(), rows.f.split(rows.counts.tolist()), rows.target.split(rows.counts.tolist()))}
-        out = PaceObjective("full", lam=0.1, rows=TokenOutputs())(model, batch)
+        out = PaceObjective("full", lam=0.1, outputs=TokenOutputs())(model, batch)
         assert out.consistency_loss.item() == 0.0
         out.loss.backward()
         grads[how] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -151,7 +148,7 @@ def test_paired_copies_of_a_packed_batch_draw_their_own_noise():
     assert twice["segment_index"].max() == 2 * s - 1 and len(twice["sample_id"]) == 2 * s
     for sigma, equal in ((0.0, True), (1.0, False)):
         model = adapted("llama", sigma=sigma)
-        objective = PaceObjective("full", rows=TokenOutputs())
+        objective = PaceObjective("full", outputs=TokenOutputs())
         with torch.no_grad(), objective.scope(0, batch):
             out = TokenOutputs().forward(model, twice)
         first, second = out.first(s), out.last(s)
@@ -165,8 +162,7 @@ def test_inspect_data_shows_the_bins(capsys):
     """launch/inspect_data.py with data.packing: the first micro-batches' rows, each sample by
     id and length, in the order training takes them; and the epoch's padding packed vs padded."""
     from pace_llm.core.cache import ShardedEpochSampler
-    sys.path.insert(0, str(ROOT / "launch"))
-    import inspect_data
+    from pace_llm.cli import inspect_data
     assert inspect_data.main(["recipes/tiny.yaml", "data.packing=true", "data.max_length=100", "--n", "0",
                               "--batches", "2"]) == 0
     out = capsys.readouterr().out
@@ -180,12 +176,12 @@ def test_inspect_data_shows_the_bins(capsys):
     assert float(packed) < float(padded)
 
 
-def step_gradients(model, micro_batches, normalization, rows=None):
+def step_gradients(model, micro_batches, normalization, outputs=None):
     """Adapter gradients of one optimizer step over `micro_batches`, taken as the trainer takes
     it (trainer.train_step) on one rank without DeepSpeed's 1/A, which its scale undoes: full
     PACE; step: every micro-batch's loss over the rows of all of them; micro_batch: the mean
     of the micro-batches' means."""
-    objective = PaceObjective("full", lam=0.1, rows=rows or TokenOutputs())
+    objective = PaceObjective("full", lam=0.1, outputs=outputs or TokenOutputs())
     supervised = sum(objective.task_outputs(batch) for batch in micro_batches)
     for batch in micro_batches:
         if normalization == "step":
@@ -261,7 +257,7 @@ def test_qlora_nf4_packed_equals_padded(tmp_path):
 def test_task_rows_counts_the_rows_the_task_loss_covers(mode):
     """What the trainer's denominator adds up before any forward (lazy_half's paired step:
     the first half of the packed or padded rows) is what the objective's task loss covers."""
-    model, objective = adapted("llama"), PaceObjective(mode, rows=TokenOutputs())
+    model, objective = adapted("llama"), PaceObjective(mode, outputs=TokenOutputs())
     for batch in (padded(samples()), pack(samples(), 16, 0)):
         for step in (0, 1):
             with torch.no_grad():

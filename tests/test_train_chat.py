@@ -53,11 +53,11 @@ def test_chat_mixture_trains_resumes_exactly_and_exports_its_template(tmp_path, 
 def test_bad_rows_stop_the_run_by_name_or_are_skipped_and_counted(tmp_path):
     """Through launch/train.py, as a user meets it: a null answer names file, row and field
     before any heavy work, with no traceback; data.skip_invalid trains on the good rows."""
-    rows = [{"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
-            for i in range(12)]
-    rows[5]["messages"][1]["content"] = None
+    examples = [{"messages": [{"role": "user", "content": f"{i}+1?"}, {"role": "assistant", "content": str(i + 1)}]}
+                for i in range(12)]
+    examples[5]["messages"][1]["content"] = None
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.write_text("".join(json.dumps(r) + "\n" for r in examples))
     common = [f"data.train={data}", "data.format=messages", "data.eval=null", "deepspeed.zero_stage=0",
               "train.max_steps=2", "train.micro_batch_size=2", "train.export_check=false"]
     proc = launch("python", tmp_path / "strict", *common, check=False)

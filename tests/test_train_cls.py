@@ -75,12 +75,13 @@ def from_pretrained(cls, path):
 def eval_batch(kind: str, out):
     if kind == "roberta":
         tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")
-        rows = tokenize_classification(load_examples("tiny:sentences", "test"), tokenizer, ["sentence"], "label", 96)
+        samples = tokenize_classification(load_examples("tiny:sentences", "test"), tokenizer, ["sentence"],
+                                          "label", 96)
         task = get_task(load_recipe(None, ["model.task=seq_cls", "model.num_labels=3"]), tokenizer)
-        return task.collate([rows[i] for i in range(len(rows))])
-    rows = prepare_images(load_examples("tiny:images", "test"), "image", "label")
+        return task.collate([samples[i] for i in range(len(samples))])
+    samples = prepare_images(load_examples("tiny:images", "test"), "image", "label")
     return get_task(load_recipe(None, ["model.task=image_cls", "model.num_labels=4", "data.image_size=32"])).collate(
-        [rows[i] for i in range(len(rows))])
+        [samples[i] for i in range(len(samples))])
 
 
 def check_training_log(out, mode):
@@ -184,10 +185,10 @@ def test_stsb_shaped_regression_through_the_data_path():
     import datasets
     from pace_llm.assets.tiny import tiny_model, tiny_tokenizer
     tokenizer = tiny_tokenizer(chat_template=False)
-    rows = datasets.Dataset.from_list([{"sentence1": "a cat sat", "sentence2": "a cat sits", "label": 4.6},
-                                       {"sentence1": "dark film", "sentence2": "bright day", "label": 0.4}])
-    rows = rows.add_column("sample_id", [0, 1])
-    encoded = tokenize_classification(rows, tokenizer, ["sentence1", "sentence2"], "label", 64)
+    examples = datasets.Dataset.from_list([{"sentence1": "a cat sat", "sentence2": "a cat sits", "label": 4.6},
+                                           {"sentence1": "dark film", "sentence2": "bright day", "label": 0.4}])
+    examples = examples.add_column("sample_id", [0, 1])
+    encoded = tokenize_classification(examples, tokenizer, ["sentence1", "sentence2"], "label", 64)
     task = get_task(load_recipe(None, ["model.task=seq_cls", "model.num_labels=1"]), tokenizer)
     batch = task.collate([encoded[i] for i in range(2)])
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == pytest.approx([4.6, 0.4])

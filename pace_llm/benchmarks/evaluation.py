@@ -1,9 +1,9 @@
 """What every evaluation entry point shares: the result files, and classification
-prediction (a model with its task head; batched logits in row order).
+prediction (a model with its task head; batched logits in example order).
 
     write_results("out/eval.json", summary, samples)      # + out/eval.samples.jsonl
     model = load_classifier(AutoModelForImageClassification, "base", adapter="out/adapter")
-    logits = predict_logits(model, batches, total=len(rows))
+    logits = predict_logits(model, batches, total=len(examples))
 
 eval/gsm8k.py, eval/glue.py, eval/vision.py and launch/demo.py write through
 `write_results`; GLUE (pace_llm.benchmarks.glue.predict) and vision (`predict_images`) predict
@@ -97,7 +97,7 @@ def load_classifier(auto_class, model, adapter=None, num_labels: int | None = No
 def predict_logits(model, batches: Iterable[dict], total: int | None = None,
                    desc: str | None = None) -> np.ndarray:
     """The model's logits for each batch of inputs (a dict of tensors, moved to the model's
-    device), in order, as fp32 numpy [N, num_labels]; a progress bar over `total` rows
+    device), in order, as fp32 numpy [N, num_labels]; a progress bar over `total` examples
     when `desc` is given."""
     import torch
     from tqdm.auto import tqdm
@@ -112,9 +112,9 @@ def predict_logits(model, batches: Iterable[dict], total: int | None = None,
     return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), np.float32)
 
 
-def predict_images(model, rows, image_field: str, image_size: int, batch_size: int,
+def predict_images(model, examples, image_field: str, image_size: int, batch_size: int,
                    augment: str = "none") -> np.ndarray:
-    """Logits of an image classifier over `rows` (a datasets.Dataset), preprocessed as
+    """Logits of an image classifier over `examples` (a datasets.Dataset), preprocessed as
     training's held-out batches (tasks.images.image_pixels: resize, plus the centre crop
     when the model was trained with `augment`), batch by batch."""
     import torch
@@ -122,10 +122,10 @@ def predict_images(model, rows, image_field: str, image_size: int, batch_size: i
     from pace_llm.tasks.images import image_pixels
 
     def batches():
-        for start in range(0, len(rows), batch_size):
-            images = rows[start:start + batch_size][image_field]
+        for start in range(0, len(examples), batch_size):
+            images = examples[start:start + batch_size][image_field]
             yield {"pixel_values": torch.from_numpy(np.stack([image_pixels(im, image_size, augment) for im in images]))}
-    return predict_logits(model, batches(), total=len(rows))
+    return predict_logits(model, batches(), total=len(examples))
 
 
 def top1_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:

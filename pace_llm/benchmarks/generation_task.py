@@ -2,11 +2,11 @@
 
 A task (pace_llm.benchmarks.gsm8k.GSM8K is one) says three things:
 
-    prompt(row) -> str                 the user message, before the model's chat template
-    score(completion, row) -> dict     one sample's record (a line of FILE.samples.jsonl)
+    prompt(example) -> str                 the user message, before the model's chat template
+    score(completion, example) -> dict     one sample's record (a line of FILE.samples.jsonl)
     summarize(records) -> dict         the metrics over all records (accuracy, n, ...)
 
-`generate_and_score(task, model_dir, rows, backend=...)` renders the prompts with the chat template
+`generate_and_score(task, model_dir, examples, backend=...)` renders the prompts with the chat template
 training uses, decodes greedily with any pace_llm.generation backend (vllm, hf, openai),
 scores, and returns the summary with settings, timing and the per-sample records.
 """
@@ -19,10 +19,10 @@ class GenerationTask:
     """Subclass and implement prompt, score and summarize; settings and describe are optional."""
     name = "generation"  # the prefix of log lines
 
-    def prompt(self, row: dict) -> str:
+    def prompt(self, example: dict) -> str:
         raise NotImplementedError
 
-    def score(self, completion: str, row: dict) -> dict:
+    def score(self, completion: str, example: dict) -> dict:
         raise NotImplementedError
 
     def summarize(self, records: list[dict]) -> dict:
@@ -37,18 +37,18 @@ class GenerationTask:
         return ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if isinstance(v, float))
 
 
-def score_all(task: GenerationTask, rows, completions: list[str]) -> tuple[list[dict], dict]:
+def score_all(task: GenerationTask, examples, completions: list[str]) -> tuple[list[dict], dict]:
     """Per-sample records and their summary."""
-    if len(rows) != len(completions):
-        raise ValueError(f"{len(rows)} rows but {len(completions)} completions")
-    records = [task.score(completion, row) for row, completion in zip(rows, completions)]
+    if len(examples) != len(completions):
+        raise ValueError(f"{len(examples)} examples but {len(completions)} completions")
+    records = [task.score(completion, example) for example, completion in zip(examples, completions)]
     return records, task.summarize(records)
 
 
-def generate_and_score(task: GenerationTask, model_dir, rows, backend: str | None = None, adapter=None,
+def generate_and_score(task: GenerationTask, model_dir, examples, backend: str | None = None, adapter=None,
              base_url: str | None = None, max_new_tokens: int = 512, batch_size: int = 16,
              served_model: str | None = None, dtype: str | None = None, verbose: bool = True) -> dict:
-    """Greedy evaluation of a merged folder (or base + adapter, or a server) on `rows`.
+    """Greedy evaluation of a merged folder (or base + adapter, or a server) on `examples`.
 
     Returns {**task.summarize(...), "settings", "timing", "samples", "finished_at"}; each
     sample is task.score's record plus its rendered "prompt" and "completion_tokens".
@@ -57,9 +57,9 @@ def generate_and_score(task: GenerationTask, model_dir, rows, backend: str | Non
     backend = backend or generation.default_backend()
     with generation.Generator(model_dir, backend=backend, adapter=adapter, base_url=base_url,
                               batch_size=batch_size, served_model=served_model, dtype=dtype) as gen:
-        prompts = gen.render([task.prompt(row) for row in rows])
+        prompts = gen.render([task.prompt(example) for example in examples])
         result = gen.generate(prompts, max_new_tokens=max_new_tokens, progress=verbose)
-    records, summary = score_all(task, rows, result.texts)
+    records, summary = score_all(task, examples, result.texts)
     for record, prompt, n_tokens in zip(records, prompts, result.num_tokens):
         record["prompt"] = prompt
         record["completion_tokens"] = n_tokens

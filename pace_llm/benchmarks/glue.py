@@ -158,17 +158,17 @@ def compute_metrics(task: str | GlueTask, predictions, references) -> dict[str, 
 
 # --------------------------------------------------------------------------- data
 
-def text_inputs(spec: GlueTask, rows, text_fields: Sequence[str] | None = None):
+def text_inputs(spec: GlueTask, examples, text_fields: Sequence[str] | None = None):
     """The tokenizer's positional text arguments: ([first texts]) or ([firsts], [seconds])."""
     fields = tuple(text_fields or spec.text_fields)
-    columns = rows.column_names if hasattr(rows, "column_names") else list(rows[0]) if len(rows) else []
+    columns = examples.column_names if hasattr(examples, "column_names") else list(examples[0]) if len(examples) else []
     missing = [f for f in fields if f not in columns]
     if missing:
         raise ValueError(f"{spec.name}: field {missing[0]!r} is not in the data "
                          f"(it has: {', '.join(columns)}); set the text fields explicitly")
-    if hasattr(rows, "column_names"):  # a datasets.Dataset: column access
-        return tuple([str(x) for x in rows[f]] for f in fields)
-    return tuple([str(row[f]) for row in rows] for f in fields)
+    if hasattr(examples, "column_names"):  # a datasets.Dataset: column access
+        return tuple([str(x) for x in examples[f]] for f in fields)
+    return tuple([str(example[f]) for example in examples] for f in fields)
 
 
 def max_sequence_length(model, tokenizer, requested: int | None = None) -> int:
@@ -184,11 +184,11 @@ def max_sequence_length(model, tokenizer, requested: int | None = None) -> int:
     return min(limit, requested) if requested else min(limit, 512)
 
 
-def predict(model, tokenizer, spec: GlueTask, rows, batch_size: int = 32, max_length: int | None = None,
+def predict(model, tokenizer, spec: GlueTask, examples, batch_size: int = 32, max_length: int | None = None,
             text_fields: Sequence[str] | None = None, progress: bool = False) -> np.ndarray:
-    """Raw outputs [N, num_labels] (logits, or scores for regression), in row order, fp32."""
+    """Raw outputs [N, num_labels] (logits, or scores for regression), in example order, fp32."""
     from pace_llm.benchmarks.evaluation import predict_logits
-    texts = text_inputs(spec, rows, text_fields)
+    texts = text_inputs(spec, examples, text_fields)
     max_length = max_sequence_length(model, tokenizer, max_length)
     # token_type_ids only for models with more than one token type (BERT, not RoBERTa)
     inputs = {"input_ids", "attention_mask"} | (
@@ -202,27 +202,27 @@ def predict(model, tokenizer, spec: GlueTask, rows, batch_size: int = 32, max_le
     return predict_logits(model, batches(), total=len(texts[0]), desc=f"glue/{spec.name}" if progress else None)
 
 
-def references_of(spec: GlueTask, rows, label_field: str | None = None) -> np.ndarray:
+def references_of(spec: GlueTask, examples, label_field: str | None = None) -> np.ndarray:
     field = label_field or spec.label_field
-    columns = rows.column_names if hasattr(rows, "column_names") else list(rows[0]) if len(rows) else []
+    columns = examples.column_names if hasattr(examples, "column_names") else list(examples[0]) if len(examples) else []
     if field not in columns:
         raise ValueError(f"{spec.name}: label field {field!r} is not in the data (it has: {', '.join(columns)})")
-    values = rows[field] if hasattr(rows, "column_names") else [row[field] for row in rows]
+    values = examples[field] if hasattr(examples, "column_names") else [example[field] for example in examples]
     labels = np.asarray(values, dtype=np.float64 if spec.is_regression else np.int64)
     if not spec.is_regression and (labels < 0).any():
-        raise ValueError(f"{spec.name}: {int((labels < 0).sum())} rows have label -1 (GLUE test splits "
+        raise ValueError(f"{spec.name}: {int((labels < 0).sum())} examples have label -1 (GLUE test splits "
                          f"are unlabeled): evaluate on a validation split")
     return labels
 
 
-def evaluate_glue(model, tokenizer, task: str | GlueTask, rows, batch_size: int = 32,
+def evaluate_glue(model, tokenizer, task: str | GlueTask, examples, batch_size: int = 32,
              max_length: int | None = None, text_fields: Sequence[str] | None = None,
              label_field: str | None = None, progress: bool = False) -> dict:
     """{"task", "n", "metrics", "main_metric", "main", "outputs" (np.ndarray), "seconds"}."""
     spec = task if isinstance(task, GlueTask) else glue_task(task)
-    refs = references_of(spec, rows, label_field)
+    refs = references_of(spec, examples, label_field)
     start = time.time()
-    outputs = predict(model, tokenizer, spec, rows, batch_size, max_length, text_fields, progress)
+    outputs = predict(model, tokenizer, spec, examples, batch_size, max_length, text_fields, progress)
     if outputs.shape[-1] != spec.num_labels:
         raise ValueError(f"{spec.name} needs {spec.num_labels} output(s) per example, the model "
                          f"gives {outputs.shape[-1]} (config.num_labels)")

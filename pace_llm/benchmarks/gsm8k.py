@@ -1,5 +1,5 @@
 """GSM-8K: the paper's prompt (Appendix G), answer extraction and scoring, as a
-generation task (`GSM8K`, pace_llm.benchmarks.generation_task), and `evaluate_gsm8k(model_dir, rows,
+generation task (`GSM8K`, pace_llm.benchmarks.generation_task), and `evaluate_gsm8k(model_dir, examples,
 backend=...)`, the in-process evaluation `eval/gsm8k.py` and launch/demo.py run.
 
 Scoring follows lm-evaluation-harness: "strict" reads only `#### N`; "flexible" reads
@@ -83,13 +83,13 @@ class GSM8K(GenerationTask):
     completions that state a final answer as `#### N` at all (what a short fine-tune changes first)."""
     name = "gsm8k"
 
-    def prompt(self, row: dict) -> str:
-        return prompt_text(row["question"])
+    def prompt(self, example: dict) -> str:
+        return prompt_text(example["question"])
 
-    def score(self, completion: str, row: dict) -> dict:
-        reference = reference_answer(row["answer"])
+    def score(self, completion: str, example: dict) -> dict:
+        reference = reference_answer(example["answer"])
         flexible, strict = extract_answer(completion), extract_answer_strict(completion)
-        return {"question": row["question"], "completion": completion,
+        return {"question": example["question"], "completion": completion,
                 "extracted": flexible, "extracted_strict": strict,
                 "reference": reference, "correct": flexible == reference,
                 "correct_strict": strict == reference}
@@ -112,15 +112,15 @@ class GSM8K(GenerationTask):
 TASK = GSM8K()
 
 
-def score(rows: list[dict], completions: list[str]) -> tuple[list[dict], dict]:
+def score(examples: list[dict], completions: list[str]) -> tuple[list[dict], dict]:
     """Per-sample records and {"accuracy", "accuracy_strict", "strict_format_rate", "n"}."""
-    return score_all(TASK, rows, completions)
+    return score_all(TASK, examples, completions)
 
 
-def evaluate_gsm8k(model_dir, rows: list[dict], backend: str | None = None, **options) -> dict:
+def evaluate_gsm8k(model_dir, examples: list[dict], backend: str | None = None, **options) -> dict:
     """Greedy GSM-8K evaluation of a merged folder (or base + adapter, or a server); options
     as pace_llm.benchmarks.generation_task.evaluate (adapter, base_url, max_new_tokens, batch_size, ...).
 
     Returns {"accuracy", "accuracy_strict", "strict_format_rate", "n", "settings", "timing", "samples"}.
     """
-    return generate_and_score(TASK, model_dir, rows, backend=backend, **options)
+    return generate_and_score(TASK, model_dir, examples, backend=backend, **options)

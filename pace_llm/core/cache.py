@@ -16,15 +16,17 @@ world size, restores every rank's entries from all saved shards.
 from __future__ import annotations
 
 import errno
+import logging
 import math
 import os
 import tempfile
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Sampler
 
 DTYPE = torch.bfloat16
+log = logging.getLogger(__name__)
 
 
 class OutputCache:
@@ -56,7 +58,7 @@ class OutputCache:
             os.close(fd)
             flat = torch.from_file(self.path, shared=True, size=total, dtype=DTYPE)
             # writes go through this descriptor (os.pwrite) into the page cache the mapping
-            # reads from: ~10x faster than first-touch writes through the mapping
+            # reads from, not first-touch writes through the mapping (slower: BENCHMARKS.md §2)
             self._fd = os.open(self.path, os.O_RDWR)
         else:
             flat = torch.zeros(total, dtype=DTYPE)
@@ -75,8 +77,8 @@ class OutputCache:
         slots = self.slot_of[sample_ids]
         return slots, list(zip(self.offsets[slots].tolist(), self.row_counts[slots].tolist()))
 
-    # read / write copy each sample's contiguous block (memcpy): ~6x faster than indexing
-    # row by row (a batch of 4 x 128 rows x 3,072: 0.2 ms instead of 1.2 ms, bench/cache_size.py)
+    # read / write copy each sample's contiguous block (memcpy) rather than index row by row
+    # (several times faster: BENCHMARKS.md §2)
     def read(self, sample_ids) -> tuple[torch.Tensor, torch.Tensor]:
         """(targets [rows, dim] in bf16, has_target [rows] bool), rows in sample-id order."""
         slots, spans = self._spans(sample_ids)
@@ -85,7 +87,7 @@ class OutputCache:
         if not spans:
             return self.values[:0].clone(), has
         # never-written entries are not read: on a memory-mapped file they are holes, and
-        # touching them costs a page fault per 4 KiB (~20 ms per batch in the first epoch)
+        # touching them costs a page fault per 4 KiB
         return torch.cat([self.values[o:o + n] if f else self.values.new_zeros(n, self.dim)
                           for (o, n), f in zip(spans, filled)]), has
 
@@ -132,6 +134,25 @@ class OutputCache:
             self._fd = None
         if self.path and os.path.exists(self.path):
             os.remove(self.path)
+
+
+def build_output_cache(outputs, samples: Iterable[tuple[int, dict]], model, rank: int, memory_gb: float,
+                       disk_dir: Optional[str] = None) -> OutputCache:
+    """The PACE_fast store of one rank's samples, as the Trainer and PaceTrainer both build it.
+
+    `outputs`: the task's Outputs kind (TokenOutputs, SampleOutputs), which says how many
+    rows a sample stores (`output_count`, from its labels) and how wide a row is
+    (`cache_dim` of `model`); `samples`: (sample id, encoded sample) of each sample this
+    rank trains on (its ShardedEpochSampler shard). Beyond `memory_gb` the values live in a
+    file in `disk_dir` (the system's temporary folder when None)."""
+    ids, counts = [], []
+    for sample_id, sample in samples:
+        ids.append(int(sample_id))
+        counts.append(outputs.output_count(sample))
+    cache = OutputCache(counts, outputs.cache_dim(model), sample_ids=ids, disk_dir=disk_dir,
+                        memory_budget_bytes=int(memory_gb * 2**30))
+    log.info("PACE_fast cache: %d samples on rank %d, %.1f MiB", len(ids), rank, cache.nbytes / 2**20)
+    return cache
 
 
 class ShardedEpochSampler(Sampler[int]):

@@ -93,10 +93,8 @@ def exit_now(code: int) -> NoReturn:
 
     What Python does at exit, less the last part: non-daemon threads are joined, atexit
     handlers run (logging flushes, trackers finish), stdout / stderr are flushed; then the
-    process ends instead of freeing every module one by one. With torch, transformers,
-    DeepSpeed, peft and bitsandbytes loaded that teardown took ~3 s per process here (2.9 s
-    after `import pace_llm.training, deepspeed, peft`, 0.1 s with this), on every rank of
-    every run: minutes over a sweep or the test suite, for nothing."""
+    process ends instead of freeing every module one by one, which with torch, DeepSpeed and
+    peft loaded costs seconds per rank and run for nothing (BENCHMARKS.md, start-up costs)."""
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()

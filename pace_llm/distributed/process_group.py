@@ -30,8 +30,8 @@ def init_distributed() -> tuple[int, int]:
 
 def import_deepspeed():
     """`import deepspeed`, without the mlflow import its autotuner makes when mlflow is
-    installed (our `trackers` extra): 2.9 of its 7.1 s here, in every process of every run, for
-    autotuning logs we never use. A None entry in sys.modules makes that `import mlflow` fail
+    installed (our `trackers` extra): a large share of its import time, in every process of
+    every run, for autotuning logs we never use (BENCHMARKS.md, start-up costs). A None entry in sys.modules makes that `import mlflow` fail
     (the autotuner then runs without it); removed right after, so mlflow imports normally later."""
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         import deepspeed
@@ -45,10 +45,10 @@ def import_deepspeed():
 
 
 def skip_deepspeed_shm_allreduce() -> None:
-    """DeepSpeed's CPU backend compiles (~30 s on a fresh machine) and maps a 69 MB /dev/shm
-    segment per rank for a shared-memory all-reduce that only its inference tensor-parallel
-    path uses, and never unlinks it: every run leaked RAM into tmpfs until the machine ran
-    out (the demo's rank was OOM-killed after ~200 test runs here). Marked incompatible (the
+    """DeepSpeed's CPU backend compiles and maps a /dev/shm segment per rank for a
+    shared-memory all-reduce that only its inference tensor-parallel path uses, and never
+    unlinks it: every run leaks RAM into tmpfs until the machine runs out (BENCHMARKS.md,
+    start-up costs). Marked incompatible (the
     table DeepSpeed keeps for edits like this), the op is neither built nor mapped, and
     training's all-reduces go through torch.distributed as before."""
     import_deepspeed().ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -61,10 +61,6 @@ def all_reduce_scalars(values: list[float], op=dist.ReduceOp.SUM) -> list[float]
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)
     return tensor.tolist()
-
-
-def all_mean(values: list[float]) -> list[float]:
-    return [v / dist.get_world_size() for v in all_reduce_scalars(values)]
 
 
 def any_rank(flag: bool) -> bool:

@@ -47,7 +47,7 @@ import transformers
 from torch.utils.data import Dataset
 
 from pace_llm.core.adapters import add_lora_noise, apply_pace, merge_pace
-from pace_llm.core.cache import OutputCache, ShardedEpochSampler
+from pace_llm.core.cache import OutputCache, ShardedEpochSampler, build_output_cache
 from pace_llm.distributed.process_group import skip_deepspeed_shm_allreduce
 from pace_llm.export import PACE_CONFIG
 from pace_llm.core.objectives import PaceObjective
@@ -63,8 +63,8 @@ CACHE_FILE = "pace_cache_rank{rank}.pt"
 def cpu_distributed_state():
     """accelerate's process state on the gloo backend, for CPU runs under torchrun/deepspeed.
     Call it before building TrainingArguments' Trainer; a no-op in a single process. It also
-    keeps DeepSpeed from building its CPU shared-memory all-reduce, which compiles for ~30 s
-    and leaks 69 MB of /dev/shm per rank and run (distributed.skip_deepspeed_shm_allreduce)."""
+    keeps DeepSpeed from building its CPU shared-memory all-reduce, which leaks /dev/shm
+    (process_group.skip_deepspeed_shm_allreduce)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         from accelerate import PartialState
         skip_deepspeed_shm_allreduce()
@@ -146,7 +146,7 @@ class PaceMixin:
             else:
                 self.model = self.model_wrapped = apply_pace(self.model, self.pace)
         self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: the Trainer divides by the GA steps
-        self._pace_rows = outputs_for_model(self.model)
+        self._pace_outputs = outputs_for_model(self.model)
         self._pace_window = torch.zeros(3)  # sums of task loss, consistency, micro-steps since the last log
         self.pace_cache = self._pace_first_keys = None
         if self.pace.mode == "fast":
@@ -156,7 +156,7 @@ class PaceMixin:
             self.data_collator = _KeepSampleIds(self.data_collator)
             self._pace_first_keys = first_sample_keys(self.train_dataset)
             self.pace_cache = self._build_cache()
-        self.pace_objective = PaceObjective.from_config(self.pace, self.pace_cache, self._pace_rows)
+        self.pace_objective = PaceObjective.from_config(self.pace, self.pace_cache, self._pace_outputs)
 
     # --- data ----------------------------------------------------------------------------
     def _shard(self) -> ShardedEpochSampler:
@@ -167,7 +167,7 @@ class PaceMixin:
         """(cache key, labels) of each sample in dataset item i: the item, or each sample of a row
         TRL packed, whose first label the padding-free batch masks (output_count skips it too)."""
         labels = example.get("labels")
-        if labels is None and isinstance(self._pace_rows, TokenOutputs):  # TRL: labels = input_ids
+        if labels is None and isinstance(self._pace_outputs, TokenOutputs):  # TRL: labels = input_ids
             labels = example["input_ids"]
         if self._pace_first_keys is None:
             return [(i, labels)]
@@ -175,19 +175,14 @@ class PaceMixin:
         return [(int(self._pace_first_keys[i]) + k, labels[a:b]) for k, (a, b) in enumerate(zip(starts, starts[1:]))]
 
     def _build_cache(self) -> OutputCache:
-        rows = self._pace_rows
-        keys, counts = [], []
-        for i in self._shard().shard:
-            example = self.train_dataset[i]
-            for key, labels in self._samples(i, example):
-                keys.append(key)
-                counts.append(rows.output_count({**example, "labels": labels}))
-        cache = OutputCache(counts, rows.cache_dim(self.model), sample_ids=keys,
-                            memory_budget_bytes=int(self.pace.cache_memory_gb * 2**30),
-                            disk_dir=self.args.output_dir if os.path.isdir(self.args.output_dir) else None)
-        log.info("PACE_fast cache: %d samples on rank %d, %.1f MiB", len(keys), self.args.process_index,
-                 cache.nbytes / 2**20)
-        return cache
+        def samples():  # (cache key, sample) of every sample in this rank's shard of the dataset
+            for i in self._shard().shard:
+                example = self.train_dataset[i]
+                for key, labels in self._samples(i, example):
+                    yield key, {**example, "labels": labels}
+        return build_output_cache(self._pace_outputs, samples(), self.model, self.args.process_index,
+                                  self.pace.cache_memory_gb,
+                                  disk_dir=self.args.output_dir if os.path.isdir(self.args.output_dir) else None)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -232,7 +227,7 @@ class PaceMixin:
         with self.pace_objective.scope(self.state.global_step, inputs):
             loss = super().training_step(model, inputs, num_items_in_batch)
         if isinstance(model, torch.nn.parallel.DistributedDataParallel) and self.accelerator.sync_gradients \
-                and isinstance(self._pace_rows, TokenOutputs):
+                and isinstance(self._pace_outputs, TokenOutputs):
             self._average_gradients()
         return loss
 

@@ -1,9 +1,10 @@
 """The interface every task kind implements, and what they share.
 
-A task kind says how a recipe's rows become training samples and batches, which
-transformers Auto class builds the model, and what PACE regularises (its `rows`:
+A task kind says how a recipe's examples (raw records) become training samples and batches,
+which transformers Auto class builds the model, and what PACE regularises (its `outputs`:
 pace_llm/core/outputs.py). The trainer, the objectives and the cache only call these methods,
-so a new task is one module with a subclass, a line in tasks/__init__.py and a recipe.
+and the recipe checks (config.validate) read its capability flags, so a new task is one
+module with a subclass, a line in tasks/__init__.py and a recipe.
 """
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ from pace_llm.models import load_base
 class Task:
     name: ClassVar[str]
     auto_class: ClassVar[type]           # e.g. transformers.AutoModelForCausalLM
-    uses_tokenizer: ClassVar[bool] = True
+    # capabilities, read by the trainer and the recipe checks instead of tests of the kind's name
+    uses_tokenizer: ClassVar[bool] = True     # False: the model takes no text (no tokenizer is loaded)
+    supports_packing: ClassVar[bool] = False  # data.packing may be set (collate packs samples into rows)
+    needs_num_labels: ClassVar[bool] = False  # model.num_labels is required (a classification head)
 
     def __init__(self, recipe, tokenizer=None):
         self.model_section, self.data, self.seed = recipe.model, recipe.data, recipe.train.seed
@@ -32,8 +36,8 @@ class Task:
     # --- what each kind defines ------------------------------------------------------
     outputs = None  # TokenOutputs() or SampleOutputs(...): f, the task loss, the cache row width
 
-    def encode(self, rows: datasets.Dataset, source: str, data=None) -> datasets.Dataset:
-        """Raw rows (with `sample_id`) -> encoded samples, fields checked by name; `data`:
+    def encode(self, examples: datasets.Dataset, source: str, data=None) -> datasets.Dataset:
+        """Raw examples (with `sample_id`) -> encoded samples, fields checked by name; `data`:
         the recipe's data section with this source's own keys (default: self.data)."""
         raise NotImplementedError
 
@@ -66,29 +70,30 @@ class Task:
         return None
 
     def load(self, source: DataSource, sample: int | None = None) -> tuple[datasets.Dataset, int]:
-        """One source's encoded samples (`sample` rows of it, drawn with train.seed), and how
-        many raw rows it had (its id block: a drawn row keeps its row index as sample id)."""
+        """One source's encoded samples (`sample` examples of it, drawn with train.seed), and how
+        many raw examples it had (its id block: a drawn example keeps its index as sample id)."""
         data = self.data.for_source(source)
-        rows = load_examples(source.path, source.split, data.hub_config, source.limit, seed=self.seed)
-        n_rows = len(rows)
+        examples = load_examples(source.path, source.split, data.hub_config, source.limit, seed=self.seed)
+        n_examples = len(examples)
         if sample is not None:
-            rows = rows.select(sample_indices(rows, sample, self.seed, self.sample_field(data), source.path))
-        return self.encode(rows, source.path, data), n_rows
+            examples = examples.select(sample_indices(examples, sample, self.seed, self.sample_field(data),
+                                                      source.path))
+        return self.encode(examples, source.path, data), n_examples
 
     def load_mixture(self, which: str) -> datasets.Dataset | None:
         """`data.train` / `data.eval` (one source or a weighted list) as one dataset.
 
-        Each source gets its own block of sample ids: copy c of raw row i of source s is
-        offset_s + c * rows_s + i, so ids are unique across sources and copies, and stable
+        Each source gets its own block of sample ids: copy c of raw example i of source s is
+        offset_s + c * examples_s + i, so ids are unique across sources and copies, and stable
         across epochs, ranks and resumes (the PACE_fast cache key); a single source (one
-        copy) keeps the row index. Weight w repeats a source floor(w) times per epoch plus
+        copy) keeps the example's index. Weight w repeats a source floor(w) times per epoch plus
         a fraction of its samples drawn with train.seed."""
         sources = self.data.sources(which)
         if not sources:
             return None
         parts, offset = [], 0
         for index, source in enumerate(sources):
-            samples, n_rows = self.load(source, self.data.sample if which == "train" else None)
+            samples, n_examples = self.load(source, self.data.sample if which == "train" else None)
             whole, fraction = int(source.weight), source.weight - int(source.weight)
             extra = round(fraction * len(samples))
             drawn = sorted(np.random.default_rng([self.seed, index]).choice(len(samples), extra, replace=False))
@@ -96,11 +101,11 @@ class Task:
             for c, picked in enumerate(copies):
                 part = samples.select(picked) if len(picked) < len(samples) else samples
                 if offset or c:
-                    shift = offset + c * n_rows
+                    shift = offset + c * n_examples
                     part = part.map(lambda s: {"sample_id": s["sample_id"] + shift}, desc="sample ids")
                 parts.append(part)
-            self.sources_by_id.append((offset, offset + len(copies) * n_rows, source.path))
-            offset += math.ceil(source.weight) * n_rows
+            self.sources_by_id.append((offset, offset + len(copies) * n_examples, source.path))
+            offset += math.ceil(source.weight) * n_examples
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
     def source_of(self, sample_id: int) -> str:
@@ -116,16 +121,17 @@ class Task:
         return train, self.load_mixture("eval")
 
 
-def sample_indices(rows: datasets.Dataset, n: int, seed: int, by: str | None = None, source: str = "") -> list[int]:
-    """`n` row indices drawn without replacement with `seed` (sorted); with `by`, n / k rows
-    from each of the k values of that column (a class-balanced few-shot set)."""
+def sample_indices(examples: datasets.Dataset, n: int, seed: int, by: str | None = None,
+                   source: str = "") -> list[int]:
+    """`n` example indices drawn without replacement with `seed` (sorted); with `by`, n / k
+    examples from each of the k values of that column (a class-balanced few-shot set)."""
     rng = np.random.default_rng(seed)
     if by is None:
-        if n > len(rows):
-            raise DataError(f"data.sample={n} is more than the {len(rows)} rows of {source}")
-        return sorted(rng.choice(len(rows), n, replace=False).tolist())
-    require_fields(rows, [by], source)
-    labels = np.asarray(rows[by])
+        if n > len(examples):
+            raise DataError(f"data.sample={n} is more than the {len(examples)} rows of {source}")
+        return sorted(rng.choice(len(examples), n, replace=False).tolist())
+    require_fields(examples, [by], source)
+    labels = np.asarray(examples[by])
     classes = np.unique(labels)
     per, left = divmod(n, len(classes))
     if left:
@@ -133,23 +139,23 @@ def sample_indices(rows: datasets.Dataset, n: int, seed: int, by: str | None = N
                         f"{by!r} in {source}: use a multiple of {len(classes)}")
     picked = []
     for c in classes:
-        rows_c = np.flatnonzero(labels == c)
-        if per > len(rows_c):
-            raise DataError(f"data.sample={n} needs {per} rows of class {c} in {source}, which has {len(rows_c)}")
-        picked += rng.choice(rows_c, per, replace=False).tolist()
+        of_class = np.flatnonzero(labels == c)
+        if per > len(of_class):
+            raise DataError(f"data.sample={n} needs {per} rows of class {c} in {source}, which has {len(of_class)}")
+        picked += rng.choice(of_class, per, replace=False).tolist()
     return sorted(picked)
 
 
-def require_fields(rows: datasets.Dataset, fields, source: str) -> None:
-    missing = [f for f in fields if f not in rows.column_names]
+def require_fields(examples: datasets.Dataset, fields, source: str) -> None:
+    missing = [f for f in fields if f not in examples.column_names]
     if missing:
         raise DataError(f"field {missing[0]!r} is missing from the data {source} "
-                        f"(it has: {', '.join(rows.column_names)})")
+                        f"(it has: {', '.join(examples.column_names)})")
 
 
-def encoded_columns(rows: datasets.Dataset) -> list[str]:
+def encoded_columns(examples: datasets.Dataset) -> list[str]:
     """The raw columns an encoding drops: everything but the sample id."""
-    return [c for c in rows.column_names if c != "sample_id"]
+    return [c for c in examples.column_names if c != "sample_id"]
 
 
 def pad_tokens(samples: list[dict], pad_id: int) -> dict:

@@ -15,14 +15,14 @@ from pace_llm.data import DataError
 from pace_llm.core.packing import is_packed, pack
 from pace_llm.core.outputs import TokenOutputs
 from pace_llm.tasks.base import Task, pad_tokens
-from pace_llm.tasks.data_formats import Conversation, PromptAnswer, choose_format, encode_rows
+from pace_llm.tasks.data_formats import Conversation, PromptAnswer, choose_format, encode_examples
 
 
-def tokenize_sft(rows: datasets.Dataset, tokenizer, prompt_template: str, answer_field: str,
+def tokenize_sft(examples: datasets.Dataset, tokenizer, prompt_template: str, answer_field: str,
                  max_length: int, source: str = "") -> datasets.Dataset:
     """input_ids = prompt + answer; labels = -100 on the prompt (loss on the answer only)."""
     data = SimpleNamespace(prompt_template=prompt_template, answer_field=answer_field)
-    return encode_rows(rows, PromptAnswer(data, tokenizer), max_length, source)[0]
+    return encode_examples(examples, PromptAnswer(data, tokenizer), max_length, source)[0]
 
 
 def chat_template_text(value: str) -> str:
@@ -39,22 +39,23 @@ class CausalLMTask(Task):
     name = "causal_lm"
     auto_class = transformers.AutoModelForCausalLM
     outputs = TokenOutputs()
+    supports_packing = True
 
     def __init__(self, recipe, tokenizer=None):
         super().__init__(recipe, tokenizer)
-        self.encode_stats = {}  # source -> chat_formats.EncodeStats (launch/inspect_data.py)
+        self.encode_stats = {}  # source -> data_formats.EncodeStats (launch/inspect_data.py)
         if tokenizer is not None and self.data.chat_template:
             # the exported tokenizer carries it too (save_pretrained), so vLLM serves the same format
             tokenizer.chat_template = chat_template_text(self.data.chat_template)
 
-    def encode(self, rows, source, data=None):
+    def encode(self, examples, source, data=None):
         d = data or self.data
-        fmt = choose_format(d, rows.column_names, source)
+        fmt = choose_format(d, examples.column_names, source)
         if issubclass(fmt, Conversation) and not getattr(self.tokenizer, "chat_template", None):
             raise DataError(f"data {source}: format {fmt.name} needs a chat template, and the tokenizer of "
                             f"{self.model_section.name} has none: set data.chat_template to a Jinja file")
-        samples, self.encode_stats[source] = encode_rows(rows, fmt(d, self.tokenizer), d.max_length, source,
-                                                         skip_invalid=d.skip_invalid)
+        samples, self.encode_stats[source] = encode_examples(examples, fmt(d, self.tokenizer), d.max_length,
+                                                             source, skip_invalid=d.skip_invalid)
         return samples
 
     def collate(self, samples, train=False):

@@ -11,20 +11,21 @@ from pace_llm.core.outputs import SampleOutputs
 from pace_llm.tasks.base import Task, encoded_columns, pad_tokens, require_fields
 
 
-def tokenize_classification(rows: datasets.Dataset, tokenizer, text_fields: list[str], label_field: str,
+def tokenize_classification(examples: datasets.Dataset, tokenizer, text_fields: list[str], label_field: str,
                             max_length: int, source: str = "") -> datasets.Dataset:
-    require_fields(rows, list(text_fields) + [label_field], source)
+    require_fields(examples, list(text_fields) + [label_field], source)
 
     def encode(batch):
         enc = tokenizer(*[batch[f] for f in text_fields], truncation=True, max_length=max_length)
         return {"input_ids": enc["input_ids"], "labels": batch[label_field]}
 
-    return rows.map(encode, batched=True, remove_columns=encoded_columns(rows), desc="tokenizing")
+    return examples.map(encode, batched=True, remove_columns=encoded_columns(examples), desc="tokenizing")
 
 
 class SequenceClassificationTask(Task):
     name = "seq_cls"
     auto_class = transformers.AutoModelForSequenceClassification
+    needs_num_labels = True
 
     def __init__(self, recipe, tokenizer=None):
         super().__init__(recipe, tokenizer)
@@ -36,9 +37,9 @@ class SequenceClassificationTask(Task):
     def sample_field(self, data):
         return None if self.outputs.regression else data.label_field
 
-    def encode(self, rows, source, data=None):
+    def encode(self, examples, source, data=None):
         d = data or self.data
-        return tokenize_classification(rows, self.tokenizer, d.text_fields, d.label_field, d.max_length, source)
+        return tokenize_classification(examples, self.tokenizer, d.text_fields, d.label_field, d.max_length, source)
 
     def collate(self, samples, train=False):
         return {**pad_tokens(samples, self.pad_id), "labels": torch.tensor([s["labels"] for s in samples])}

@@ -1,8 +1,9 @@
 """Data formats of the causal-LM task, and which tokens of a sample are trained on.
 
-A format reads one raw row and returns its *segments*: the sample's text as a list of
-(text, supervised) pieces. One encoder (`encode_rows`) tokenizes the pieces, truncates,
-labels and counts, so a new format is one small class and a line in FORMATS.
+A format reads one raw example and returns its *segments*: the sample's text as a list of
+(text, supervised) pieces. One encoder (`encode_examples`) tokenizes the pieces, truncates,
+labels and counts, so a new format is one small class and a line in FORMATS (the one list
+of format names: `data.format` is checked against it).
 
 - `prompt_answer`: `data.prompt_template` as the user turn, `data.answer_field` as the
   answer (the encoding tokenize_sft always had, kept token for token);
@@ -35,8 +36,8 @@ log = logging.getLogger("pace_llm.data")
 Segments = list[tuple[str, bool]]  # (text, supervised)
 
 
-class RowError(ValueError):
-    """A row the format cannot read: `field` names where, `reason` what (the skip count key)."""
+class ExampleError(ValueError):
+    """An example the format cannot read: `field` names where, `reason` what (the skip count key)."""
 
     def __init__(self, field: str, reason: str):
         super().__init__(f"field {field!r} {reason}")
@@ -45,34 +46,48 @@ class RowError(ValueError):
 
 def _text(value, where: str) -> str:
     if value is None:
-        raise RowError(where, "is null")
+        raise ExampleError(where, "is null")
     if not isinstance(value, str):
-        raise RowError(where, f"is not a string ({type(value).__name__})")
+        raise ExampleError(where, f"is not a string ({type(value).__name__})")
     return value
 
 
 # --- formats -----------------------------------------------------------------------------
 class Format:
+    """A causal-LM data format: every method the encoder and `data.format: auto` call.
+
+    A subclass sets `name` and defines `columns` and `segments`; the others have defaults
+    (a conversation format subclasses `Conversation` instead, which defines `segments`)."""
     name: ClassVar[str]
 
     def __init__(self, data, tokenizer):
         self.data, self.tokenizer = data, tokenizer
 
+    @classmethod
+    def columns(cls, data) -> list[str]:
+        """The columns that identify this format (`data.format: auto`), read from the
+        recipe's data section (field-name keys)."""
+        raise NotImplementedError(f"{cls.__name__}.columns(data): the columns this format reads")
+
+    def segments(self, example: dict) -> Segments:
+        """One raw example -> its text as (text, supervised) pieces; an ExampleError for an
+        example it cannot read."""
+        raise NotImplementedError(f"{type(self).__name__}.segments(example): the example's (text, supervised) "
+                                  "pieces")
+
     def fields(self) -> list[str]:
-        """Columns every row must have (checked once, by name, before encoding)."""
+        """Columns every example must have (checked once, by name, before encoding)."""
         return self.columns(self.data)
 
-    def segments(self, row: dict) -> Segments:
-        raise NotImplementedError
+    def first_special_tokens(self) -> bool:
+        """Whether the tokenizer adds its special tokens (bos) to the sample's first piece:
+        yes for plain text; no when a chat template wrote them into the text already."""
+        return True
 
     @classmethod
     def matches(cls, columns: list[str], data) -> bool:
         """`data.format: auto` picks the first format whose columns are present."""
         return all(c in columns for c in cls.columns(data))
-
-    @classmethod
-    def columns(cls, data) -> list[str]:
-        raise NotImplementedError
 
 
 class PromptAnswer(Format):
@@ -84,12 +99,12 @@ class PromptAnswer(Format):
     def columns(cls, data):
         return template_fields(data.prompt_template) + [data.answer_field]
 
-    def segments(self, row):
+    def segments(self, example):
         for name in template_fields(self.data.prompt_template):
-            if row[name] is None:
-                raise RowError(name, "is null")
-        user = self.data.prompt_template.format(**row)
-        answer = _text(row[self.data.answer_field], self.data.answer_field)
+            if example[name] is None:
+                raise ExampleError(name, "is null")
+        user = self.data.prompt_template.format(**example)
+        answer = _text(example[self.data.answer_field], self.data.answer_field)
         prompt = render_prompt(self.tokenizer, user)
         if not getattr(self.tokenizer, "chat_template", None):
             return [(prompt, False), (answer + (self.tokenizer.eos_token or ""), True)]
@@ -105,7 +120,7 @@ class PromptAnswer(Format):
 
 
 class Conversation(Format):
-    """A format whose rows are conversations: `messages(row)` -> [{role, content}]."""
+    """A format whose examples are conversations: `messages(example)` -> [{role, content}]."""
     ROLES: ClassVar[dict[str, str]] = {"system": "system", "user": "user", "assistant": "assistant"}
 
     field_key: ClassVar[str]  # the data-section key naming the column of turns
@@ -116,31 +131,31 @@ class Conversation(Format):
     def columns(cls, data):
         return [getattr(data, cls.field_key)]
 
-    def messages(self, row) -> list[dict]:
+    def messages(self, example) -> list[dict]:
         column = getattr(self.data, self.field_key)
-        return self._turns(row[column], column, self.role_key, self.content_key)
+        return self._turns(example[column], column, self.role_key, self.content_key)
 
     def _turns(self, turns, where: str, role_key: str, content_key: str) -> list[dict]:
         """[{role_key, content_key}] -> [{role, content}], every turn checked."""
         if not isinstance(turns, list):
-            raise RowError(where, "is null" if turns is None else f"is not a list ({type(turns).__name__})")
+            raise ExampleError(where, "is null" if turns is None else f"is not a list ({type(turns).__name__})")
         out = []
         for i, turn in enumerate(turns):
             if not isinstance(turn, dict) or role_key not in turn:
-                raise RowError(f"{where}[{i}].{role_key}", "is missing")
+                raise ExampleError(f"{where}[{i}].{role_key}", "is missing")
             role = turn[role_key]
             if role not in self.ROLES:
-                raise RowError(f"{where}[{i}].{role_key}", f"has an unknown role {role!r} "
+                raise ExampleError(f"{where}[{i}].{role_key}", f"has an unknown role {role!r} "
                                f"(expected one of {', '.join(self.ROLES)})")
             if content_key not in turn:
-                raise RowError(f"{where}[{i}].{content_key}", "is missing")
+                raise ExampleError(f"{where}[{i}].{content_key}", "is missing")
             out.append({"role": self.ROLES[role], "content": _text(turn[content_key], f"{where}[{i}].{content_key}")})
         return out
 
-    def segments(self, row):
-        messages = self.messages(row)
+    def segments(self, example):
+        messages = self.messages(example)
         if not any(m["role"] == "assistant" for m in messages):
-            raise RowError(self.fields()[0], "has no assistant turn")
+            raise ExampleError(self.fields()[0], "has no assistant turn")
         return conversation_segments(self.tokenizer, messages, self.data.train_on)
 
     def first_special_tokens(self) -> bool:
@@ -165,15 +180,15 @@ class Alpaca(Conversation):
     def columns(cls, data):
         return [data.instruction_field, data.output_field]
 
-    def messages(self, row):
+    def messages(self, example):
         d = self.data
-        user = _text(row[d.instruction_field], d.instruction_field)
-        extra = row.get(d.input_field)
+        user = _text(example[d.instruction_field], d.instruction_field)
+        extra = example.get(d.input_field)
         if extra is not None:
             extra = _text(extra, d.input_field)
         messages = [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user},
-                    {"role": "assistant", "content": _text(row[d.output_field], d.output_field)}]
-        system = row.get(d.system_field)
+                    {"role": "assistant", "content": _text(example[d.output_field], d.output_field)}]
+        system = example.get(d.system_field)
         if system is not None:
             messages.insert(0, {"role": "system", "content": _text(system, d.system_field)})
         return messages
@@ -220,7 +235,7 @@ def conversation_segments(tokenizer, messages: list[dict], train_on: str) -> Seg
     for k in trained:
         before = render(messages[:k], True) if k else ""
         if not full.startswith(before) or len(before) < pos:
-            raise RowError(f"turn {k}", "cannot be masked: the chat template's render of the conversation "
+            raise ExampleError(f"turn {k}", "cannot be masked: the chat template's render of the conversation "
                            "before it (with the generation prompt) is not a prefix of the whole conversation")
         # The turn ends where the render up to it stops agreeing with the whole: templates
         # such as Phi-3's append eos to a conversation's last message.
@@ -231,7 +246,7 @@ def conversation_segments(tokenizer, messages: list[dict], train_on: str) -> Seg
         stops = [turn.find(s, after) + len(s) for s in specials if turn.find(s, after) >= 0]
         cut = min(stops) if stops else len(turn)
         if not turn[:cut].strip():
-            raise RowError(f"turn {k}", "cannot be masked: the chat template renders it empty")
+            raise ExampleError(f"turn {k}", "cannot be masked: the chat template renders it empty")
         pieces += [(full[pos:len(before)], False), (turn[:cut], True)]
         pos = len(before) + cut
     return pieces + [(full[pos:], False)]
@@ -240,16 +255,16 @@ def conversation_segments(tokenizer, messages: list[dict], train_on: str) -> Seg
 # --- the one encoder ----------------------------------------------------------------------
 @dataclass
 class EncodeStats:
-    rows: int = 0
+    examples: int = 0
     samples: int = 0
     truncated: int = 0
     dropped: int = 0            # no supervised token left after truncation
     supervised_tokens: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason -> rows
+    skipped: Counter = field(default_factory=Counter)  # reason -> examples
     first_skipped: list = field(default_factory=list)  # row numbers (1-based, a JSONL file's line)
 
     def summary(self) -> str:
-        text = (f"{self.samples} samples from {self.rows} rows, {self.supervised_tokens} supervised tokens; "
+        text = (f"{self.samples} samples from {self.examples} rows, {self.supervised_tokens} supervised tokens; "
                 f"{self.truncated} truncated by data.max_length, {self.dropped} dropped (no supervised "
                 f"token left)")
         if self.skipped:
@@ -259,23 +274,23 @@ class EncodeStats:
         return text
 
 
-def encode_rows(rows: datasets.Dataset, fmt: Format, max_length: int, source: str,
-                skip_invalid: bool = False) -> tuple[datasets.Dataset, EncodeStats]:
-    """Raw rows -> samples {sample_id, input_ids, labels (-100: not trained on)}.
+def encode_examples(examples: datasets.Dataset, fmt: Format, max_length: int, source: str,
+                    skip_invalid: bool = False) -> tuple[datasets.Dataset, EncodeStats]:
+    """Raw examples -> samples {sample_id, input_ids, labels (-100: not trained on)}.
 
     Truncation keeps the first `max_length` tokens and their labels; a sample left with no
-    supervised token is dropped (its id is unused). A row the format cannot read is an
-    error naming the source, the row and the field, unless `skip_invalid`."""
+    supervised token is dropped (its id is unused). An example the format cannot read is an
+    error naming the source, its row (a file's line) and the field, unless `skip_invalid`."""
     from pace_llm.tasks.base import encoded_columns, require_fields
-    require_fields(rows, fmt.fields(), source)
+    require_fields(examples, fmt.fields(), source)
     tokenizer, special = fmt.tokenizer, fmt.first_special_tokens()
 
-    def encode(row):
+    def encode(example):
         try:
-            pieces = fmt.segments(row)
-        except RowError as err:
+            pieces = fmt.segments(example)
+        except ExampleError as err:
             if not skip_invalid:
-                raise DataError(f"data {source}, row {row['sample_id'] + 1}: {err} (data.skip_invalid: "
+                raise DataError(f"data {source}, row {example['sample_id'] + 1}: {err} (data.skip_invalid: "
                                 f"true skips such rows)") from None
             return {"input_ids": [], "labels": [], "_status": err.reason}
         merged: Segments = []
@@ -291,8 +306,8 @@ def encode_rows(rows: datasets.Dataset, fmt: Format, max_length: int, source: st
         status = "truncated" if len(ids) > max_length else ""
         return {"input_ids": ids[:max_length], "labels": labels[:max_length], "_status": status}
 
-    out = rows.map(encode, remove_columns=encoded_columns(rows), desc="tokenizing")
-    stats = EncodeStats(rows=len(rows))
+    out = examples.map(encode, remove_columns=encoded_columns(examples), desc="tokenizing")
+    stats = EncodeStats(examples=len(examples))
     keep = []
     for i, (status, labels) in enumerate(zip(out["_status"], out["labels"])):
         if status not in ("", "truncated"):

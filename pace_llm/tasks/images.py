@@ -26,10 +26,11 @@ from pace_llm.tasks.base import Task, require_fields
 AUGMENTATIONS = ("none", "crop_flip")
 
 
-def prepare_images(rows: datasets.Dataset, image_field: str, label_field: str, source: str = "") -> datasets.Dataset:
+def prepare_images(examples: datasets.Dataset, image_field: str, label_field: str,
+                   source: str = "") -> datasets.Dataset:
     """The images as they are (read as numpy arrays) and their labels, fields checked by name."""
-    require_fields(rows, [image_field, label_field], source)
-    out = rows.select_columns([image_field, label_field, "sample_id"])
+    require_fields(examples, [image_field, label_field], source)
+    out = examples.select_columns([image_field, label_field, "sample_id"])
     if image_field != "image":
         out = out.rename_column(image_field, "image")
     if label_field != "labels":
@@ -60,6 +61,7 @@ class ImageClassificationTask(Task):
     name = "image_cls"
     auto_class = transformers.AutoModelForImageClassification
     uses_tokenizer = False
+    needs_num_labels = True
     outputs = SampleOutputs()
 
     def __init__(self, recipe, tokenizer=None):
@@ -72,9 +74,9 @@ class ImageClassificationTask(Task):
     def sample_field(self, data):
         return data.label_field
 
-    def encode(self, rows, source, data=None):
+    def encode(self, examples, source, data=None):
         d = data or self.data
-        return prepare_images(rows, d.image_field, d.label_field, source)
+        return prepare_images(examples, d.image_field, d.label_field, source)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

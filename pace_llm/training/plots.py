@@ -13,8 +13,8 @@ def plot_metrics(metrics_jsonl: Path, png: Path) -> Path | None:
     if not rows:
         return None
     steps = [r["step"] for r in rows]
-    # The consistency term is unscaled by λ and can be 10-100x the task loss (a vocabulary-wide
-    # sum): on one axis it would flatten the task and held-out curves, so it gets its own.
+    # The consistency term is unscaled by λ and can be orders of magnitude off the task loss
+    # (a vocabulary-wide sum): on one axis it would flatten the task and held-out curves, so it gets its own.
     panels = [("loss", ["loss", "task_loss", "eval_loss"]), ("PACE consistency", ["consistency_loss"]),
               ("grad norm", ["grad_norm"]), ("FP-distance", ["fp_distance"])]
     panels = [(title, [k for k in keys if any(r.get(k) is not None for r in rows)]) for title, keys in panels]
