@@ -45,34 +45,17 @@ def _yaml(text: str):
 class ModelSection:
     name: str = "tiny:phi3"            # hub id, local folder, or tiny:{phi3,llama,roberta,vit}
     task: str = "causal_lm"            # a key of pace_llm.tasks.TASKS
-    num_labels: Optional[int] = None   # seq_cls / image_cls
+    num_labels: Optional[int] = None   # classifiers: required by task kinds with needs_num_labels
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     quantization: Optional[Literal["nf4", "int8"]] = None
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
 
 
-DATA_FORMATS = Literal["auto", "prompt_answer", "messages", "sharegpt", "alpaca"]
-
-
-@dataclasses.dataclass
-class DataSource:
-    """One source of a mixture (`data.train` / `data.eval` as a list); unset keys take the
-    data section's value."""
-    path: str = ""                     # local file, hub id, or tiny:* (required)
-    weight: float = 1.0                # repetitions per epoch; a fraction samples rows with train.seed
-    split: Optional[str] = None
-    hub_config: Optional[str] = None
-    limit: Optional[int] = None
-    format: Optional[DATA_FORMATS] = None
-    prompt_template: Optional[str] = None
-    answer_field: Optional[str] = None
-    messages_field: Optional[str] = None
-    conversations_field: Optional[str] = None
-    instruction_field: Optional[str] = None
-    input_field: Optional[str] = None
-    output_field: Optional[str] = None
-    system_field: Optional[str] = None
+def per_source(default):
+    """A `data:` key that a mixture source (`data.train` / `data.eval` as a list) may also set
+    for itself: DataSource is built from the keys marked so, so a new one is declared once."""
+    return dataclasses.field(default=default, metadata={"per_source": True})
 
 
 @dataclasses.dataclass
@@ -81,18 +64,19 @@ class DataSection:
     train_split: str = "train"
     eval: Union[str, list[DataSource], None] = None
     eval_split: str = "test"
-    hub_config: Optional[str] = None   # e.g. "main" for openai/gsm8k, the task for glue
-    # causal_lm (pace_llm/tasks/data_formats.py): auto picks the format from the columns
-    format: DATA_FORMATS = "auto"
+    hub_config: Optional[str] = per_source(None)  # e.g. "main" for openai/gsm8k, the task for glue
+    # causal_lm: auto picks the format from the columns; the others are the names of
+    # pace_llm/tasks/data_formats.py's FORMATS (checked by validate: the registry is there)
+    format: str = per_source("auto")
     train_on: Literal["assistant", "last", "all"] = "assistant"  # all = every token but padding
-    prompt_template: str = "{question}"  # prompt_answer: the user turn, fields in {braces}
-    answer_field: str = "answer"       # prompt_answer: the supervised answer
-    messages_field: str = "messages"   # messages: [{role, content}]
-    conversations_field: str = "conversations"  # sharegpt: [{from, value}]
-    instruction_field: str = "instruction"  # alpaca
-    input_field: str = "input"
-    output_field: str = "output"
-    system_field: str = "system"
+    prompt_template: str = per_source("{question}")  # prompt_answer: the user turn, fields in {braces}
+    answer_field: str = per_source("answer")  # prompt_answer: the supervised answer
+    messages_field: str = per_source("messages")  # messages: [{role, content}]
+    conversations_field: str = per_source("conversations")  # sharegpt: [{from, value}]
+    instruction_field: str = per_source("instruction")  # alpaca
+    input_field: str = per_source("input")
+    output_field: str = per_source("output")
+    system_field: str = per_source("system")
     chat_template: Optional[str] = None  # a Jinja file for a tokenizer without one (also exported)
     skip_invalid: bool = False         # skip (and count) rows a format cannot read, instead of failing
     text_fields: list[str] = dataclasses.field(default_factory=lambda: ["sentence"])  # seq_cls
@@ -122,9 +106,24 @@ class DataSection:
 
     def for_source(self, source: DataSource) -> "DataSection":
         """This section with the source's own keys (format, field names, hub_config) in force."""
-        own = {k: v for k, v in dataclasses.asdict(source).items()
-               if v is not None and k not in ("path", "weight", "split", "limit")}
+        own = {k: getattr(source, k) for k in SOURCE_KEYS if getattr(source, k) is not None}
         return dataclasses.replace(self, **own)
+
+
+# The data keys a source may set for itself (marked per_source above), unset (None) by default.
+SOURCE_KEYS = [f.name for f in dataclasses.fields(DataSection) if f.metadata.get("per_source")]
+DataSource = dataclasses.make_dataclass("DataSource", [
+    ("path", str, dataclasses.field(default="")),   # local file, hub id, or tiny:* (required)
+    ("weight", float, dataclasses.field(default=1.0)),  # repetitions per epoch; a fraction samples rows with train.seed
+    ("split", Optional[str], dataclasses.field(default=None)),  # default: data.train_split / data.eval_split
+    ("limit", Optional[int], dataclasses.field(default=None)),  # default: data.limit / data.eval_limit
+    # the section's annotations are strings (postponed evaluation), resolved in this module
+    *[(f.name, f"Optional[{f.type}]", dataclasses.field(default=None))
+      for f in dataclasses.fields(DataSection) if f.name in SOURCE_KEYS]])
+DataSource.__module__ = __name__  # where get_type_hints resolves those annotations, and pickle finds it
+DataSource.__doc__ = """One source of a mixture (`data.train` / `data.eval` as a list): its path, weight,
+split and limit, and any of the data section's per_source keys; unset keys take the data
+section's value."""
 
 
 @dataclasses.dataclass
@@ -153,6 +152,12 @@ class TrainSection:
     eval_every: int = 0                # steps; with data.eval, also before training and at the end
     eval_at_start: bool = True         # the eval before training (false: sweeps, whose runs all share it)
     fp_distance: bool = False          # log ‖f(θ) − f(θ0)‖² on a fixed held-out batch
+    # log consistency_grad_ratio = ‖∇(λ·consistency)‖ / ‖∇task‖ on a training batch at every eval
+    # and every this many steps (0: at evals only): above 1 the consistency steers the update
+    grad_ratio_every: int = 0
+    # NEFTune: uniform noise α / sqrt(L·d) on the input embeddings, L each sample's length
+    # (pace_llm/core/neftune.py); 0 = off. Its paper's values: 5, 10, 15
+    neftune_alpha: float = 0.0
     export_check: bool = True          # compare merged-model logits with the trained model's
     # trackers besides metrics.jsonl (always): tensorboard, wandb, mlflow (training/metrics.py)
     report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
@@ -286,8 +291,11 @@ def validate(r: Recipe) -> None:
     def need(cond, key, what):
         if not cond:
             raise RecipeError(f"{key}: expected {what}, got {eval_key(r, key)!r}")
+    # the registries live with what they register (and import torch): read here, not at import
     from pace_llm.tasks import TASKS
+    from pace_llm.tasks.data_formats import FORMATS
     need(r.model.task in TASKS, "model.task", f"one of {list(TASKS)}")
+    kind = TASKS[r.model.task]
     from pace_llm.training.metrics import REPORT_TO
     need(set(r.train.report_to) <= set(REPORT_TO), "train.report_to", f"a list of {list(REPORT_TO)}")
     need(0 <= r.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", "0, 1, 2 or 3")
@@ -300,6 +308,10 @@ def validate(r: Recipe) -> None:
          "0 when train.warmup_ratio is set (set one of them)")
     need(r.train.max_steps is None or r.train.max_steps >= 1, "train.max_steps", "an integer >= 1")
     need(r.train.stop_after is None or r.train.stop_after >= 1, "train.stop_after", "an integer >= 1")
+    need(r.train.grad_ratio_every >= 0, "train.grad_ratio_every", "an integer >= 0")
+    need(r.train.neftune_alpha >= 0, "train.neftune_alpha", "a value >= 0")
+    need(not r.train.neftune_alpha or kind.uses_tokenizer, "train.neftune_alpha",
+         f"0 for model.task={r.model.task} (NEFTune noises token embeddings)")
     need(r.pace.mode != "lazy_half" or r.train.micro_batch_size >= 2, "train.micro_batch_size",
          ">= 2 with pace.mode=lazy_half (it halves the batch)")
     for which in ("train", "eval"):
@@ -308,12 +320,16 @@ def validate(r: Recipe) -> None:
         for i, source in enumerate(sources if isinstance(sources, list) else []):
             need(source.path, f"data.{which}[{i}].path", "a file, hub id or tiny:* source")
             need(source.weight > 0, f"data.{which}[{i}].weight", "a value > 0")
+            need(source.format in (None, "auto", *FORMATS), f"data.{which}[{i}].format",
+                 f"one of {['auto', *FORMATS]} or null")
+    need(r.data.format in ("auto", *FORMATS), "data.format", f"one of {['auto', *FORMATS]}")
     need(r.data.sample is None or r.data.sample >= 1, "data.sample", "an integer >= 1 or null")
     need(r.data.sample is None or not isinstance(r.data.train, list), "data.sample",
          "null with a list of data.train sources (a fractional weight draws a share of one)")
-    need(not r.data.packing or r.model.task == "causal_lm", "data.packing",
-         f"false for model.task={r.model.task} (packing is for causal_lm)")
-    need(r.model.task == "causal_lm" or r.model.num_labels, "model.num_labels",
+    packers = [name for name, k in TASKS.items() if k.supports_packing]
+    need(not r.data.packing or kind.supports_packing, "data.packing",
+         f"false for model.task={r.model.task} (packing is for {', '.join(packers)})")
+    need(not kind.needs_num_labels or r.model.num_labels, "model.num_labels",
          f"the number of classes for model.task={r.model.task}")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import datasets
 import pytest
@@ -19,10 +18,8 @@ from pace_llm.core.packing import from_position_ids
 from pace_llm.core.outputs import TokenOutputs
 from pace_llm.assets.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
 from pace_llm.distributed.launcher import script_command
+from pace_trainer_run import encoded
 from trainrun import ROOT, env, launch, metrics, shm_segments
-
-sys.path.insert(0, str(ROOT / "tests"))
-from pace_trainer_run import encoded  # noqa: E402
 
 trl = pytest.importorskip("trl")
 
@@ -212,11 +209,12 @@ def test_sft_full_pace_on_packed_rows_draws_noise_per_sample(tmp_path):
     assert trainer.evaluate(held_out)["eval_loss"] == trainer.evaluate(held_out)["eval_loss"]
 
 
-def test_sft_fast_pace_on_packed_rows_caches_per_sample(tmp_path):
+@pytest.mark.parametrize("consistency", ["raw_sum", "kl"])
+def test_sft_fast_pace_on_packed_rows_caches_per_sample(tmp_path, consistency):
     """TRL packing, PACE_fast: 4 packed rows, 8 cached samples; one step per epoch, so steps 2
-    and 3 read the previous epoch's outputs, sample by sample."""
+    and 3 read the previous epoch's outputs, sample by sample (kl: through the frozen head)."""
     trainer = trl_trainer(sft_args(tmp_path, "packing", max_steps=3), conversations(8),
-                          pace=PaceArguments(mode="fast", lam=0.5, sigma=1.0))
+                          pace=PaceArguments(mode="fast", lam=0.5, sigma=1.0, consistency=consistency))
     assert len(trainer.train_dataset) < 8 and trainer.pace_cache.sample_ids.tolist() == list(range(8))
     trainer.train()
     consistency = logged(trainer, "consistency_loss")
@@ -224,11 +222,12 @@ def test_sft_fast_pace_on_packed_rows_caches_per_sample(tmp_path):
     trainer.close_pace()
 
 
-def test_pace_trainer_loss_is_pace_objective(tmp_path):
+@pytest.mark.parametrize("consistency", ["raw_sum", "centred_mse", "kl"])
+def test_pace_trainer_loss_is_pace_objective(tmp_path, consistency):
     tokenizer = tiny_tokenizer()
     train_set = encoded(tokenizer, 4)
     args = transformers.TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
-    pace = PaceArguments(mode="full", lam=0.5, sigma=1.0, dropout=0.1)
+    pace = PaceArguments(mode="full", lam=0.5, sigma=1.0, dropout=0.1, consistency=consistency)
     trainer = PaceTrainer(model=tiny_model("llama"), args=args, train_dataset=train_set,
                           data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True), pace=pace)
     with torch.no_grad():  # B ≠ 0, or the consistency term is 0 for both
@@ -243,6 +242,7 @@ def test_pace_trainer_loss_is_pace_objective(tmp_path):
     direct = PaceObjective.from_config(pace)(trainer.model, dict(batch))
     assert direct.consistency_loss > 0
     assert torch.equal(ours, direct.loss)
+    assert trainer.pace_objective.form.name == consistency
 
 
 @pytest.mark.slow
@@ -310,3 +310,28 @@ def test_our_trainer_reports_to_wandb_and_mlflow_offline(tmp_path, monkeypatch):
     assert json.loads(run.data.params["pace.mode"]) == "full"
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["training_curves.png"]
     assert run.info.status == "FINISHED"
+
+
+def test_transformers_neftune_flag_is_applied_once(tmp_path):
+    """TrainingArguments(neftune_noise_alpha=...) keeps working under PaceTrainer: during
+    training the embeddings carry transformers' NEFTune hook and no second one of ours
+    (train.neftune_alpha is our own trainer's)."""
+    from pace_llm.core.neftune import NEFTuneHook
+    tokenizer = tiny_tokenizer()
+    args = transformers.TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, max_steps=1,
+                                          neftune_noise_alpha=5.0, save_strategy="no")
+    trainer = PaceTrainer(model=tiny_model("llama"), args=args, train_dataset=encoded(tokenizer, 4),
+                          data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True),
+                          pace=PaceArguments(mode="full", lam=0.5, sigma=1.0))
+    seen = []
+
+    def probe(module, inputs, output):
+        if module.training:
+            seen.append([hook for hook in module._forward_hooks.values() if hook is not probe])
+
+    handle = trainer.model.get_input_embeddings().register_forward_hook(probe)
+    trainer.train()
+    handle.remove()
+    assert seen and all(len(hooks) == 1 for hooks in seen), seen
+    assert getattr(seen[0][0], "__name__", "") == "neftune_post_forward_hook"
+    assert not any(isinstance(hook, NEFTuneHook) for hooks in seen for hook in hooks)

@@ -1,5 +1,6 @@
 """launch/train.py under real DeepSpeed (2 gloo ranks on this CPU), with recipes/tiny.yaml."""
 import json
+import math
 import re
 import signal
 import subprocess
@@ -37,7 +38,17 @@ def runs(tmp_path_factory):
     outs = launch_many(tmp_path_factory.mktemp("runs"), [
         *[(f"zero{stage}-{mode}", [f"deepspeed.zero_stage={stage}", f"pace.mode={mode}", *EVAL_15])
           for stage, mode in [*MATRIX, (2, "noise")]],
-        ("stopped", ["deepspeed.zero_stage=2", "pace.mode=full", "train.stop_after=5"])])
+        ("stopped", ["deepspeed.zero_stage=2", "pace.mode=full", "train.stop_after=5"]),
+        # each consistency form where its cached target takes another path: kl through the head,
+        # centred_mse through its Gram form gathered under ZeRO-3
+        ("zero3-full-kl", ["deepspeed.zero_stage=3", "pace.mode=full", "pace.consistency=kl", *EVAL_15]),
+        ("zero3-fast-centred_mse", ["deepspeed.zero_stage=3", "pace.mode=fast", "pace.consistency=centred_mse",
+                                    *EVAL_15]),
+        ("zero2-fast-kl", ["deepspeed.zero_stage=2", "pace.mode=fast", "pace.consistency=kl", "data.packing=true",
+                           *EVAL_15]),
+        ("zero2-neftune", ["deepspeed.zero_stage=2", "pace.mode=off", "train.neftune_alpha=5", *EVAL_15]),
+        ("zero2-neftune-packed", ["deepspeed.zero_stage=2", "pace.mode=off", "train.neftune_alpha=5",
+                                  "data.packing=true", *EVAL_15])])
     return outs
 
 
@@ -67,6 +78,9 @@ def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
         assert all(c > 0 for c in consistency[2::2]) and all(c == 0 for c in consistency[1::2])
     else:
         assert all(c > 0 for c in consistency[1:])  # step 1: lora_B = 0, so no noise effect yet
+    # the calibration signal, measured before the last step (the eval step) on every rank
+    ratio = rows[-1].get("consistency_grad_ratio")
+    assert (ratio is None) if mode == "off" else (math.isfinite(ratio) and ratio > 0), ratio
 
     # adapter (PEFT format, never empty under ZeRO-3) and merged folder exist and agree
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
@@ -93,6 +107,35 @@ def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
         rows = TokenOutputs()
         assert evals[1][1] == pytest.approx(rows.loss(rows.forward(merged, batch)).item(), rel=1e-4)
     assert json.loads((out / "run_status.json").read_text()) == {"status": "done"}
+
+
+@pytest.mark.parametrize("name", ["zero3-full-kl", "zero3-fast-centred_mse", "zero2-fast-kl"])
+def test_every_consistency_form_trains_under_zero(runs, name):
+    """The forms whose PACE_fast target is not the raw sum's (kl through the frozen head, packed
+    too; centred_mse through its Gram form, gathered under ZeRO-3) train, and log their term and
+    its gradient ratio."""
+    rows = metrics(runs[name])
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert sum(r["task_loss"] for r in rows[-4:]) < sum(r["task_loss"] for r in rows[:4]) - 0.4
+    consistency = [r["consistency_loss"] for r in rows]
+    if "fast" in name:  # targets from epoch 1 (step 9) on
+        assert all(c == 0 for c in consistency[:8]) and all(c > 0 for c in consistency[8:])
+    else:
+        assert all(c > 0 for c in consistency[1:])
+    assert math.isfinite(rows[-1]["consistency_grad_ratio"]) and rows[-1]["consistency_grad_ratio"] > 0
+    assert json.loads((runs[name] / "recipe.json").read_text())["pace"]["consistency"] == name.split("-")[-1]
+
+
+@pytest.mark.parametrize("name", ["zero2-neftune", "zero2-neftune-packed"])
+def test_neftune_trains_padded_and_packed(runs, name):
+    """train.neftune_alpha noises the embeddings in training: the run learns, and its losses
+    differ from plain LoRA's from step 1 on (no PACE noise: the embeddings' noise does it)."""
+    rows, plain = metrics(runs[name]), metrics(runs["zero2-off"])
+    assert [r["step"] for r in rows] == list(range(1, 17))
+    assert sum(r["task_loss"] for r in rows[-4:]) < sum(r["task_loss"] for r in rows[:4]) - 0.4
+    if "packed" not in name:
+        assert rows[0]["loss"] != plain[0]["loss"]
+    assert all(r["consistency_loss"] == 0 for r in rows)
 
 
 def test_stop_and_resume_logs_the_same_losses(runs):
@@ -192,9 +235,11 @@ def test_qlora_nf4_trains_on_cpu(tmp_path):
     model.train()  # before any forward: the CPU repacking trap of environment.md
     ids = torch.randint(6, 100, (2, 10))
     batch = {"input_ids": ids, "labels": ids.clone(), "sample_id": torch.arange(2)}
-    pace_llm.PaceObjective("full", lam=0.01)(model, batch).loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
-    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    for form in ("raw_sum", "centred_mse", "kl"):  # every consistency form through the 4-bit layers
+        model.zero_grad()
+        pace_llm.PaceObjective("full", lam=0.01, consistency=form)(model, batch).loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values()), form
 
     run = tmp_path / "qlora-run"
     launch("python", run, "model.name=tiny:llama", "model.quantization=nf4", "deepspeed.zero_stage=0")
@@ -244,8 +289,7 @@ def test_slurm_dry_run_prints_one_torchrun_per_node():
 
 
 def test_nodelist_expansion():
-    sys.path.insert(0, str(ROOT / "launch" / "slurm"))
-    from commands import expand_nodelist
+    from pace_llm.distributed.slurm import expand_nodelist
     assert expand_nodelist("gpu[01-03,07],login1,cn[9-10]") == \
         ["gpu01", "gpu02", "gpu03", "gpu07", "login1", "cn9", "cn10"]
 

@@ -45,8 +45,10 @@ import torch
 from pace_llm.core import hooks
 from pace_llm.core.adapters import base_model
 from pace_llm.core.cache import OutputCache
+from pace_llm.core.consistency import get_form
+from pace_llm.core.neftune import sample_lengths, token_lengths
 from pace_llm.core.packing import duplicate_packed, is_packed, sample_count
-from pace_llm.core.pace import consistency_loss, mean_squared_norm, noise_segments, paired_dropout, reduce_outputs
+from pace_llm.core.pace import noise_segments, paired_dropout, reduce_outputs
 from pace_llm.core.pace_config import MODES, PaceConfig
 from pace_llm.core.outputs import Outputs, outputs_for_model, supervised_counts
 
@@ -90,23 +92,27 @@ def _duplicate(batch: dict, n: Optional[int] = None) -> dict:
 
 class PaceObjective:
     def __init__(self, mode: str = "full", lam: float = 1.0, lazy_every: int = 2,
-                 cache: Optional[OutputCache] = None, outputs=None, head_gram: bool = True):
+                 cache: Optional[OutputCache] = None, outputs=None, head_gram: bool = True,
+                 consistency: str = "auto"):
         """outputs: TokenOutputs / SampleOutputs (None: chosen from the model on the first call).
-        head_gram=False computes PACE_fast's consistency through the lm_head itself rather
-        than WᵀW (the benchmark's before/after comparison)."""
+        consistency: a form of pace_llm.core.consistency.FORMS, or "auto" for the outputs'
+        `default_consistency`. head_gram=False computes PACE_fast's consistency through the
+        lm_head itself rather than its Gram form (the benchmark's before/after comparison)."""
         if mode not in MODES:
             raise ValueError(f"pace.mode must be one of {MODES}, got {mode!r}")
         if mode == "fast" and cache is None:
             raise ValueError("pace.mode=fast needs an OutputCache")
         if lazy_every < 1:
             raise ValueError(f"lazy_every must be >= 1, got {lazy_every}")
+        self.consistency = consistency
+        self.form = None if consistency == "auto" else get_form(consistency)
         self.mode, self.lam, self.lazy_every, self.cache, self.outputs = mode, lam, lazy_every, cache, outputs
         self.head_gram = head_gram
-        self._gram = None  # (lm_head, WᵀW), computed once
+        self._gram = None  # (lm_head, the form's Gram matrix), computed once
 
     @classmethod
     def from_config(cls, config: PaceConfig, cache: Optional[OutputCache] = None, outputs=None) -> "PaceObjective":
-        return cls(config.mode, config.lam, config.lazy_every, cache, outputs)
+        return cls(config.mode, config.lam, config.lazy_every, cache, outputs, consistency=config.consistency)
 
     def is_paired(self, step: int) -> bool:
         """Does this step run on [x; x] (full, and lazy_half's every lazy_every-th step)?"""
@@ -115,9 +121,12 @@ class PaceObjective:
     @contextlib.contextmanager
     def scope(self, step: int, batch: Optional[dict] = None):
         """Shared dropout masks for this step's forward and backward when it is paired; for a
-        packed `batch`, noise per sample of the batch the forward runs on (pace.noise_segments)."""
-        segments = self.forward_batch(batch, step)["segment_index"] if batch and is_packed(batch) else None
-        with paired_dropout(self.is_paired(step)), noise_segments(segments):
+        packed `batch`, noise per sample of the batch the forward runs on (pace.noise_segments);
+        each token's sample length for NEFTune (neftune.sample_lengths)."""
+        forward = self.forward_batch(batch, step) if batch else None
+        segments = forward["segment_index"] if forward is not None and is_packed(forward) else None
+        lengths = token_lengths(forward) if forward is not None else None
+        with paired_dropout(self.is_paired(step)), noise_segments(segments), sample_lengths(lengths):
             yield
 
     def _task_half(self, batch: dict, step: int) -> Optional[int]:
@@ -138,10 +147,14 @@ class PaceObjective:
         from its labels, before any forward: what a step's denominator adds up."""
         return int(supervised_counts(batch["labels"][:self._task_half(batch, step)]).sum())
 
-    def __call__(self, model, batch: dict, step: int = 0, denominator: Optional[float] = None) -> LossOutput:
-        """denominator: None for means over the batch's outputs, else sums / denominator."""
+    def __call__(self, model, batch: dict, step: int = 0, denominator: Optional[float] = None,
+                 write_cache: bool = True) -> LossOutput:
+        """denominator: None for means over the batch's outputs, else sums / denominator.
+        write_cache=False leaves the PACE_fast cache as it was (a measurement, not a step)."""
         if self.outputs is None:
             self.outputs = outputs_for_model(model)
+        if self.form is None:
+            self.form = get_form(self.outputs.default_consistency)
         with self.scope(step, batch):
             if self.is_paired(step):
                 return self._paired(model, self.forward_batch(batch, step), denominator)
@@ -149,7 +162,7 @@ class PaceObjective:
             task = self._task_loss(out, denominator)
             if self.mode != "fast":  # off, noise, and lazy_half's unpaired steps
                 return LossOutput(task, task, task.new_zeros(()), len(out.target))
-            return self._fast(batch, out, task, denominator)
+            return self._fast(batch, out, task, denominator, write_cache)
 
     def _task_loss(self, out: Outputs, denominator: Optional[float]) -> torch.Tensor:
         if denominator is None:
@@ -162,10 +175,11 @@ class PaceObjective:
         n = sample_count(batch2) // 2
         r1, r2 = out.first(n), out.last(n)
         task = self._task_loss(r1, denominator)
-        cons = consistency_loss(r1.f, r2.f, denominator)
+        cons = self._reduce(self.form(r1.f, r2.f), denominator)
         return LossOutput(task + self.lam * cons, task, cons, len(r1.target))
 
-    def _fast(self, batch: dict, out: Outputs, task: torch.Tensor, denominator: Optional[float]) -> LossOutput:
+    def _fast(self, batch: dict, out: Outputs, task: torch.Tensor, denominator: Optional[float],
+              write_cache: bool = True) -> LossOutput:
         ids = batch["sample_id"]
         stored, has = self.cache.read(ids)
         stored, has = stored.to(out.stored.device), has.to(out.stored.device)
@@ -176,29 +190,36 @@ class PaceObjective:
         if has.any():
             prev = stored[has].to(out.stored.dtype)
             if head is None:  # cached logits
-                cons = consistency_loss(out.f[has], prev, denominator)
-            elif gram is not None:  # ‖W(h − h_o)‖² = (h − h_o)ᵀ WᵀW (h − h_o)
+                cons = self._reduce(self.form(out.f[has], prev), denominator)
+            elif gram is not None:  # d(W h, W h_o) = (h − h_o)ᵀ M (h − h_o)
                 diff = out.stored[has].float() - stored[has].float()
                 cons = reduce_outputs(((diff @ gram) * diff).sum(-1), denominator)
-            elif head.bias is None:  # cached hidden states: f − o = W(h − h_o)
-                cons = mean_squared_norm(head(out.stored[has] - prev), denominator)
+            elif self.form.quadratic and head.bias is None:  # cached hidden states: f − o = W(h − h_o)
+                cons = self._reduce(self.form.of_difference(head(out.stored[has] - prev)), denominator)
             else:
-                cons = consistency_loss(out.f[has], head(prev), denominator)
-        self.cache.write(ids.cpu(), out.stored.detach())
+                cons = self._reduce(self.form(out.f[has], head(prev)), denominator)
+        if write_cache:
+            self.cache.write(ids.cpu(), out.stored.detach())
         return LossOutput(task + self.lam * cons, task, cons, len(out.target))
 
-    def _head_gram(self, head) -> Optional[torch.Tensor]:
-        """WᵀW in fp32 (d×d) of a frozen, bias-free, unquantized lm_head W, computed once.
+    @staticmethod
+    def _reduce(per_output: torch.Tensor, denominator: Optional[float]) -> torch.Tensor:
+        if per_output.numel() == 0:
+            return per_output.new_zeros((), dtype=torch.float32)
+        return reduce_outputs(per_output, denominator)
 
-        PACE_fast's consistency for a cached hidden state h_o is ‖W(h − h_o)‖²; as
-        (h − h_o)ᵀ WᵀW (h − h_o) it costs d² per row, forward and backward, instead of d·V
-        and never builds an [outputs, V] tensor: 10x fewer FLOPs for Phi-3 (3,072 vs 32,064),
-        85x for SmolLM2 (576 vs 49,152). Measured on SmolLM2 (CPU): PACE_fast's step went from
-        1.16x to 1.04x that of `off` (the noise alone: 1.05x), its peak memory from 1.075x to
-        0.99x that of plain PEFT LoRA (bench/train_overhead.py, BENCHMARKS.md).
-        None (use W itself) when the head has a bias, is quantized or is not wider than d.
+    def _head_gram(self, head) -> Optional[torch.Tensor]:
+        """The form's Gram matrix M (d×d, fp32; WᵀW for raw_sum) of a frozen, bias-free,
+        unquantized lm_head W, computed once.
+
+        PACE_fast's consistency for a cached hidden state h_o is d(W h, W h_o); for a quadratic
+        form as (h − h_o)ᵀ M (h − h_o) it costs d² per output, forward and backward, instead of d·V
+        and never builds an [outputs, V] tensor: V / d times fewer FLOPs (10x for Phi-3, 85x for
+        SmolLM2; its effect on step time and memory: BENCHMARKS.md §1).
+        None (use W itself) when the head has a bias, is quantized or is not wider than d, or
+        the form is not quadratic (kl).
         """
-        if not self.head_gram:
+        if not self.head_gram or not self.form.quadratic:
             return None
         if self._gram is not None and self._gram[0] is head:
             return self._gram[1]
@@ -208,9 +229,41 @@ class PaceObjective:
             self._gram = (head, None)
             return None
         with hooks.gathered([w]), torch.no_grad():  # ZeRO-3: whole on every rank, once
-            gram = torch.zeros(w.shape[1], w.shape[1], dtype=torch.float32, device=w.device)
-            for chunk in w.split(4096):  # fp32 copies of 4,096 vocabulary rows at a time
-                chunk = chunk.float()
-                gram.addmm_(chunk.t(), chunk)
+            gram = self.form.gram(w)
         self._gram = (head, gram)
         return gram
+
+
+def consistency_grad_ratio(objective: PaceObjective, model, batch: dict, step: int) -> Optional[float]:
+    """‖∇(λ·consistency)‖ / ‖∇task‖ over the trainable parameters, on one batch at `step`.
+
+    Above 1 the consistency, not the task, steers the update; far below it PACE barely
+    regularises. A measurement, not a step: no gradient is accumulated, the PACE_fast cache is
+    not written and torch's RNG is restored, so training continues as if it had not run
+    (lazy_half is measured on its next paired step's batch layout). Every rank must call it
+    (the forward and backward are collective under ZeRO-3). None in modes without the term.
+    """
+    if objective.mode in ("off", "noise"):
+        return None
+    if objective.mode == "lazy_half":
+        step -= step % objective.lazy_every
+    params = [p for p in model.parameters() if p.requires_grad]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        with objective.scope(step, batch):
+            result = objective(model, batch, step, write_cache=False)
+            # + 0·task: a graph on every rank, also where no sample had a cached target yet
+            consistency = objective.lam * result.consistency_loss + 0 * result.task_loss
+            task_grads = torch.autograd.grad(result.task_loss, params, retain_graph=True, allow_unused=True)
+            consistency_grads = torch.autograd.grad(consistency, params, allow_unused=True)
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+    def norm(grads) -> float:
+        return float(sum(g.float().square().sum() for g in grads if g is not None)) ** 0.5
+
+    task_norm = norm(task_grads)
+    return norm(consistency_grads) / task_norm if task_norm > 0 else None

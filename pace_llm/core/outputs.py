@@ -68,6 +68,7 @@ def lm_head_trainable(model) -> bool:
 
 class TokenOutputs:
     """Causal LM: f = next-token logits at the supervised positions."""
+    default_consistency = "raw_sum"
 
     def forward(self, model, batch: dict) -> Outputs:
         base = base_model(model)
@@ -105,6 +106,7 @@ class TokenOutputs:
 
 class SampleOutputs:
     """Classifier: f = the head's logits; a one-output head is regression (MSE)."""
+    default_consistency = "raw_sum"  # the paper's definition, summed over classes
 
     def __init__(self, regression: bool = False):
         self.regression = regression

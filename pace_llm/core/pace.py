@@ -19,15 +19,16 @@ block 11 σ/6; an LLM with s=0 gives layer 0 σ, layer L−1 2σ/(L+1). "constan
 everywhere (a worse ablation in the paper's Table 8, kept for comparison).
 
 Consistency (eq. 12). f1, f2 are the outputs of two noisy views of the same input
-(one forward on [x; x]); the regulariser is the squared L2 distance of the raw outputs
-summed over the output dimension and averaged over rows:
+(one forward on [x; x]); the regulariser is a distance d(f1, f2) per output, averaged
+over outputs:
 
-    consistency = mean_rows ‖f1 − f2‖²
+    consistency = mean_outputs d(f1, f2),    d = ‖f1 − f2‖² in the paper (raw_sum)
 
-A row is a sample for classifiers (f = logits) and a supervised token for causal LMs
+An output is a sample for classifiers (f = logits) and a supervised token for causal LMs
 (f = that position's next-token logits): averaging over tokens, like the token-mean
-cross-entropy, keeps the term's scale independent of answer length and batch size.
-The sum over a 32k vocabulary makes it ~300x a 100-class head's: λ must be smaller.
+cross-entropy, keeps the term's scale independent of answer length and batch size. The
+forms of d, and why an LM wants another than the paper's sum over its vocabulary, are in
+pace_llm/core/consistency.py.
 
 Shared dropout. In a paired forward on [x; x] every dropout draws its mask for the
 first half and reuses it for the second (the authors' sharable drop-path), so f1 and
@@ -119,11 +120,6 @@ def mean_squared_norm(diff: torch.Tensor, denominator: Optional[float] = None) -
     if diff.numel() == 0:
         return diff.new_zeros((), dtype=torch.float32)
     return reduce_outputs(diff.float().square().sum(-1), denominator)
-
-
-def consistency_loss(f1: torch.Tensor, f2: torch.Tensor, denominator: Optional[float] = None) -> torch.Tensor:
-    """mean over rows of ‖f1 − f2‖² (or the sum / denominator)."""
-    return mean_squared_norm(f1.float() - f2.float(), denominator)
 
 
 # --- Shared dropout masks for paired batches -------------------------------------------

@@ -13,6 +13,7 @@ from typing import Literal, Optional, Union
 MODES = ("off", "noise", "full", "fast", "lazy_half")
 ADAPTERS = ("lora_add", "lora_mul_vpt")
 SCHEDULES = ("linear", "constant")
+CONSISTENCIES = ("auto", "raw_sum", "centred_mse", "kl")  # pace_llm/core/consistency.py's FORMS, and auto
 
 
 @dataclasses.dataclass
@@ -30,6 +31,9 @@ class PaceConfig:
         included) × Z ~ N(1, σ_head²), one draw per sample and class, σ_head the head's σ
         from the depth schedule (its id comes after the last block). No effect without a
         task head: a causal LM's lm_head is frozen under LoRA, so there is nothing to noise.
+    consistency: the form of the consistency term (pace_llm/core/consistency.py): raw_sum (the
+        paper's ‖f1 − f2‖² summed over classes / vocabulary), centred_mse (per logit, centred
+        over the vocabulary), kl (symmetric KL); auto: the task kind's default.
     cache_memory_gb: PACE_fast's per-rank store stays in memory up to this size, else it is
         a memory-mapped file in the output folder.
     """
@@ -39,6 +43,7 @@ class PaceConfig:
     sigma_schedule: Literal[SCHEDULES] = "linear"
     first_noisy_block: int = 0
     lazy_every: int = 2
+    consistency: Literal[CONSISTENCIES] = "auto"
     adapter: Literal[ADAPTERS] = "lora_add"
     rank: int = 8
     alpha: float = 16.0
@@ -52,7 +57,8 @@ class PaceConfig:
         def need(ok: bool, field: str, what: str):
             if not ok:
                 raise ValueError(f"{field}: expected {what}, got {getattr(self, field)!r}")
-        for field, choices in (("mode", MODES), ("adapter", ADAPTERS), ("sigma_schedule", SCHEDULES)):
+        for field, choices in (("mode", MODES), ("adapter", ADAPTERS), ("sigma_schedule", SCHEDULES),
+                               ("consistency", CONSISTENCIES)):
             if getattr(self, field) not in choices:  # (a recipe's type check names these first)
                 raise ValueError(f"{field} must be one of {list(choices)}, got {getattr(self, field)!r}")
         need(self.sigma >= 0, "sigma", "a value >= 0")

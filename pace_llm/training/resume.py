@@ -16,7 +16,7 @@ from pace_llm.config import RecipeError
 log = logging.getLogger("pace_llm.resume")
 
 FREE = {"output_dir", "resume", "resume_force", "train.stop_after", "train.log_every", "train.eval_every",
-        "train.eval_at_start", "train.save_every", "train.keep_checkpoints", "train.report_to", "train.fp_distance",
+        "train.eval_at_start", "train.save_every", "train.keep_checkpoints", "train.report_to", "train.fp_distance", "train.grad_ratio_every",
         "train.export_check", "data.eval", "data.eval_split", "data.eval_limit"}
 SCHEDULE = {"train.max_steps", "train.epochs"}
 

@@ -26,13 +26,14 @@ from tqdm import tqdm
 
 from pace_llm.distributed import deepspeed_engine
 from pace_llm.core.adapters import apply_pace, trainable_parameter_count
-from pace_llm.core.cache import OutputCache, ShardedEpochSampler
+from pace_llm.core.cache import OutputCache, ShardedEpochSampler, build_output_cache
 from pace_llm.config import Recipe, loss_normalization, to_dict
 from pace_llm.distributed.process_group import all_ranks, all_reduce_scalars, any_rank, init_distributed, rank0_first
 from pace_llm.export import export_merged
 from pace_llm.logs import route_logs
 from pace_llm.models import load_tokenizer, model_source
-from pace_llm.core.objectives import PaceObjective
+from pace_llm.core.neftune import add_neftune
+from pace_llm.core.objectives import PaceObjective, consistency_grad_ratio
 from pace_llm.core.pace import mean_squared_norm
 from pace_llm.training.plots import plot_metrics
 from pace_llm.core.outputs import SampleOutputs
@@ -97,6 +98,8 @@ class Trainer:
             partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())
             log.info("ZeRO-3: model built partitioned (%d of %d tensors)", partitioned, len(list(model.parameters())))
         model = apply_pace(model, r.pace)
+        if r.train.neftune_alpha:
+            add_neftune(model, r.train.neftune_alpha)
         if r.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # before any forward: bitsandbytes' CPU 4-bit layers repack in eval mode
@@ -119,12 +122,9 @@ class Trainer:
                      self.total_steps, "supervised row of the step" if self.step_normalised else "micro-batch")
 
     def _build_cache(self, train_set) -> OutputCache:
-        shard = [train_set[i] for i in self.sampler.shard]
-        cache = OutputCache([self.task.outputs.output_count(s) for s in shard], self.task.outputs.cache_dim(self.engine),
-                            sample_ids=[s["sample_id"] for s in shard], disk_dir=str(self.out),
-                            memory_budget_bytes=int(self.recipe.pace.cache_memory_gb * 2**30))
-        log.info("PACE_fast cache: %d samples on this rank, %.1f MiB", len(shard), cache.nbytes / 2**20)
-        return cache
+        shard = (train_set[i] for i in self.sampler.shard)
+        return build_output_cache(self.task.outputs, ((s["sample_id"], s) for s in shard), self.engine, self.rank,
+                                  self.recipe.pace.cache_memory_gb, disk_dir=str(self.out))
 
     # --- fit -----------------------------------------------------------------------------
     def fit(self) -> str:
@@ -134,6 +134,7 @@ class Trainer:
         stop = StopRequested()
         self.writer = MetricWriter(self.out, enabled=self.rank == 0, report_to=t.report_to,
                                    config=to_dict(self.recipe))  # open until close(): save_outputs adds the PNG
+        self.grad_ratio = None  # the last consistency_grad_ratio measured, until a row logs it
         self.fixed_batch = self.first_batch(t.micro_batch_size)
         self.reference = self.fixed_outputs(self.fixed_batch) if t.fp_distance else None
         if self.eval_set is not None and progress.step == 0 and t.eval_at_start:  # the baseline point
@@ -142,6 +143,11 @@ class Trainer:
                    dynamic_ncols=True)
         try:
             for micro_batches in self.steps(progress):
+                if self.grad_ratio_due(progress.step + 1):  # before the step: PACE_fast's targets are last epoch's
+                    # the module, not the engine: DeepSpeed's hooks on the engine's outputs take
+                    # any backward through them for a training step's
+                    self.grad_ratio = consistency_grad_ratio(self.objective, self.engine.module, micro_batches[0][1],
+                                                             progress.step)
                 self.train_step(micro_batches, progress.step)
                 batch_index = micro_batches[-1][0]
                 progress.finish_step(batch_index)
@@ -157,6 +163,15 @@ class Trainer:
             return "done"
         finally:
             bar.close()
+
+    def grad_ratio_due(self, step: int) -> bool:
+        """consistency_grad_ratio is measured for the rows of evaluation steps and every
+        train.grad_ratio_every steps, in modes with a consistency term."""
+        t = self.recipe.train
+        if self.objective.mode in ("off", "noise"):
+            return False
+        at_eval = self.eval_set is not None and (t.eval_every and step % t.eval_every == 0 or step == self.total_steps)
+        return bool(at_eval or t.grad_ratio_every and step % t.grad_ratio_every == 0)
 
     def steps(self, progress: Progress):
         """Each optimizer step's micro-batches, [(index in epoch, batch), ...], until the last
@@ -232,6 +247,8 @@ class Trainer:
                "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s * self.world}
         if torch.cuda.is_available():  # this rank's peak since the start
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.grad_ratio is not None:  # measured at this step or since the last row
+            row["consistency_grad_ratio"], self.grad_ratio = self.grad_ratio, None
         if self.reference is not None:
             row["fp_distance"] = mean_squared_norm(self.fixed_outputs(self.fixed_batch) - self.reference).item()
         if self.eval_set is not None and (t.eval_every and step % t.eval_every == 0 or step == self.total_steps):
