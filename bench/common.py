@@ -5,6 +5,7 @@ same run*, interleaved (rounds that alternate the variants, in a rotating order)
 reports medians and the median of per-round ratios, so a background job that slows one
 round slows both sides of that round's ratio.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -43,6 +44,7 @@ def _cpu_flags() -> list[str]:
 
 def _version(module: str) -> str | None:
     import importlib.metadata
+
     for dist in (module, module.replace("_", "-"), f"{module}-cpu"):
         try:
             return importlib.metadata.version(dist)
@@ -55,18 +57,22 @@ def machine_info(device: str = "cpu") -> dict:
     """What a result was measured on: CPU/GPU, cores, load, library versions, commit, date."""
     info = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "cpu_flags": _cpu_flags(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cpu_flags": _cpu_flags(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "python": platform.python_version(),
         "versions": {m: _version(m) for m in ("torch", "transformers", "peft", "deepspeed", "vllm")},
     }
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                            capture_output=True, text=True, timeout=10).stdout.strip()
+        info["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
     if device == "cuda":
         import torch
+
         info["gpu"] = torch.cuda.get_device_name()
     return info
 
@@ -90,8 +96,10 @@ def quartiles(xs):
     return q[0], q[2]
 
 
-THREADS_HELP = ("torch threads (1: on this shared 2-core machine two OpenMP threads collapse, up to 100x "
-                "slower, whenever another job holds a core)")
+THREADS_HELP = (
+    "torch threads (1: on this shared 2-core machine two OpenMP threads collapse, up to 100x "
+    "slower, whenever another job holds a core)"
+)
 
 
 def add_run_args(parser, threads_default=1, smoke_help: str = "a tiny, seconds-long run (the tests)") -> None:
@@ -114,7 +122,7 @@ def fmt(x, digits=3) -> str:
     if isinstance(x, float):
         if x != x:
             return "n/a"
-        return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:,.0f}"
+        return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:,.0f}"
     return str(x)
 
 
@@ -122,8 +130,7 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     cells = [[fmt(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line(r) for r in cells])
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
 
 
 def save(name: str, result: dict, table: str, out_dir: str | os.PathLike | None = None) -> Path:
@@ -133,8 +140,10 @@ def save(name: str, result: dict, table: str, out_dir: str | os.PathLike | None 
     result = {**result, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     m = result.get("machine", {})
-    header = (f"<!-- {m.get('date')} | {m.get('cpu')} x{m.get('cores')} | torch {m.get('versions', {}).get('torch')}"
-              f" | load {m.get('load_average_at_start')} -> {result['load_average_at_end']} -->\n"
-              f"`{result.get('command', '')}`\n\n")
+    header = (
+        f"<!-- {m.get('date')} | {m.get('cpu')} x{m.get('cores')} | torch {m.get('versions', {}).get('torch')}"
+        f" | load {m.get('load_average_at_start')} -> {result['load_average_at_end']} -->\n"
+        f"`{result.get('command', '')}`\n\n"
+    )
     (out / f"{name}.md").write_text(header + table + "\n")
     return out / f"{name}.json"

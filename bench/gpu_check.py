@@ -27,6 +27,7 @@ Modes: lora (off: PEFT's LoRA, no noise), noise (the noise alone, no consistency
 fast, lazy_half, full. Timing runs stop with train.stop_after,
 which skips the merged export (7.6 GB per Phi-3 run otherwise).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,49 +44,98 @@ import time
 from pathlib import Path
 
 import common  # bench/common.py: this script's folder is first on sys.path
+
 from pace_llm.distributed.launcher import exit_now
 
 ROOT = common.ROOT
 # Shapes from the models' published configs (rope scaling left out: it does not change the cost).
 MODELS = {
-    "llama3.2-1b": dict(arch="llama", hidden_size=2048, num_hidden_layers=16, intermediate_size=8192,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                        max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True),
-    "phi3-mini": dict(arch="phi3", hidden_size=3072, num_hidden_layers=32, intermediate_size=8192,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                      max_position_embeddings=4096, tie_word_embeddings=False),
+    "llama3.2-1b": dict(
+        arch="llama",
+        hidden_size=2048,
+        num_hidden_layers=16,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
+    "phi3-mini": dict(
+        arch="phi3",
+        hidden_size=3072,
+        num_hidden_layers=32,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    ),
 }
 SMOKE_MODELS = {  # the same two architectures, CPU-sized (GQA and tied embeddings kept)
-    "llama-tiny": dict(arch="llama", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
-                       max_position_embeddings=256, tie_word_embeddings=True),
-    "phi3-tiny": dict(arch="phi3", hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                      num_attention_heads=2, num_key_value_heads=2, vocab_size=256,
-                      max_position_embeddings=256, tie_word_embeddings=False),
+    "llama-tiny": dict(
+        arch="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    ),
+    "phi3-tiny": dict(
+        arch="phi3",
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
 }
-MODES = {"lora": ["pace.mode=off"], "noise": ["pace.mode=noise"], "fast": ["pace.mode=fast"],
-         "lazy_half": ["pace.mode=lazy_half"], "full": ["pace.mode=full"]}
+MODES = {
+    "lora": ["pace.mode=off"],
+    "noise": ["pace.mode=noise"],
+    "fast": ["pace.mode=fast"],
+    "lazy_half": ["pace.mode=lazy_half"],
+    "full": ["pace.mode=full"],
+}
 BASELINE = "lora"
 # The CPU smoke proves the path, not every combination: each mode once, checkpointing and the
 # second architecture once each against their own baseline (7 runs instead of 20: the suite's time).
-SMOKE_RUNS = [("llama-tiny", False, mode) for mode in MODES] + [("phi3-tiny", True, BASELINE), ("phi3-tiny", True, "full")]
+SMOKE_RUNS = [("llama-tiny", False, mode) for mode in MODES] + [
+    ("phi3-tiny", True, BASELINE),
+    ("phi3-tiny", True, "full"),
+]
 EXPORT_RUN = ("full", False)  # (mode, gradient checkpointing) of the run that also exports, first
 # model (Llama: its merged folder is 2.5 GB, Phi-3's 7.6)
 # What the trainer's metrics.jsonl lacks for this check (the wrapper measures it meanwhile).
-MISSING_METRICS = ["peak_memory_gb (torch.cuda.max_memory_allocated since the previous logged step)",
-                   "step_s (wall time of the optimizer step; derived here from tokens_per_s)"]
+MISSING_METRICS = [
+    "peak_memory_gb (torch.cuda.max_memory_allocated since the previous logged step)",
+    "step_s (wall time of the optimizer step; derived here from tokens_per_s)",
+]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--cpu-smoke", action="store_true", help="tiny models, a few steps, on this CPU")
     p.add_argument("--out", default=None, help="results folder (default bench/results; smoke: a temp folder)")
     p.add_argument("--work", default=None, help="models, data and runs (default: a folder in /tmp)")
     p.add_argument("--copy-to", default=None, help="also copy the results and a tarball of the run logs here")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="stop starting phases/runs after this many seconds (env PACE_GPU_CHECK_BUDGET_S; "
-                        "default 450, smoke 150)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting phases/runs after this many seconds (env PACE_GPU_CHECK_BUDGET_S; default 450, smoke 150)",
+    )
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4, help="micro batch (lazy_half needs >= 2)")
     p.add_argument("--warmup", type=int, default=2, help="logged steps not measured")
@@ -103,13 +153,23 @@ def parse_args(argv=None):
         args.parallel = max(args.parallel, 2)
         args.out = args.out or tempfile.mkdtemp(prefix="gpu_check_smoke_")
         args.tests = args.tests or ["tests/test_cache.py", "-k", "round_trip or memory_mapped or sampler_single"]
-    args.tests = args.tests or ["tests/test_noise.py", "tests/test_objectives.py", "tests/test_cache.py",
-                                "tests/test_adapters.py"]
+    args.tests = args.tests or [
+        "tests/test_noise.py",
+        "tests/test_objectives.py",
+        "tests/test_cache.py",
+        "tests/test_adapters.py",
+    ]
     args.device = "cpu" if args.cpu_smoke else "cuda"
     args.models = SMOKE_MODELS if args.cpu_smoke else MODELS
     # smoke: a fresh folder per call, so concurrent smokes (a test beside a manual run) never share runs
-    args.work = Path(args.work or (tempfile.mkdtemp(prefix="gpu_check_smoke_work_") if args.cpu_smoke
-                                   else Path(tempfile.gettempdir()) / "pace-gpu-check"))
+    args.work = Path(
+        args.work
+        or (
+            tempfile.mkdtemp(prefix="gpu_check_smoke_work_")
+            if args.cpu_smoke
+            else Path(tempfile.gettempdir()) / "pace-gpu-check"
+        )
+    )
     args.name = "gpu_check_smoke" if args.cpu_smoke else "gpu_check"
     if args.steps % 2 or args.batch < 2:
         p.error("--steps must be even and --batch >= 2 (lazy_half)")
@@ -143,6 +203,7 @@ class Clock:
                 if self.ok:
                     clock.phases[name] = round(time.monotonic() - self.t0, 1)
                     print(f"== {name}: {clock.phases[name]:.1f} s", flush=True)
+
         return _Phase()
 
     def skip(self, what: str, why: str) -> None:
@@ -151,8 +212,13 @@ class Clock:
 
 
 def child_env(args) -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               HF_DATASETS_CACHE=str(args.work / "hf-datasets"))
+    env = dict(
+        os.environ,
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+        HF_DATASETS_CACHE=str(args.work / "hf-datasets"),
+    )
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     if args.device == "cpu":
         env["OMP_NUM_THREADS"] = "1"  # two runs share this machine's two cores
@@ -161,30 +227,43 @@ def child_env(args) -> dict:
 
 # --------------------------------------------------------------------------- 1. tests
 
+
 def run_tests(args, clock) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.tests]
     print("$ " + " ".join(cmd[2:]), flush=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=child_env(args), capture_output=True, text=True,
-                              timeout=max(10, min(args.tests_timeout_s, clock.left() - 60)))
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=child_env(args),
+            capture_output=True,
+            text=True,
+            timeout=max(10, min(args.tests_timeout_s, clock.left() - 60)),
+        )
         summary = (proc.stdout.strip().splitlines() or [""])[-1]
         rc, log_text = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
         summary, rc, log_text = "timed out", None, str(err.stdout or "")
     (args.work / "tests.log").write_text(log_text)
     print(summary, flush=True)
-    return {"command": " ".join(cmd[2:]), "returncode": rc, "summary": summary,
-            "note": "the files build CPU tensors: on a GPU machine they test the carried stack, not CUDA"}
+    return {
+        "command": " ".join(cmd[2:]),
+        "returncode": rc,
+        "summary": summary,
+        "note": "the files build CPU tensors: on a GPU machine they test the carried stack, not CUDA",
+    }
 
 
 # --------------------------------------------------------------------------- 2. core on the device
+
 
 def check_core(device: str) -> dict:
     import torch
 
     import pace_llm
-    from pace_llm.core.pace import multiplicative_noise
     from pace_llm.assets.tiny import tiny_model
+    from pace_llm.core.pace import multiplicative_noise
+
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 256, (4, 16), generator=g)
     labels = ids.clone()
@@ -221,8 +300,12 @@ def check_core(device: str) -> dict:
         assert all(map(lambda x: x == x and abs(x) < float("inf"), noisy + cons)), f"{mode}: {noisy} {cons}"
         if mode in ("fast", "full"):
             assert cons[-1] > 0, f"{mode}: no consistency with σ=1 ({cons})"
-        result[mode] = {"cpu_fp32_sigma0": cpu, f"{device}_fp32_sigma0": dev, f"{device}_bf16_sigma1": noisy,
-                        "consistency_bf16_sigma1": cons}
+        result[mode] = {
+            "cpu_fp32_sigma0": cpu,
+            f"{device}_fp32_sigma0": dev,
+            f"{device}_bf16_sigma1": noisy,
+            "consistency_bf16_sigma1": cons,
+        }
     z = multiplicative_noise(torch.ones(1024, 1024, device=device), 0.5)  # (B, d_out) draws
     mean, std = float(z.mean()), float(z.std())
     assert abs(mean - 1) < 0.01 and abs(std - 0.5) < 0.01, (mean, std)
@@ -232,6 +315,7 @@ def check_core(device: str) -> dict:
 
 # --------------------------------------------------------------------------- 3. models and data
 
+
 def build_model(spec: dict, folder: Path, device: str, dtype: str) -> None:
     """config.json + random-weight safetensors + tokenizer, written once (marked by config.json)."""
     if (folder / "config.json").exists():
@@ -240,11 +324,16 @@ def build_model(spec: dict, folder: Path, device: str, dtype: str) -> None:
     import transformers
 
     from pace_llm.assets.tiny import tiny_tokenizer
+
     tokenizer = tiny_tokenizer()
     spec = dict(spec)
     config_cls = {"phi3": transformers.Phi3Config, "llama": transformers.LlamaConfig}[spec.pop("arch")]
-    config = config_cls(**spec, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.eos_token_id)
+    config = config_cls(
+        **spec,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     with torch.device(device):  # initialised on the GPU: seconds for 3.8B parameters
@@ -261,26 +350,42 @@ def write_data(work: Path, seq_len: int, n_rows: int) -> tuple[Path, Path]:
     """Rows longer than seq_len, so data.max_length=seq_len cuts every one to exactly seq_len
     tokens (no padding); the answer starts half-way. Short held-out rows for the export check."""
     import random
+
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz     0123456789"
     text = lambda n: "".join(rng.choice(letters) for _ in range(n))  # noqa: E731
     train, held_out = work / "train.jsonl", work / "held_out.jsonl"
-    train.write_text("".join(json.dumps({"question": text(seq_len // 2), "answer": text(seq_len)}) + "\n"
-                             for _ in range(n_rows)))
+    train.write_text(
+        "".join(json.dumps({"question": text(seq_len // 2), "answer": text(seq_len)}) + "\n" for _ in range(n_rows))
+    )
     held_out.write_text("".join(json.dumps({"question": text(24), "answer": text(24)}) + "\n" for _ in range(4)))
     return train, held_out
 
 
 def write_recipe(args, train_file: Path) -> Path:
     import yaml
+
     recipe = {
-        "output_dir": str(args.work / "runs" / "unnamed"), "resume": False,
+        "output_dir": str(args.work / "runs" / "unnamed"),
+        "resume": False,
         "model": {"task": "causal_lm", "dtype": args.dtype},
         "pace": {"lam": 0.01, "sigma": 1.0, "rank": args.rank, "alpha": 2.0 * args.rank},
-        "data": {"train": str(train_file), "eval": None, "prompt_template": "{question}",
-                 "answer_field": "answer", "max_length": args.seq_len},
-        "train": {"max_steps": args.warmup + args.steps, "micro_batch_size": args.batch, "lr": 1e-4,
-                  "warmup_steps": 0, "log_every": 1, "save_every": 0, "keep_checkpoints": 1},
+        "data": {
+            "train": str(train_file),
+            "eval": None,
+            "prompt_template": "{question}",
+            "answer_field": "answer",
+            "max_length": args.seq_len,
+        },
+        "train": {
+            "max_steps": args.warmup + args.steps,
+            "micro_batch_size": args.batch,
+            "lr": 1e-4,
+            "warmup_steps": 0,
+            "log_every": 1,
+            "save_every": 0,
+            "keep_checkpoints": 1,
+        },
         "deepspeed": {"zero_stage": 2},
     }
     path = args.work / "gpu_check.yaml"
@@ -290,14 +395,20 @@ def write_recipe(args, train_file: Path) -> Path:
 
 # --------------------------------------------------------------------------- 4. train
 
+
 def child_train(out: str, train_argv: list[str]) -> int:
     """`launch/train.py ARGS` in this process, then its peak memory into OUT/peak_memory.json."""
     from pace_llm.training import main as train_main
+
     rc = train_main(train_argv)
     import torch
+
     if torch.cuda.is_available():
-        peak = {"peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
-                "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30, "measure": "cuda max allocated"}
+        peak = {
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30,
+            "measure": "cuda max allocated",
+        }
     else:  # ru_maxrss is KiB on Linux
         peak = {"peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "measure": "peak RSS"}
     Path(out, "peak_memory.json").write_text(json.dumps(peak))
@@ -315,10 +426,24 @@ def plan_runs(args, recipe: Path, folders: dict, held_out: Path) -> list[dict]:
                 out = args.work / "runs" / f"{model}_{'gc' if gc else 'nogc'}_{mode}"
                 export = i == 0 and (mode, gc) == EXPORT_RUN
                 extra = [f"data.eval={held_out}"] if export else [f"train.stop_after={args.warmup + args.steps}"]
-                argv = [str(recipe), f"model.name={folders[model]}", f"model.gradient_checkpointing={str(gc).lower()}",
-                        *overrides, f"output_dir={out}", *extra]
-                runs.append({"model": model, "gradient_checkpointing": gc, "mode": mode, "export": export,
-                             "out": out, "argv": argv})
+                argv = [
+                    str(recipe),
+                    f"model.name={folders[model]}",
+                    f"model.gradient_checkpointing={str(gc).lower()}",
+                    *overrides,
+                    f"output_dir={out}",
+                    *extra,
+                ]
+                runs.append(
+                    {
+                        "model": model,
+                        "gradient_checkpointing": gc,
+                        "mode": mode,
+                        "export": export,
+                        "out": out,
+                        "argv": argv,
+                    }
+                )
     return runs
 
 
@@ -330,8 +455,9 @@ def start_run(args, run: dict, timeout: float) -> subprocess.Popen:
     print(f"$ {run['command']}", flush=True)
     run["t0"], run["deadline"] = time.monotonic(), time.monotonic() + timeout
     log = open(run["out"] / "train.log", "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=child_env(args), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=child_env(args), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def finish_run(args, run: dict, proc: subprocess.Popen) -> dict:
@@ -340,15 +466,22 @@ def finish_run(args, run: dict, proc: subprocess.Popen) -> dict:
     row = {k: run[k] for k in ("model", "gradient_checkpointing", "mode", "command")}
     row["wall_s"] = round(time.monotonic() - run["t0"], 1)
     metrics_file = run["out"] / "metrics.jsonl"
-    steps = [r for r in map(json.loads, metrics_file.read_text().splitlines()) if "loss" in r] \
-        if metrics_file.exists() else []
+    steps = (
+        [r for r in map(json.loads, metrics_file.read_text().splitlines()) if "loss" in r]
+        if metrics_file.exists()
+        else []
+    )
     measured = [r for r in steps if r["step"] > args.warmup]
     tokens_per_step = args.batch * args.seq_len  # every row is exactly seq_len tokens
     if rc == 0 and measured:
         seconds = sum(tokens_per_step / r["tokens_per_s"] for r in measured)
-        row.update(status="ok", tokens_per_s=tokens_per_step * len(measured) / seconds,
-                   step_ms=1000 * seconds / len(measured), steps_measured=len(measured),
-                   loss_last=measured[-1]["loss"])
+        row.update(
+            status="ok",
+            tokens_per_s=tokens_per_step * len(measured) / seconds,
+            step_ms=1000 * seconds / len(measured),
+            steps_measured=len(measured),
+            loss_last=measured[-1]["loss"],
+        )
     else:
         row["status"] = "timeout" if rc is None or rc < 0 else f"failed (exit {rc})"
         row["log_tail"] = (run["out"] / "train.log").read_text()[-3000:]
@@ -359,9 +492,16 @@ def finish_run(args, run: dict, proc: subprocess.Popen) -> dict:
     if run["export"]:
         check = run["out"] / "export_check.json"
         row["export_check"] = json.loads(check.read_text()) if check.exists() else None
-    print(f"   {row['status']} in {row['wall_s']:.0f} s: " + (f"{row['tokens_per_s']:,.0f} tokens/s, "
-          f"{row['step_ms']:.1f} ms/step, peak {row.get('peak_memory_gb', float('nan')):.2f} GiB"
-          if row["status"] == "ok" else ""), flush=True)
+    print(
+        f"   {row['status']} in {row['wall_s']:.0f} s: "
+        + (
+            f"{row['tokens_per_s']:,.0f} tokens/s, "
+            f"{row['step_ms']:.1f} ms/step, peak {row.get('peak_memory_gb', float('nan')):.2f} GiB"
+            if row["status"] == "ok"
+            else ""
+        ),
+        flush=True,
+    )
     return row
 
 
@@ -375,8 +515,10 @@ def train_all(args, clock, runs: list[dict]) -> list[dict]:
             run = pending.pop(0)
             need = longest.get(run["model"], max(longest.values(), default=0.0))
             if clock.left() < need + 5:
-                clock.skip(f"train {run['model']} gc={run['gradient_checkpointing']} {run['mode']}",
-                           f"budget: {clock.left():.0f} s left, a run takes ~{need:.0f} s")
+                clock.skip(
+                    f"train {run['model']} gc={run['gradient_checkpointing']} {run['mode']}",
+                    f"budget: {clock.left():.0f} s left, a run takes ~{need:.0f} s",
+                )
                 continue
             active.append((run, start_run(args, run, timeout=clock.left())))
         time.sleep(0.2)
@@ -408,14 +550,28 @@ def add_ratios(rows: list[dict]) -> None:
 def table(rows: list[dict]) -> str:
     order = {m: i for i, m in enumerate(MODES)}
     rows = sorted(rows, key=lambda r: (r["model"], r["gradient_checkpointing"], order[r["mode"]]))
-    cells = [[r["model"], "on" if r["gradient_checkpointing"] else "off", r["mode"], r.get("tokens_per_s"),
-              r.get("step_ms"), r.get("peak_memory_gb"), r.get("time_ratio_to_lora"),
-              r.get("memory_ratio_to_lora"), r["status"]] for r in rows]
-    return common.markdown_table(["model", "grad ckpt", "mode", "tokens/s", "step ms", "peak GiB",
-                                  "time / lora", "memory / lora", "status"], cells)
+    cells = [
+        [
+            r["model"],
+            "on" if r["gradient_checkpointing"] else "off",
+            r["mode"],
+            r.get("tokens_per_s"),
+            r.get("step_ms"),
+            r.get("peak_memory_gb"),
+            r.get("time_ratio_to_lora"),
+            r.get("memory_ratio_to_lora"),
+            r["status"],
+        ]
+        for r in rows
+    ]
+    return common.markdown_table(
+        ["model", "grad ckpt", "mode", "tokens/s", "step ms", "peak GiB", "time / lora", "memory / lora", "status"],
+        cells,
+    )
 
 
 # --------------------------------------------------------------------------- main
+
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -425,12 +581,17 @@ def main(argv=None) -> int:
     clock = Clock(args.budget_s)
     args.work.mkdir(parents=True, exist_ok=True)
     import torch
+
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: use --cpu-smoke on a CPU", file=sys.stderr)
         return 2
-    result = {"machine": common.machine_info(args.device), "command": common.command_line(),
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "models"},
-              "models": args.models, "missing_from_metrics_jsonl": MISSING_METRICS}
+    result = {
+        "machine": common.machine_info(args.device),
+        "command": common.command_line(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "models"},
+        "models": args.models,
+        "missing_from_metrics_jsonl": MISSING_METRICS,
+    }
 
     with clock.phase("tests", needs_s=30) as ok:
         if ok:
@@ -451,7 +612,9 @@ def main(argv=None) -> int:
                 build_model(spec, folders[name], args.device, args.dtype)
             if args.device == "cuda":  # the parent keeps only its context while the runs train
                 torch.cuda.empty_cache()
-            train_file, held_out = write_data(args.work, args.seq_len, n_rows=2 * args.batch)  # fast: cache hits from step 3
+            train_file, held_out = write_data(
+                args.work, args.seq_len, n_rows=2 * args.batch
+            )  # fast: cache hits from step 3
             recipe = write_recipe(args, train_file)
     if ok:
         with clock.phase("train") as ok:
@@ -464,18 +627,26 @@ def main(argv=None) -> int:
     result["export_check"] = export
     text = table(rows)
     path = common.save(args.name, result, text, args.out)
-    (path.parent / f"gpu_export_check{'_smoke' if args.cpu_smoke else ''}.json").write_text(json.dumps(export, indent=2) + "\n")
+    (path.parent / f"gpu_export_check{'_smoke' if args.cpu_smoke else ''}.json").write_text(
+        json.dumps(export, indent=2) + "\n"
+    )
     if args.copy_to:
         copy_results(args, path)
     total = time.monotonic() - clock.start
-    print(f"\nresults: {path}, runs in {args.work}  ({total:.0f} s; phases {clock.phases}; {len(clock.skipped)} skipped)")
+    print(
+        f"\nresults: {path}, runs in {args.work}  ({total:.0f} s; phases {clock.phases}; {len(clock.skipped)} skipped)"
+    )
     for s in clock.skipped:
         print(f"  skipped {s['what']}: {s['why']}")
     if export:
-        print(f"export check (merged vs trained, {args.dtype}): max |Δlogit| {export['max_abs_logit_diff']:.3g}, "
-              f"tolerance {export['tolerance']:.3g}: {'passed' if export['passed'] else 'FAILED'}")
-    print(f"\n{args.name}: {args.device} {result['machine'].get('gpu', '')}, {args.dtype}, ZeRO-2, batch "
-          f"{args.batch} x {args.seq_len} tokens, LoRA rank {args.rank}, {args.steps} steps after {args.warmup}")
+        print(
+            f"export check (merged vs trained, {args.dtype}): max |Δlogit| {export['max_abs_logit_diff']:.3g}, "
+            f"tolerance {export['tolerance']:.3g}: {'passed' if export['passed'] else 'FAILED'}"
+        )
+    print(
+        f"\n{args.name}: {args.device} {result['machine'].get('gpu', '')}, {args.dtype}, ZeRO-2, batch "
+        f"{args.batch} x {args.seq_len} tokens, LoRA rank {args.rank}, {args.steps} steps after {args.warmup}"
+    )
     print(text, flush=True)
     return 0
 

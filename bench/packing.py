@@ -25,6 +25,7 @@ configuration after an untimed warm-up round); each round draws a micro-batch an
 padded and packed, the order alternating. tokens/s counts the samples' tokens (not the padding), the same in both, so a
 round's speed-up packed / padded is padded time / packed time; the table shows medians.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,13 +40,18 @@ LENGTHS = {"gsm": 384, "chat": 1024}  # the kinds of lengths, and their max_leng
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--model", default="smollm2", help="smollm2 | tiny | a causal-LM folder")
     p.add_argument("--batches", default="8,2", help="micro-batch sizes (samples)")
     p.add_argument("--lengths", default="gsm,chat", help=f"length distributions: {', '.join(LENGTHS)}")
-    p.add_argument("--mode", default="noise", choices=["off", "noise", "fast", "lazy_half", "full"],
-                   help="PACE objective (fast: no cache is filled, so no consistency term)")
+    p.add_argument(
+        "--mode",
+        default="noise",
+        choices=["off", "noise", "fast", "lazy_half", "full"],
+        help="PACE objective (fast: no cache is filled, so no consistency term)",
+    )
     p.add_argument("--rounds", type=int, default=4, help="timed rounds per lengths x micro-batch size")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--sigma", type=float, default=0.5)
@@ -67,15 +73,19 @@ def parse_args(argv=None):
 
 # --------------------------------------------------------------------------- lengths
 
+
 def gsm_lengths() -> list[tuple[int, int]]:
     """(tokens, supervised tokens) of each GSM-Symbolic training sample, encoded as the demo trains."""
     from pace_llm import assets
     from pace_llm.config import load_recipe
     from pace_llm.models import load_tokenizer
     from pace_llm.tasks import get_task
+
     train_file, _ = assets.gsm_symbolic_files()
-    recipe = load_recipe(str(common.ROOT / "recipes" / "demo_gsm8k.yaml"),
-                         [f"model.name={assets.smollm2_dir()}", f"data.train={train_file}", "data.eval=null"])
+    recipe = load_recipe(
+        str(common.ROOT / "recipes" / "demo_gsm8k.yaml"),
+        [f"model.name={assets.smollm2_dir()}", f"data.train={train_file}", "data.eval=null"],
+    )
     train, _ = get_task(recipe, load_tokenizer(recipe.model.name)).datasets()
     return [(len(ids), sum(x != -100 for x in labels[1:])) for ids, labels in zip(train["input_ids"], train["labels"])]
 
@@ -100,11 +110,12 @@ def micro_batch(lengths, size: int, rng: random.Random, vocab: int) -> list[dict
     samples = []
     for i, (n, supervised) in enumerate(rng.sample(lengths, size)):
         ids = [rng.randrange(3, vocab) for _ in range(n)]
-        samples.append({"input_ids": ids, "labels": [-100] * (n - supervised) + ids[n - supervised:], "sample_id": i})
+        samples.append({"input_ids": ids, "labels": [-100] * (n - supervised) + ids[n - supervised :], "sample_id": i})
     return samples
 
 
 # --------------------------------------------------------------------------- the step
+
 
 class Step:
     """One model, optimizer and objective; `run(batch)` times a training step on it."""
@@ -113,10 +124,12 @@ class Step:
         import torch
 
         import pace_llm
+
         model = train_overhead.load_model(args)
         torch.manual_seed(1)
-        self.model = pace_llm.apply_pace(model, pace_llm.PaceConfig(rank=args.rank, alpha=2 * args.rank,
-                                                                    sigma=args.sigma))
+        self.model = pace_llm.apply_pace(
+            model, pace_llm.PaceConfig(rank=args.rank, alpha=2 * args.rank, sigma=args.sigma)
+        )
         self.model.train()
         self.objective = pace_llm.PaceObjective(args.mode, lam=1e-3, outputs=pace_llm.TokenOutputs())
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
@@ -125,6 +138,7 @@ class Step:
 
     def run(self, batch: dict) -> float:
         import torch
+
         start = time.perf_counter()
         with self.objective.scope(self.step, batch):
             loss = self.objective(self.model, batch, self.step).loss
@@ -142,9 +156,12 @@ def collates(max_length: int) -> dict:
     """{"padded": the causal-LM task's unpacked collate, "packed": its packed one}."""
     from pace_llm.config import load_recipe
     from pace_llm.tasks import get_task
+
     overrides = ["model.task=causal_lm", f"data.max_length={max_length}"]
-    return {"padded": get_task(load_recipe(None, overrides)).collate,  # no tokenizer: pad id 0
-            "packed": get_task(load_recipe(None, [*overrides, "data.packing=true"])).collate}
+    return {
+        "padded": get_task(load_recipe(None, overrides)).collate,  # no tokenizer: pad id 0
+        "packed": get_task(load_recipe(None, [*overrides, "data.packing=true"])).collate,
+    }
 
 
 def measure(step: Step, lengths, max_length: int, size: int, args, warm_up: bool, log=print) -> dict:
@@ -160,14 +177,27 @@ def measure(step: Step, lengths, max_length: int, size: int, args, warm_up: bool
             seconds = step.run(batch)
             if r < 0:
                 continue
-            tokens = int(batch["attention_mask"].sum()) if variant == "padded" else int((batch["segment_index"] >= 0).sum())
-            per_round[variant].append({"seconds": seconds, "tokens": tokens, "batch_tokens": batch["input_ids"].numel(),
-                                       "supervised": int((batch["labels"][:, 1:] != -100).sum()),
-                                       "shape": list(batch["input_ids"].shape)})
+            tokens = (
+                int(batch["attention_mask"].sum()) if variant == "padded" else int((batch["segment_index"] >= 0).sum())
+            )
+            per_round[variant].append(
+                {
+                    "seconds": seconds,
+                    "tokens": tokens,
+                    "batch_tokens": batch["input_ids"].numel(),
+                    "supervised": int((batch["labels"][:, 1:] != -100).sum()),
+                    "shape": list(batch["input_ids"].shape),
+                }
+            )
         if r >= 0:
-            log(f"  round {r + 1}/{args.rounds}: " + "  ".join(
-                f"{v} {per_round[v][-1]['shape'][0]}x{per_round[v][-1]['shape'][1]} {per_round[v][-1]['seconds']:.2f} s"
-                for v in per_round), flush=True)
+            log(
+                f"  round {r + 1}/{args.rounds}: "
+                + "  ".join(
+                    f"{v} {last['shape'][0]}x{last['shape'][1]} {last['seconds']:.2f} s"
+                    for v, last in ((v, per_round[v][-1]) for v in per_round)
+                ),
+                flush=True,
+            )
     return per_round
 
 
@@ -178,8 +208,11 @@ def summary(per_round: dict) -> dict:
             "step_s": common.median([x["seconds"] for x in rounds]),
             "tokens_per_s": common.median([x["tokens"] / x["seconds"] for x in rounds]),
             "supervised_tokens_per_s": common.median([x["supervised"] / x["seconds"] for x in rounds]),
-            "padding": 1 - sum(x["tokens"] for x in rounds) / sum(x["batch_tokens"] for x in rounds)}
-    out["speedup"] = common.median([a["seconds"] / b["seconds"] for a, b in zip(per_round["padded"], per_round["packed"])])
+            "padding": 1 - sum(x["tokens"] for x in rounds) / sum(x["batch_tokens"] for x in rounds),
+        }
+    out["speedup"] = common.median(
+        [a["seconds"] / b["seconds"] for a, b in zip(per_round["padded"], per_round["packed"])]
+    )
     out["speedup_per_round"] = [a["seconds"] / b["seconds"] for a, b in zip(per_round["padded"], per_round["packed"])]
     return out
 
@@ -189,20 +222,46 @@ def table(results: dict) -> str:
     for key, s in results.items():
         kind, size = key.split("/")
         pad, pack = s["padded"], s["packed"]
-        rows.append([kind, size, f"{pad['padding']:.1%}", f"{pack['padding']:.1%}", pad["step_s"], pack["step_s"],
-                     pad["tokens_per_s"], pack["tokens_per_s"], pad["supervised_tokens_per_s"],
-                     pack["supervised_tokens_per_s"], f"{s['speedup']:.2f}x"])
+        rows.append(
+            [
+                kind,
+                size,
+                f"{pad['padding']:.1%}",
+                f"{pack['padding']:.1%}",
+                pad["step_s"],
+                pack["step_s"],
+                pad["tokens_per_s"],
+                pack["tokens_per_s"],
+                pad["supervised_tokens_per_s"],
+                pack["supervised_tokens_per_s"],
+                f"{s['speedup']:.2f}x",
+            ]
+        )
     return common.markdown_table(
-        ["lengths", "micro-batch", "padding padded", "padding packed", "step s padded", "step s packed",
-         "tokens/s padded", "tokens/s packed", "supervised tokens/s padded", "supervised tokens/s packed",
-         "packed / padded tokens/s"], rows)
+        [
+            "lengths",
+            "micro-batch",
+            "padding padded",
+            "padding packed",
+            "step s padded",
+            "step s packed",
+            "tokens/s padded",
+            "tokens/s packed",
+            "supervised tokens/s padded",
+            "supervised tokens/s packed",
+            "packed / padded tokens/s",
+        ],
+        rows,
+    )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
+
     torch.set_num_threads(args.threads)
     import logging
+
     logging.getLogger("pace_llm").setLevel(logging.ERROR)
     machine = common.machine_info()
     print(f"building {args.model} (fp32, CPU, {torch.get_num_threads()} thread(s)), PACE mode {args.mode}", flush=True)
@@ -215,10 +274,23 @@ def main(argv=None) -> int:
             raw[f"{kind}/{size}"] = measure(step, lengths, max_length, size, args, warm_up=not raw)
             results[f"{kind}/{size}"] = summary(raw[f"{kind}/{size}"])
     out = table(results)
-    common.save(args.name, {"machine": machine, "command": common.command_line(), "settings": vars(args),
-                            "results": results, "raw": raw, "torch_threads": torch.get_num_threads()}, out, args.out)
-    print(f"\n{args.name}: {args.model}, PACE mode {args.mode}, {args.rounds} interleaved rounds per row, medians; "
-          f"load average {machine['load_average_at_start']}")
+    common.save(
+        args.name,
+        {
+            "machine": machine,
+            "command": common.command_line(),
+            "settings": vars(args),
+            "results": results,
+            "raw": raw,
+            "torch_threads": torch.get_num_threads(),
+        },
+        out,
+        args.out,
+    )
+    print(
+        f"\n{args.name}: {args.model}, PACE mode {args.mode}, {args.rounds} interleaved rounds per row, medians; "
+        f"load average {machine['load_average_at_start']}"
+    )
     print(out, flush=True)
     return 0
 

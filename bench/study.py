@@ -29,6 +29,7 @@ and evaluations, and a run killed mid-way continues from its checkpoint once the
 period (--grace-period s) has passed. Pause: start it under setsid and kill its process group,
 `kill -TERM -- -$(cat OUT/study.pgid)` (runs checkpoint on SIGTERM); rerun the command to resume.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,30 +61,34 @@ class Dataset:
     """One dataset's budget. `prepare()` -> (overrides for every run: model and data paths, test
     split path); `run_seconds`: one run per arm (and one `#### N` evaluation) on the 2-core
     machine with another run beside it (the estimate of --dry-run)."""
+
     name: str
     recipe: str
-    metric: str                        # selected on (validation split); also the test table's first metric
-    direction: str                     # max | min
+    metric: str  # selected on (validation split); also the test table's first metric
+    direction: str  # max | min
     lams: tuple[str, ...]
     sigmas: tuple[str, ...]
     sweep_seeds: tuple[int, ...]
     final_seeds: tuple[int, ...]
     prepare: Callable[[], tuple[list[str], Path]]
     run_seconds: dict[str, float]
-    smoke: tuple[str, ...] = ()        # overrides of --smoke runs
-    gsm_eval: bool = False             # `#### N` rate of the final runs (vLLM)
+    smoke: tuple[str, ...] = ()  # overrides of --smoke runs
+    gsm_eval: bool = False  # `#### N` rate of the final runs (vLLM)
 
 
 def prepare_polarity() -> tuple[list[str], Path]:
     from pace_llm import assets
+
     pool, val, test = assets.polarity_split()
     return [f"model.name={assets.minilm_dir()}", f"data.train={rel(pool)}", f"data.eval={rel(val)}"], test
 
 
 def prepare_fashion() -> tuple[list[str], Path]:
     import torch
+
     from pace_llm import assets
     from pace_llm.demos import fashion as demo_fashion  # the demo's pre-trained base ViT and its data
+
     torch.set_num_threads(1)
     folder = assets.cache_dir() / "demo-fashion"
     base = demo_fashion.prepare_base(folder / demo_fashion.BASE_NAME)
@@ -93,6 +98,7 @@ def prepare_fashion() -> tuple[list[str], Path]:
 
 def prepare_gsm() -> tuple[list[str], Path]:
     from pace_llm import assets
+
     pool, val, test = assets.gsm_symbolic_val_files()
     return [f"model.name={rel(assets.smollm2_dir())}", f"data.train={rel(pool)}", f"data.eval={rel(val)}"], test
 
@@ -103,21 +109,58 @@ PAIRED = dict(sweep_seeds=(0, 1), final_seeds=(100, 101, 102, 103, 104))
 # the steps are the recipes'. run_seconds: one run as measured on the shared 2-core machine with
 # another run beside it (2026-12-02: polarity n=256 LoRA 186 s for 160 steps, full 287 s; fashion
 # LoRA 55 s for 200 steps, full 95 s; SmolLM2 ~22 s a LoRA step, ~48 s a full one, + ~100 s).
-DATASETS = {d.name: d for d in [
-    Dataset("polarity_n64", "recipes/study/polarity_n64.yaml", "eval_accuracy", "max", **CLASSIFIER_GRID,
-            **PAIRED, prepare=prepare_polarity, run_seconds=dict(lora=125, noise=130, fast=130, full=190),
-            smoke=("train.max_steps=2", "data.sample=16", "data.eval_limit=32")),
-    Dataset("polarity_n256", "recipes/study/polarity_n256.yaml", "eval_accuracy", "max", **CLASSIFIER_GRID,
-            **PAIRED, prepare=prepare_polarity, run_seconds=dict(lora=215, noise=225, fast=225, full=330),
-            smoke=("train.max_steps=2", "data.sample=16", "data.eval_limit=32")),
-    Dataset("fashion", "recipes/study/fashion.yaml", "eval_accuracy", "max", **CLASSIFIER_GRID, **PAIRED,
-            prepare=prepare_fashion, run_seconds=dict(lora=85, noise=90, fast=90, full=160),
-            smoke=("train.max_steps=2", "data.sample=10", "train.micro_batch_size=5", "data.eval_limit=32")),
-    Dataset("smollm2_gsm", "recipes/study/smollm2_gsm.yaml", "eval_loss", "min",
-            lams=("0.003", "0.03"), sigmas=("0.5", "1"), sweep_seeds=(0, 1), final_seeds=(100, 101),
-            prepare=prepare_gsm, run_seconds=dict(lora=420, noise=440, fast=450, full=900, gsm_eval=270),
-            smoke=("train.max_steps=2", "data.sample=4", "data.eval_limit=4"), gsm_eval=True),
-]}
+DATASETS = {
+    d.name: d
+    for d in [
+        Dataset(
+            "polarity_n64",
+            "recipes/study/polarity_n64.yaml",
+            "eval_accuracy",
+            "max",
+            **CLASSIFIER_GRID,
+            **PAIRED,
+            prepare=prepare_polarity,
+            run_seconds=dict(lora=125, noise=130, fast=130, full=190),
+            smoke=("train.max_steps=2", "data.sample=16", "data.eval_limit=32"),
+        ),
+        Dataset(
+            "polarity_n256",
+            "recipes/study/polarity_n256.yaml",
+            "eval_accuracy",
+            "max",
+            **CLASSIFIER_GRID,
+            **PAIRED,
+            prepare=prepare_polarity,
+            run_seconds=dict(lora=215, noise=225, fast=225, full=330),
+            smoke=("train.max_steps=2", "data.sample=16", "data.eval_limit=32"),
+        ),
+        Dataset(
+            "fashion",
+            "recipes/study/fashion.yaml",
+            "eval_accuracy",
+            "max",
+            **CLASSIFIER_GRID,
+            **PAIRED,
+            prepare=prepare_fashion,
+            run_seconds=dict(lora=85, noise=90, fast=90, full=160),
+            smoke=("train.max_steps=2", "data.sample=10", "train.micro_batch_size=5", "data.eval_limit=32"),
+        ),
+        Dataset(
+            "smollm2_gsm",
+            "recipes/study/smollm2_gsm.yaml",
+            "eval_loss",
+            "min",
+            lams=("0.003", "0.03"),
+            sigmas=("0.5", "1"),
+            sweep_seeds=(0, 1),
+            final_seeds=(100, 101),
+            prepare=prepare_gsm,
+            run_seconds=dict(lora=420, noise=440, fast=450, full=900, gsm_eval=270),
+            smoke=("train.max_steps=2", "data.sample=4", "data.eval_limit=4"),
+            gsm_eval=True,
+        ),
+    ]
+}
 
 
 def rel(path) -> str:
@@ -143,8 +186,9 @@ def arm_grid(d: Dataset, arm: str) -> tuple[list[str], dict[str, list[str]]]:
 @dataclasses.dataclass
 class Plan:
     """Where things go and the commands that make them."""
-    out: Path                          # runs: OUT/<dataset>/{sweep,final}-<arm>/
-    results: Path                      # tables
+
+    out: Path  # runs: OUT/<dataset>/{sweep,final}-<arm>/
+    results: Path  # tables
     smoke: bool
     grace_period: int
     inputs: dict = dataclasses.field(default_factory=dict)  # dataset -> (overrides, test path)
@@ -164,12 +208,35 @@ class Plan:
             extra, seeds = [*extra, f"data.eval={rel(self.inputs[d.name][1])}"], d.final_seeds
         overrides = [*self.overrides(d), *extra]
         full_grid = {**grid, SEED_KEY: [str(s) for s in seeds]}
-        sweep = Sweep(d.recipe, overrides, full_grid, metric=d.metric, direction=d.direction,
-                      sweep_dir=self.sweep_dir(d, phase, arm), quiet=True)
-        cmd = [sys.executable, "launch/sweep.py", d.recipe, *overrides,
-               "--grid", *(f"{k}={','.join(v)}" for k, v in grid.items()), "--seeds", ",".join(map(str, seeds)),
-               "--metric", d.metric, "--direction", d.direction, "--sweep-dir", rel(sweep.sweep_dir),
-               "--launcher", "python", "--grace-period", str(self.grace_period)]
+        sweep = Sweep(
+            d.recipe,
+            overrides,
+            full_grid,
+            metric=d.metric,
+            direction=d.direction,
+            sweep_dir=self.sweep_dir(d, phase, arm),
+            quiet=True,
+        )
+        cmd = [
+            sys.executable,
+            "launch/sweep.py",
+            d.recipe,
+            *overrides,
+            "--grid",
+            *(f"{k}={','.join(v)}" for k, v in grid.items()),
+            "--seeds",
+            ",".join(map(str, seeds)),
+            "--metric",
+            d.metric,
+            "--direction",
+            d.direction,
+            "--sweep-dir",
+            rel(sweep.sweep_dir),
+            "--launcher",
+            "python",
+            "--grace-period",
+            str(self.grace_period),
+        ]
         return sweep, cmd
 
     def selected(self, d: Dataset, arm: str) -> dict[str, str]:
@@ -189,6 +256,7 @@ class Plan:
 
         def tie_break(p):  # lower eval_loss first (the selection metric itself when it is eval_loss)
             return -statistics.fmean(last(sweep.run_dir({**p["params"], SEED_KEY: s}), "eval_loss") for s in seeds)
+
         return max(complete, key=lambda p: (sign * p["mean"], tie_break(p)))["params"]
 
 
@@ -210,11 +278,11 @@ def last(run_dir: Path, key: str) -> float:
 @dataclasses.dataclass(eq=False)
 class Task:
     name: str
-    run: Callable[[int], bool]         # worker index -> success
-    deps: list["Task"] = dataclasses.field(default_factory=list)
+    run: Callable[[int], bool]  # worker index -> success
+    deps: list[Task] = dataclasses.field(default_factory=list)
     max_workers: int = 2
     workers: int = 0
-    state: str = "todo"                # todo | done | failed
+    state: str = "todo"  # todo | done | failed
 
 
 def run_tasks(tasks: list[Task], jobs: int, say) -> None:
@@ -229,8 +297,9 @@ def run_tasks(tasks: list[Task], jobs: int, say) -> None:
                 t.state = "failed"
                 say(f"{t.name}: skipped (a task it needs failed)")
         ready = [t for t in tasks if t.state == "todo" and all(dep.state == "done" for dep in t.deps)]
-        return next((t for t in ready if t.workers == 0), None) or \
-            next((t for t in ready if t.workers < t.max_workers), None)
+        return next((t for t in ready if t.workers == 0), None) or next(
+            (t for t in ready if t.workers < t.max_workers), None
+        )
 
     def worker(index: int) -> None:
         while True:
@@ -290,8 +359,9 @@ class Study:
             with open(log, "a") as fh:
                 fh.write("$ " + " ".join(cmd) + "\n")
                 fh.flush()
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+                proc = subprocess.Popen(
+                    cmd, cwd=ROOT, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+                )
                 for line in proc.stdout:
                     fh.write(line)
                     fh.flush()
@@ -305,6 +375,7 @@ class Study:
                 for merged in sweep.sweep_dir.glob("runs/*/merged"):
                     shutil.rmtree(merged, ignore_errors=True)
             return True
+
         return run
 
     def gsm_eval_task(self, d: Dataset, arm: str) -> Callable[[int], bool]:
@@ -314,13 +385,28 @@ class Study:
                 out = sweep.run_dir(point)
                 if (out / "gsm8k.json").exists() or not (out / "merged").exists():
                     continue
-                cmd = [sys.executable, "eval/gsm8k.py", "--model", rel(out / "merged"),
-                       "--data", rel(self.plan.inputs[d.name][1]), "--backend", "vllm", "--max-new-tokens",
-                       "32" if self.plan.smoke else "256", "--output", rel(out / "gsm8k.json"), "--quiet",
-                       *(["--limit", "2"] if self.plan.smoke else [])]
-                env = self.env(VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-                               VLLM_CPU_OMP_THREADS_BIND="nobind",  # one thread, as bench/eval_throughput.py
-                               TMPDIR=str(out))  # vLLM's sockets: a folder of its own
+                cmd = [
+                    sys.executable,
+                    "eval/gsm8k.py",
+                    "--model",
+                    rel(out / "merged"),
+                    "--data",
+                    rel(self.plan.inputs[d.name][1]),
+                    "--backend",
+                    "vllm",
+                    "--max-new-tokens",
+                    "32" if self.plan.smoke else "256",
+                    "--output",
+                    rel(out / "gsm8k.json"),
+                    "--quiet",
+                    *(["--limit", "2"] if self.plan.smoke else []),
+                ]
+                env = self.env(
+                    VLLM_CPU_KVCACHE_SPACE="1",
+                    VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                    VLLM_CPU_OMP_THREADS_BIND="nobind",  # one thread, as bench/eval_throughput.py
+                    TMPDIR=str(out),
+                )  # vLLM's sockets: a folder of its own
                 with open(out / "gsm8k_eval.log", "a") as fh:
                     rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
                 if rc != 0:
@@ -329,6 +415,7 @@ class Study:
                 rate = json.loads((out / "gsm8k.json").read_text())["strict_format_rate"]
                 self.say(f"{d.name}/final-{arm}: {out.name}: #### N rate {rate:.2f}")
             return True
+
         return run
 
     def tasks(self) -> list[Task]:
@@ -338,18 +425,23 @@ class Study:
         for d in self.datasets:
             order = ("full", "fast", "noise", "lora")
             sweeps = {arm: Task(f"{d.name}/sweep-{arm}", self.sweep_task(d, "sweep", arm)) for arm in order}
-            finals = {arm: Task(f"{d.name}/final-{arm}", self.sweep_task(d, "final", arm), [sweeps[arm]])
-                      for arm in order}
+            finals = {
+                arm: Task(f"{d.name}/final-{arm}", self.sweep_task(d, "final", arm), [sweeps[arm]]) for arm in order
+            }
             tasks += [*sweeps.values(), *finals.values()]
             if d.gsm_eval:
-                tasks += [Task(f"{d.name}/gsm8k-{arm}", self.gsm_eval_task(d, arm), [finals[arm]], max_workers=1)
-                          for arm in order]
+                tasks += [
+                    Task(f"{d.name}/gsm8k-{arm}", self.gsm_eval_task(d, arm), [finals[arm]], max_workers=1)
+                    for arm in order
+                ]
         return tasks
 
     def run(self) -> None:
         tasks = self.tasks()
-        self.say(f"{len(tasks)} tasks, {self.total_runs} runs ({self.runs_done()} done), {self.jobs} side by side; "
-                 f"runs in {self.plan.out}")
+        self.say(
+            f"{len(tasks)} tasks, {self.total_runs} runs ({self.runs_done()} done), {self.jobs} side by side; "
+            f"runs in {self.plan.out}"
+        )
         run_tasks(tasks, self.jobs, self.say)
         failed = [t.name for t in tasks if t.state != "done"]
         self.say("all tasks done" if not failed else f"failed or skipped: {', '.join(failed)}")
@@ -394,7 +486,7 @@ def sign_test_p(better: int, worse: int) -> float:
     n = better + worse
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(better, worse) + 1)) / 2 ** n
+    tail = sum(math.comb(n, k) for k in range(min(better, worse) + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
@@ -405,22 +497,36 @@ def paired(arm: dict[int, float], base: dict[int, float], higher_better: bool) -
     diffs = [arm[s] - base[s] for s in seeds]
     better = sum((x > 0) == higher_better and x != 0 for x in diffs)
     worse = sum(x != 0 for x in diffs) - better
-    out = {"seeds": seeds, "diffs": diffs, "n": len(diffs), "better": better, "worse": worse,
-           "ties": len(diffs) - better - worse, "sign_p": sign_test_p(better, worse),
-           "mean": statistics.fmean(diffs) if diffs else None,
-           "std": statistics.stdev(diffs) if len(diffs) > 1 else None, "t_p": None}
+    out = {
+        "seeds": seeds,
+        "diffs": diffs,
+        "n": len(diffs),
+        "better": better,
+        "worse": worse,
+        "ties": len(diffs) - better - worse,
+        "sign_p": sign_test_p(better, worse),
+        "mean": statistics.fmean(diffs) if diffs else None,
+        "std": statistics.stdev(diffs) if len(diffs) > 1 else None,
+        "t_p": None,
+    }
     if len(diffs) > 1:
         sd = out["std"]
-        out["t_p"] = (1.0 if out["mean"] == 0 else 0.0) if sd == 0 else \
-            t_two_sided_p(out["mean"] / (sd / math.sqrt(len(diffs))), len(diffs) - 1)
+        out["t_p"] = (
+            (1.0 if out["mean"] == 0 else 0.0)
+            if sd == 0
+            else t_two_sided_p(out["mean"] / (sd / math.sqrt(len(diffs))), len(diffs) - 1)
+        )
     return out
 
 
 # --- tables ----------------------------------------------------------------------------------
 METRICS = {  # per dataset kind: (key in a final run's results, label, higher is better, scale)
     "classifier": [("eval_accuracy", "test accuracy %", True, 100), ("eval_loss", "test NLL", False, 1)],
-    "gsm": [("eval_loss", "held-out answer loss", False, 1), ("strict_format_rate", "#### N rate %", True, 100),
-            ("accuracy", "accuracy %", True, 100)],
+    "gsm": [
+        ("eval_loss", "held-out answer loss", False, 1),
+        ("strict_format_rate", "#### N rate %", True, 100),
+        ("accuracy", "accuracy %", True, 100),
+    ],
 }
 
 
@@ -438,7 +544,7 @@ def final_results(plan: Plan, d: Dataset, arm: str) -> dict[int, dict]:
         row = {k: last(out, k) for k in (("eval_loss",) if d.gsm_eval else ("eval_loss", "eval_accuracy"))}
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         train = [r["task_loss"] for r in steps if "task_loss" in r]
-        row["train_loss_end"] = statistics.fmean(train[-max(1, len(train) // 10):])  # the last 10% of steps
+        row["train_loss_end"] = statistics.fmean(train[-max(1, len(train) // 10) :])  # the last 10% of steps
         if (out / "gsm8k.json").exists():
             scores = json.loads((out / "gsm8k.json").read_text())
             row.update(strict_format_rate=scores["strict_format_rate"], accuracy=scores["accuracy"])
@@ -455,30 +561,45 @@ def summarize(plan: Plan, d: Dataset) -> tuple[dict, str]:
             sweep_summary = json.loads((plan.sweep_dir(d, "sweep", arm) / "sweep.json").read_text())
         except RuntimeError:
             selected, sweep_summary = None, None
-        arms[arm] = {"selected": selected, "sweep": sweep_summary, "final": final_results(plan, d, arm),
-                     "sweep_command": " ".join(plan.sweep(d, "sweep", arm)[1][1:])}
+        arms[arm] = {
+            "selected": selected,
+            "sweep": sweep_summary,
+            "final": final_results(plan, d, arm),
+            "sweep_command": " ".join(plan.sweep(d, "sweep", arm)[1][1:]),
+        }
     metrics = METRICS["gsm" if d.gsm_eval else "classifier"]
-    lines = [f"### {d.name}: `{d.recipe}`", "",
-             f"Budget: λ ∈ {{{', '.join(d.lams)}}} x σ ∈ {{{', '.join(d.sigmas)}}} (noise: σ only; LoRA: none) "
-             f"x seeds {{{', '.join(map(str, d.sweep_seeds))}}}, selected on the validation split by {d.metric} "
-             f"({d.direction}); then seeds {{{', '.join(map(str, d.final_seeds))}}} at each arm's selected point, "
-             f"tested on the held-out test split.", ""]
+    lines = [
+        f"### {d.name}: `{d.recipe}`",
+        "",
+        f"Budget: λ ∈ {{{', '.join(d.lams)}}} x σ ∈ {{{', '.join(d.sigmas)}}} (noise: σ only; LoRA: none) "
+        f"x seeds {{{', '.join(map(str, d.sweep_seeds))}}}, selected on the validation split by {d.metric} "
+        f"({d.direction}); then seeds {{{', '.join(map(str, d.final_seeds))}}} at each arm's selected point, "
+        f"tested on the held-out test split.",
+        "",
+    ]
     base = arms["lora"]["final"]
     for key, title, higher, scale in metrics:
         if not any(key in r for a in arms.values() for r in a["final"].values()):
             continue
-        lines += [f"**{title}** (Δ = arm - LoRA on the same seed; better = {'higher' if higher else 'lower'})", "",
-                  "| arm | selected | val " + d.metric + " | seeds | " + title + " mean ± std | Δ mean ± std | "
-                  "better / worse / tie | paired t p | sign p | train loss at end |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"**{title}** (Δ = arm - LoRA on the same seed; better = {'higher' if higher else 'lower'})",
+            "",
+            "| arm | selected | val " + d.metric + " | seeds | " + title + " mean ± std | Δ mean ± std | "
+            "better / worse / tie | paired t p | sign p | train loss at end |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for arm, a in arms.items():
             vals = {s: r[key] * scale for s, r in a["final"].items() if key in r}
             ref = {s: r[key] * scale for s, r in base.items() if key in r}
             point = next((p for p in (a["sweep"] or {}).get("points", []) if p["params"] == a["selected"]), None)
             val = "–" if point is None else f"{point['mean']:.4g} ± {point['std']:.2g}"
             sel = "–" if a["selected"] is None else label(a["selected"], short=True)
-            mean = "–" if not vals else f"{statistics.fmean(vals.values()):.4g} ± " \
+            mean = (
+                "–"
+                if not vals
+                else f"{statistics.fmean(vals.values()):.4g} ± "
                 f"{statistics.stdev(vals.values()) if len(vals) > 1 else 0:.2g}"
+            )
             trains = [r["train_loss_end"] for r in a["final"].values()]
             train = "–" if not trains else f"{statistics.fmean(trains):.3g}"
             if arm == "lora" or not vals:
@@ -488,8 +609,10 @@ def summarize(plan: Plan, d: Dataset) -> tuple[dict, str]:
             a.setdefault("paired", {})[key] = p
             delta = "–" if p["mean"] is None else f"{p['mean']:+.3g} ± {p['std'] or 0:.2g}"
             tp = "–" if p["t_p"] is None else f"{p['t_p']:.3g}"
-            lines.append(f"| {arm} | {sel} | {val} | {len(vals)} | {mean} | {delta} | {p['better']} / {p['worse']} / "
-                         f"{p['ties']} | {tp} | {p['sign_p']:.3g} | {train} |")
+            lines.append(
+                f"| {arm} | {sel} | {val} | {len(vals)} | {mean} | {delta} | {p['better']} / {p['worse']} / "
+                f"{p['ties']} | {tp} | {p['sign_p']:.3g} | {train} |"
+            )
         lines.append("")
     lines += ["Sweeps (validation split; heatmaps: `study_" + d.name + "_<arm>_heatmap.png`):", ""]
     for arm, a in arms.items():
@@ -522,14 +645,19 @@ def write_tables(plan: Plan, datasets: list[Dataset], command: str, machine: dic
 
 # --- main ------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--only", help=f"comma-separated datasets (default: all of {', '.join(DATASETS)})")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
     p.add_argument("--out-dir", type=Path, help="runs (default outputs/study, --smoke outputs/study-smoke)")
     p.add_argument("--results", type=Path, help="tables (default bench/results, --smoke OUT_DIR/results)")
-    p.add_argument("--grace-period", type=int, default=120,
-                   help="seconds after which a run of a killed session is taken as dead and resumed")
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=120,
+        help="seconds after which a run of a killed session is taken as dead and resumed",
+    )
     p.add_argument("--smoke", action="store_true", help="1 grid point, 1 + 2 seeds, 2 steps per run")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate, run nothing")
     p.add_argument("--summary", action="store_true", help="write the tables from what is done, run nothing")
@@ -551,8 +679,11 @@ def main(argv=None) -> int:
     plan = Plan(args.out_dir, args.results, args.smoke, args.grace_period)
     for d in args.datasets:
         hours = "" if args.smoke else f", ~{estimate_hours(d, args.jobs):.1f} h at {args.jobs} side by side"
-        print(f"[study] {d.name}: {runs_of(d)} runs{hours} (grid {len(d.lams)}x{len(d.sigmas)}, sweep seeds "
-              f"{list(d.sweep_seeds)}, final seeds {list(d.final_seeds)})", flush=True)
+        print(
+            f"[study] {d.name}: {runs_of(d)} runs{hours} (grid {len(d.lams)}x{len(d.sigmas)}, sweep seeds "
+            f"{list(d.sweep_seeds)}, final seeds {list(d.final_seeds)})",
+            flush=True,
+        )
     if not args.smoke:
         print(f"[study] estimated total ~{sum(estimate_hours(d, args.jobs) for d in args.datasets):.1f} h", flush=True)
     for d in args.datasets:
@@ -566,8 +697,9 @@ def main(argv=None) -> int:
     if not args.summary:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "study.pgid").write_text(f"{os.getpgid(0)}\n")  # started under setsid: the group is ours
-        print(f"[study] pause: kill -TERM -- -{os.getpgid(0)} (runs checkpoint; rerun the command to resume)",
-              flush=True)
+        print(
+            f"[study] pause: kill -TERM -- -{os.getpgid(0)} (runs checkpoint; rerun the command to resume)", flush=True
+        )
         Study(plan, args.datasets, args.jobs).run()
     print(write_tables(plan, args.datasets, command, machine))
     print(f"\nwritten: {args.results}/study.md and study_<dataset>.json/.md", flush=True)

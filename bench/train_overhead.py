@@ -29,6 +29,7 @@ torch.cuda.max_memory_allocated. Under --deepspeed the same variants run once as
 per-rank loops (no engine, no communication) and once inside a ZeRO-N engine, interleaved,
 so both ratio columns come from the same run; memory is not measured there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--model", default="smollm2", help="tiny | smollm2 | a causal-LM folder")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
@@ -85,18 +87,23 @@ def parse_args(argv=None):
         p.error(f"--variants must include peft and come from {VARIANTS}")
     if args.name is None:
         label = Path(args.model).name if args.model not in ("tiny", "smollm2") else args.model
-        args.name = f"train_overhead_{label}_{args.device}_{args.dtype}" + \
-            (f"_zero{args.deepspeed}" if args.deepspeed else "") + ("_smoke" if args.smoke else "")
+        args.name = (
+            f"train_overhead_{label}_{args.device}_{args.dtype}"
+            + (f"_zero{args.deepspeed}" if args.deepspeed else "")
+            + ("_smoke" if args.smoke else "")
+        )
     return args
 
 
 # --------------------------------------------------------------------------- building
+
 
 def model_source(spec: str):
     if spec == "tiny":
         return None
     if spec == "smollm2":
         from pace_llm.assets import smollm2_dir
+
         return smollm2_dir()
     return spec
 
@@ -104,11 +111,13 @@ def model_source(spec: str):
 def load_model(args):
     import torch
     import transformers
+
     dtype = getattr(torch, DTYPES[args.dtype])
     source = model_source(args.model)
     torch.manual_seed(0)
     if source is None:
         from pace_llm.assets.tiny import tiny_config
+
         model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=dtype)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -120,6 +129,7 @@ def load_model(args):
 def make_data(args, vocab: int, n_samples: int, id_offset: int = 0, id_stride: int = 1):
     """n_samples fixed rows: random ids, the last answer_len positions supervised."""
     import torch
+
     g = torch.Generator().manual_seed(1234 + id_offset)
     ids = torch.randint(3, vocab, (n_samples, args.seq_len), generator=g)
     labels = ids.clone()
@@ -131,13 +141,18 @@ def make_data(args, vocab: int, n_samples: int, id_offset: int = 0, id_stride: i
 def batches(args, data, device):
     """An endless cycle of batches over the rows, in a fixed order (an epoch = n/B steps)."""
     import torch
+
     ids, labels, sample_ids = data
     n = len(ids)
     step = 0
     while True:
         sel = torch.arange(step * args.batch, (step + 1) * args.batch) % n
-        yield {"input_ids": ids[sel].to(device), "attention_mask": torch.ones_like(ids[sel]).to(device),
-               "labels": labels[sel].to(device), "sample_id": sample_ids[sel]}
+        yield {
+            "input_ids": ids[sel].to(device),
+            "attention_mask": torch.ones_like(ids[sel]).to(device),
+            "labels": labels[sel].to(device),
+            "sample_id": sample_ids[sel],
+        }
         step += 1
 
 
@@ -149,6 +164,7 @@ class Variant:
         import torch
 
         import pace_llm
+
         self.name, self.args = name, args
         self.device = args.device
         model = load_model(args)
@@ -157,14 +173,14 @@ class Variant:
             model = peft.get_peft_model(model, peft_lora_config(model, args))
             self.objective = None
         else:
-            model = pace_llm.apply_pace(model, pace_llm.PaceConfig(
-                rank=args.rank, alpha=args.alpha, sigma=0.0 if name == "off" else args.sigma))
+            model = pace_llm.apply_pace(
+                model, pace_llm.PaceConfig(rank=args.rank, alpha=args.alpha, sigma=0.0 if name == "off" else args.sigma)
+            )
             mode = {"noise": "off", "fast_nogram": "fast"}.get(name, name)
             cache = None
             if mode == "fast":
                 counts = pace_llm.supervised_counts(data[1]).tolist()
-                cache = pace_llm.OutputCache(counts, pace_llm.cache_dim(model),
-                                             sample_ids=data[2].tolist())
+                cache = pace_llm.OutputCache(counts, pace_llm.cache_dim(model), sample_ids=data[2].tolist())
             self.objective = pace_objective(mode, args, cache, model, head_gram=name != "fast_nogram")
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -172,11 +188,11 @@ class Variant:
         self.engine = None
         if ds_config is not None:
             import deepspeed
+
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
             model = self.engine
         self.model, self.optimizer = model, optimizer
-        self.batches = batches(args, data, "cpu" if ds_config is not None and args.device == "cpu"
-                               else args.device)
+        self.batches = batches(args, data, "cpu" if ds_config is not None and args.device == "cpu" else args.device)
         self.step_index = 0
 
     def loss(self, batch):
@@ -187,6 +203,7 @@ class Variant:
 
     def step(self) -> float:
         import torch
+
         batch = next(self.batches)
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -211,6 +228,7 @@ def peft_lora_config(model, args):
     """PEFT's LoRA on the layers apply_pace adapts, listed as apply_pace lists them."""
     from pace_llm import PaceConfig
     from pace_llm.core.adapters import peft_lora_config as lora_config
+
     return lora_config(model, PaceConfig(rank=args.rank, alpha=args.alpha, dropout=0.0, train_head=False))
 
 
@@ -218,6 +236,7 @@ def pace_objective(mode: str, args, cache, model, head_gram: bool = True):
     """PaceObjective(mode); head_gram=False: PACE_fast's consistency through the lm_head
     itself, ‖W(h − h_o)‖², instead of the WᵀW form."""
     import pace_llm
+
     return pace_llm.PaceObjective(mode, lam=args.lam, lazy_every=2, cache=cache, head_gram=head_gram)
 
 
@@ -231,6 +250,7 @@ def warmup_steps(args) -> int:
 
 # --------------------------------------------------------------------------- timing
 
+
 def measure_rounds(variants: dict, args, log=print) -> dict:
     """{name: [seconds per step, one per round]}: warm-up, then rounds in a rotating order
     (the same order on every rank, as DeepSpeed variants run collectives)."""
@@ -242,8 +262,10 @@ def measure_rounds(variants: dict, args, log=print) -> dict:
     for r in range(args.rounds):
         for name in common.rotated(names, r):
             per_round[name].append(sum(variants[name].step() for _ in range(args.steps)) / args.steps)
-        log(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {per_round[n][-1] * 1e3:.1f} ms" for n in names),
-            flush=True)
+        log(
+            f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {per_round[n][-1] * 1e3:.1f} ms" for n in names),
+            flush=True,
+        )
     return per_round
 
 
@@ -251,8 +273,10 @@ def time_interleaved(variants: dict, args, log=print) -> dict:
     """{name: {"per_round": [s/step per round], "ratio_per_round": [...]}}."""
     per_round = measure_rounds(variants, args, log)
     names = list(variants)
-    return {n: {"per_round_s": per_round[n],
-                "ratio_per_round": [a / b for a, b in zip(per_round[n], per_round["peft"])]} for n in names}
+    return {
+        n: {"per_round_s": per_round[n], "ratio_per_round": [a / b for a, b in zip(per_round[n], per_round["peft"])]}
+        for n in names
+    }
 
 
 def timing_rows(timing: dict) -> dict:
@@ -260,14 +284,20 @@ def timing_rows(timing: dict) -> dict:
     out = {}
     for name, t in timing.items():
         q1, q3 = common.quartiles(t["per_round_s"])
-        out[name] = {"median_ms": common.median(t["per_round_s"]) * 1e3, "q1_ms": q1 * 1e3, "q3_ms": q3 * 1e3,
-                     "ratio_to_peft": common.median(t["ratio_per_round"]),
-                     "ratio_to_off": common.median([a / b for a, b in zip(t["per_round_s"], off["per_round_s"])])
-                     if off else None}
+        out[name] = {
+            "median_ms": common.median(t["per_round_s"]) * 1e3,
+            "q1_ms": q1 * 1e3,
+            "q3_ms": q3 * 1e3,
+            "ratio_to_peft": common.median(t["ratio_per_round"]),
+            "ratio_to_off": common.median([a / b for a, b in zip(t["per_round_s"], off["per_round_s"])])
+            if off
+            else None,
+        }
     return out
 
 
 # --------------------------------------------------------------------------- memory
+
 
 def _status_kb(key: str) -> int:
     return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
@@ -276,6 +306,7 @@ def _status_kb(key: str) -> int:
 def memory_child(args) -> dict:
     """In a fresh process: build one variant, then peak memory over warm-up + a few steps."""
     import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     data = make_data(args, vocab_size(args), n_samples(args))
@@ -294,16 +325,23 @@ def memory_child(args) -> dict:
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = _status_kb("VmHWM") * 1024
-    return {"variant": args.memory_child, "before_bytes": before, "peak_bytes": peak,
-            "delta_bytes": peak - before, "last_step_s": times[-1],
-            "measure": "cuda max_memory_allocated" if args.device == "cuda" else "VmHWM (peak RSS)"}
+    return {
+        "variant": args.memory_child,
+        "before_bytes": before,
+        "peak_bytes": peak,
+        "delta_bytes": peak - before,
+        "last_step_s": times[-1],
+        "measure": "cuda max_memory_allocated" if args.device == "cuda" else "VmHWM (peak RSS)",
+    }
 
 
 def vocab_size(args) -> int:
     import transformers
+
     source = model_source(args.model)
     if source is None:
         from pace_llm.assets.tiny import tiny_config
+
         return tiny_config("llama").vocab_size
     return transformers.AutoConfig.from_pretrained(source).vocab_size
 
@@ -333,8 +371,10 @@ def measure_memory(args, argv: list[str]) -> dict:
 
 # --------------------------------------------------------------------------- runs
 
+
 def single_process(args, argv) -> dict:
     import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     data = make_data(args, vocab_size(args), n_samples(args))
@@ -343,8 +383,12 @@ def single_process(args, argv) -> dict:
     timing = time_interleaved(variants, args)
     del variants
     memory = None if args.no_memory else measure_memory(args, argv)
-    return {"timing": timing_rows(timing), "raw_timing": timing, "memory": memory,
-            "torch_threads": torch.get_num_threads()}
+    return {
+        "timing": timing_rows(timing),
+        "raw_timing": timing,
+        "memory": memory,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def table_single(result: dict) -> str:
@@ -352,23 +396,46 @@ def table_single(result: dict) -> str:
     for name, t in result["timing"].items():
         m = (result["memory"] or {}).get(name, {})
         mib = lambda b: None if b is None else b / 2**20  # noqa: E731
-        rows.append([name, t["median_ms"], f"{t['q1_ms']:.4g}-{t['q3_ms']:.4g}", f"{t['ratio_to_peft']:.3f}",
-                     f"{t['ratio_to_off']:.3f}" if t["ratio_to_off"] else "n/a",
-                     mib(m.get("peak_bytes")), f"{m['peak_ratio_to_peft']:.3f}" if m else "n/a",
-                     mib(m.get("delta_bytes")),
-                     f"{m['delta_ratio_to_peft']:.3f}" if m and m.get("delta_ratio_to_peft") else "n/a"])
+        rows.append(
+            [
+                name,
+                t["median_ms"],
+                f"{t['q1_ms']:.4g}-{t['q3_ms']:.4g}",
+                f"{t['ratio_to_peft']:.3f}",
+                f"{t['ratio_to_off']:.3f}" if t["ratio_to_off"] else "n/a",
+                mib(m.get("peak_bytes")),
+                f"{m['peak_ratio_to_peft']:.3f}" if m else "n/a",
+                mib(m.get("delta_bytes")),
+                f"{m['delta_ratio_to_peft']:.3f}" if m and m.get("delta_ratio_to_peft") else "n/a",
+            ]
+        )
     return common.markdown_table(
-        ["variant", "step ms (median)", "IQR ms", "time / peft", "time / off", "peak MiB",
-         "peak / peft", "training MiB", "training / peft"], rows)
+        [
+            "variant",
+            "step ms (median)",
+            "IQR ms",
+            "time / peft",
+            "time / off",
+            "peak MiB",
+            "peak / peft",
+            "training MiB",
+            "training / peft",
+        ],
+        rows,
+    )
 
 
 def launch_deepspeed(args, argv) -> int:
     """Re-run this script under `deepspeed --num_gpus 2` (1 OpenMP thread per rank on CPU)."""
     from pace_llm.distributed.launcher import launch_env, script_command
+
     env = launch_env(threads=1, offline=False, BENCH_COMMAND=common.command_line())
     cmd = script_command("deepspeed", __file__, argv, nproc=2)
-    print("$ OMP_NUM_THREADS=1 " + " ".join(cmd[0:1] + [os.path.relpath(c, common.ROOT) if c == __file__ else c
-                                                          for c in cmd[1:]]), flush=True)
+    print(
+        "$ OMP_NUM_THREADS=1 "
+        + " ".join(cmd[0:1] + [os.path.relpath(c, common.ROOT) if c == __file__ else c for c in cmd[1:]]),
+        flush=True,
+    )
     rc = subprocess.run(cmd, env=env, cwd=common.ROOT).returncode
     if rc == 0:  # the table last, after the launcher's own log lines
         print("\n" + (Path(args.out or common.RESULTS) / f"{args.name}.md").read_text())
@@ -377,10 +444,13 @@ def launch_deepspeed(args, argv) -> int:
 
 def ds_config(args, world: int) -> dict:
     """The config launch/train.py would build for this batch, ZeRO stage and dtype."""
-    from pace_llm.distributed import deepspeed_engine
     from pace_llm.config import load_recipe
-    recipe = load_recipe(None, [f"train.micro_batch_size={args.batch}", f"deepspeed.zero_stage={args.deepspeed}",
-                                f"model.dtype={args.dtype}"])
+    from pace_llm.distributed import deepspeed_engine
+
+    recipe = load_recipe(
+        None,
+        [f"train.micro_batch_size={args.batch}", f"deepspeed.zero_stage={args.deepspeed}", f"model.dtype={args.dtype}"],
+    )
     return deepspeed_engine.build_config(recipe, world)
 
 
@@ -390,6 +460,7 @@ def distributed(args) -> dict | None:
 
     from pace_llm.distributed import deepspeed_engine
     from pace_llm.distributed.process_group import all_reduce_scalars, init_distributed
+
     rank, world = init_distributed()
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -398,8 +469,10 @@ def distributed(args) -> dict | None:
     # rank r holds the samples r, r+W, ... (as ShardedEpochSampler): its own cache shard
     data = make_data(args, vocab, n_samples(args), id_offset=rank, id_stride=world)
     log = print if rank == 0 else (lambda *a, **k: None)
-    log(f"building {len(args.variants)} variants x (plain, ZeRO-{args.deepspeed}) of {args.model} "
-        f"on {world} ranks", flush=True)
+    log(
+        f"building {len(args.variants)} variants x (plain, ZeRO-{args.deepspeed}) of {args.model} on {world} ranks",
+        flush=True,
+    )
     variants = {f"{n}/plain": Variant(n, args, data) for n in args.variants}
     hf_config = deepspeed_engine.zero3_context(config)  # models built partitioned under ZeRO-3
     for n in args.variants:
@@ -411,26 +484,39 @@ def distributed(args) -> dict | None:
     # the slowest rank's time per round (an engine step waits for both anyway)
     rounds = len(per_round[names[0]])
     flat = all_reduce_scalars([x for n in names for x in per_round[n]], dist.ReduceOp.MAX)
-    per_round = {n: flat[i * rounds:(i + 1) * rounds] for i, n in enumerate(names)}
+    per_round = {n: flat[i * rounds : (i + 1) * rounds] for i, n in enumerate(names)}
     dist.barrier()
     if rank != 0:
         return None
     out = {}
     for kind in ("plain", f"zero{args.deepspeed}"):
-        timing = {n: {"per_round_s": per_round[f"{n}/{kind}"],
-                      "ratio_per_round": [a / b for a, b in zip(per_round[f"{n}/{kind}"], per_round[f"peft/{kind}"])]}
-                  for n in args.variants}
+        timing = {
+            n: {
+                "per_round_s": per_round[f"{n}/{kind}"],
+                "ratio_per_round": [a / b for a, b in zip(per_round[f"{n}/{kind}"], per_round[f"peft/{kind}"])],
+            }
+            for n in args.variants
+        }
         out[kind] = timing_rows(timing)
     return {"timing": out, "world_size": world, "torch_threads": torch.get_num_threads(), "ds_config": config}
 
 
 def table_distributed(result: dict, stage: int) -> str:
     plain, zero = result["timing"]["plain"], result["timing"][f"zero{stage}"]
-    rows = [[n, plain[n]["median_ms"], f"{plain[n]['ratio_to_peft']:.3f}", zero[n]["median_ms"],
-             f"{zero[n]['ratio_to_peft']:.3f}", f"{zero[n]['ratio_to_peft'] / plain[n]['ratio_to_peft']:.3f}"]
-            for n in plain]
-    return common.markdown_table(["variant", "plain ms", "plain / peft", f"ZeRO-{stage} ms",
-                                  f"ZeRO-{stage} / peft", "ratio ZeRO / plain"], rows)
+    rows = [
+        [
+            n,
+            plain[n]["median_ms"],
+            f"{plain[n]['ratio_to_peft']:.3f}",
+            zero[n]["median_ms"],
+            f"{zero[n]['ratio_to_peft']:.3f}",
+            f"{zero[n]['ratio_to_peft'] / plain[n]['ratio_to_peft']:.3f}",
+        ]
+        for n in plain
+    ]
+    return common.markdown_table(
+        ["variant", "plain ms", "plain / peft", f"ZeRO-{stage} ms", f"ZeRO-{stage} / peft", "ratio ZeRO / plain"], rows
+    )
 
 
 def main(argv=None) -> int:
@@ -439,6 +525,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging
+
     logging.getLogger("pace_llm").setLevel(logging.ERROR)
     if args.memory_child:
         print(json.dumps(memory_child(args)))
@@ -457,9 +544,11 @@ def main(argv=None) -> int:
         table = table_single(result)
     result = {"machine": machine, "command": common.command_line(), "settings": settings, **result}
     common.save(args.name, result, table, args.out)
-    print(f"\n{args.name} ({args.model}, {args.dtype}, {args.device}, batch {args.batch} x {args.seq_len} tokens, "
-          f"{args.answer_len} supervised; {args.rounds} rounds x {args.steps} steps, interleaved; "
-          f"load average {machine['load_average_at_start']})")
+    print(
+        f"\n{args.name} ({args.model}, {args.dtype}, {args.device}, batch {args.batch} x {args.seq_len} tokens, "
+        f"{args.answer_len} supervised; {args.rounds} rounds x {args.steps} steps, interleaved; "
+        f"load average {machine['load_average_at_start']})"
+    )
     print(table, flush=True)
     return 0
 

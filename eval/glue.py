@@ -5,6 +5,7 @@ kept at this path.
     python eval/glue.py --table out/*.json
     python eval/glue.py --help           # the flags (pace_llm/cli/eval_glue.py)
 """
+
 from pace_llm.cli.eval_glue import main
 
 if __name__ == "__main__":

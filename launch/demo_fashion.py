@@ -4,6 +4,7 @@
     python launch/demo_fashion.py [--seeds 0 1 2] [--shots 10] [--jobs 2] [recipe overrides]
     python launch/demo_fashion.py --help     # the flags (pace_llm/cli/demo_fashion.py)
 """
+
 import sys
 
 from pace_llm.cli.demo_fashion import main

@@ -5,6 +5,7 @@ path (launch/slurm/sweep.sbatch runs it).
         --metric eval_accuracy --direction max
     python launch/sweep.py --help        # the flags (pace_llm/cli/sweep.py)
 """
+
 import sys
 
 from pace_llm.cli.sweep import main

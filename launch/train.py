@@ -8,6 +8,7 @@
 Overrides follow the recipe as section.key=value (train.max_steps=100, resume=true).
 The command line is pace_llm/cli/train.py's, the training pace_llm.training's.
 """
+
 from pace_llm.cli.train import main
 from pace_llm.distributed.launcher import exit_now
 

@@ -11,17 +11,47 @@
 Importing pace_llm changes nothing in torch: PACE's shared dropout masks hold only inside
 an objective's scope (pace.paired_dropout).
 """
-import pace_llm.distributed.zero3  # noqa: F401  (installs ZeRO-3's gather into the core's hooks)
-from pace_llm.core.adapters import apply_pace, head_noise, merge_pace, noise_layers, resolve_targets
-from pace_llm.core.cache import OutputCache, ShardedEpochSampler
-from pace_llm.export import load_adapter, save_adapter, save_merged
-from pace_llm.core.objectives import PaceObjective
-from pace_llm.core.pace_config import MODES, PaceConfig
-from pace_llm.core.outputs import SampleOutputs, TokenOutputs, cache_dim, forward_outputs, supervised_counts
 
-__all__ = [
-    "PaceConfig", "apply_pace", "merge_pace", "noise_layers", "head_noise", "resolve_targets",
-    "OutputCache", "ShardedEpochSampler", "load_adapter", "save_adapter", "save_merged",
-    "MODES", "PaceObjective", "TokenOutputs", "SampleOutputs", "cache_dim", "forward_outputs", "supervised_counts",
-]
+import importlib
+
+import pace_llm.distributed.zero3  # noqa: F401  (installs ZeRO-3's gather into the core's hooks; no torch)
+
+# Each public name -> the module that defines it, imported on first use (PEP 562): importing
+# pace_llm or one of its entry points stays light until the method is needed (`pace-llm --help`
+# loads no torch; a command can route logs before peft and bitsandbytes speak at import).
+_EXPORTS = {
+    "apply_pace": "core.adapters",
+    "head_noise": "core.adapters",
+    "merge_pace": "core.adapters",
+    "noise_layers": "core.adapters",
+    "resolve_targets": "core.adapters",
+    "OutputCache": "core.cache",
+    "ShardedEpochSampler": "core.cache",
+    "PaceObjective": "core.objectives",
+    "SampleOutputs": "core.outputs",
+    "TokenOutputs": "core.outputs",
+    "cache_dim": "core.outputs",
+    "forward_outputs": "core.outputs",
+    "supervised_counts": "core.outputs",
+    "MODES": "core.pace_config",
+    "PaceConfig": "core.pace_config",
+    "load_adapter": "export",
+    "save_adapter": "export",
+    "save_merged": "export",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pace_llm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"pace_llm.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ A recipe is YAML with the sections below; `section.key=value` overrides follow t
 recipe path on the command line. An unknown key is an error naming it and the closest
 valid key; a wrong type or value names the key and what was expected.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,13 +29,16 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.yaml_implicit_resolvers = {
     ch: [r for r in resolvers if r[0] not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def _yaml(text: str):
@@ -43,9 +47,9 @@ def _yaml(text: str):
 
 @dataclasses.dataclass
 class ModelSection:
-    name: str = "tiny:phi3"            # hub id, local folder, or tiny:{phi3,llama,roberta,vit}
-    task: str = "causal_lm"            # a key of pace_llm.tasks.TASKS
-    num_labels: Optional[int] = None   # classifiers: required by task kinds with needs_num_labels
+    name: str = "tiny:phi3"  # hub id, local folder, or tiny:{phi3,llama,roberta,vit}
+    task: str = "causal_lm"  # a key of pace_llm.tasks.TASKS
+    num_labels: Optional[int] = None  # classifiers: required by task kinds with needs_num_labels
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     quantization: Optional[Literal["nf4", "int8"]] = None
     attn_implementation: Optional[str] = None
@@ -78,17 +82,17 @@ class DataSection:
     output_field: str = per_source("output")
     system_field: str = per_source("system")
     chat_template: Optional[str] = None  # a Jinja file for a tokenizer without one (also exported)
-    skip_invalid: bool = False         # skip (and count) rows a format cannot read, instead of failing
+    skip_invalid: bool = False  # skip (and count) rows a format cannot read, instead of failing
     text_fields: list[str] = dataclasses.field(default_factory=lambda: ["sentence"])  # seq_cls
-    image_field: str = "image"         # image_cls
+    image_field: str = "image"  # image_cls
     image_size: int = 224
     augment: Literal["none", "crop_flip"] = "none"  # image_cls: the authors' few-shot crop + flip
     label_field: str = "label"
-    max_length: int = 512               # tokens per sample (truncated); with packing, per packed row
+    max_length: int = 512  # tokens per sample (truncated); with packing, per packed row
     # causal_lm: pack each micro-batch's train.micro_batch_size samples into rows of up to
     # max_length tokens (best-fit-decreasing, pace_llm/core/packing.py): no padding but row tails
     packing: bool = False
-    limit: Optional[int] = None        # first N training rows (smoke runs)
+    limit: Optional[int] = None  # first N training rows (smoke runs)
     # train on N rows of data.train drawn with train.seed (a new subset per seed, the same in every
     # epoch and on resume), N / classes per class of data.label_field for classifiers: few-shot sets
     sample: Optional[int] = None
@@ -101,10 +105,12 @@ class DataSection:
             return []
         default = DataSource(path=value) if isinstance(value, str) else None
         split, limit = getattr(self, f"{which}_split"), self.limit if which == "train" else self.eval_limit
-        return [dataclasses.replace(s, split=s.split or split, limit=s.limit if s.limit is not None else limit)
-                for s in ([default] if default else value)]
+        return [
+            dataclasses.replace(s, split=s.split or split, limit=s.limit if s.limit is not None else limit)
+            for s in ([default] if default else value)
+        ]
 
-    def for_source(self, source: DataSource) -> "DataSection":
+    def for_source(self, source: DataSource) -> DataSection:
         """This section with the source's own keys (format, field names, hub_config) in force."""
         own = {k: getattr(source, k) for k in SOURCE_KEYS if getattr(source, k) is not None}
         return dataclasses.replace(self, **own)
@@ -112,14 +118,25 @@ class DataSection:
 
 # The data keys a source may set for itself (marked per_source above), unset (None) by default.
 SOURCE_KEYS = [f.name for f in dataclasses.fields(DataSection) if f.metadata.get("per_source")]
-DataSource = dataclasses.make_dataclass("DataSource", [
-    ("path", str, dataclasses.field(default="")),   # local file, hub id, or tiny:* (required)
-    ("weight", float, dataclasses.field(default=1.0)),  # repetitions per epoch; a fraction samples rows with train.seed
-    ("split", Optional[str], dataclasses.field(default=None)),  # default: data.train_split / data.eval_split
-    ("limit", Optional[int], dataclasses.field(default=None)),  # default: data.limit / data.eval_limit
-    # the section's annotations are strings (postponed evaluation), resolved in this module
-    *[(f.name, f"Optional[{f.type}]", dataclasses.field(default=None))
-      for f in dataclasses.fields(DataSection) if f.name in SOURCE_KEYS]])
+DataSource = dataclasses.make_dataclass(
+    "DataSource",
+    [
+        ("path", str, dataclasses.field(default="")),  # local file, hub id, or tiny:* (required)
+        (
+            "weight",
+            float,
+            dataclasses.field(default=1.0),
+        ),  # repetitions per epoch; a fraction samples rows with train.seed
+        ("split", Optional[str], dataclasses.field(default=None)),  # default: data.train_split / data.eval_split
+        ("limit", Optional[int], dataclasses.field(default=None)),  # default: data.limit / data.eval_limit
+        # the section's annotations are strings (postponed evaluation), resolved in this module
+        *[
+            (f.name, f"Optional[{f.type}]", dataclasses.field(default=None))
+            for f in dataclasses.fields(DataSection)
+            if f.name in SOURCE_KEYS
+        ],
+    ],
+)
 DataSource.__module__ = __name__  # where get_type_hints resolves those annotations, and pickle finds it
 DataSource.__doc__ = """One source of a mixture (`data.train` / `data.eval` as a list): its path, weight,
 split and limit, and any of the data section's per_source keys; unset keys take the data
@@ -129,10 +146,10 @@ section's value."""
 @dataclasses.dataclass
 class TrainSection:
     epochs: int = 1
-    max_steps: Optional[int] = None    # optimizer steps; sets the schedule when given
-    stop_after: Optional[int] = None   # end this invocation after step k (checkpointed)
-    micro_batch_size: int = 4          # per rank
-    gradient_accumulation: int = 1     # an epoch's last step may hold fewer micro-batches
+    max_steps: Optional[int] = None  # optimizer steps; sets the schedule when given
+    stop_after: Optional[int] = None  # end this invocation after step k (checkpointed)
+    micro_batch_size: int = 4  # per rank
+    gradient_accumulation: int = 1  # an epoch's last step may hold fewer micro-batches
     # What the task loss and consistency are averaged over: "step" = every supervised row of the
     # optimizer step (all micro-batches, all ranks), so packing, micro-batch size and
     # accumulation do not change the gradient; "micro_batch" = each micro-batch's own mean,
@@ -144,21 +161,21 @@ class TrainSection:
     warmup_steps: int = 0
     warmup_ratio: Optional[float] = None  # fraction of all steps (ceil), instead of warmup_steps
     lr_schedule: Literal["cosine", "linear"] = "cosine"  # decay to min_lr after the warmup
-    grad_clip: float = 0.0             # 0 = off
+    grad_clip: float = 0.0  # 0 = off
     seed: int = 0
     log_every: int = 1
-    save_every: int = 0                # steps; 0 = only at the end
+    save_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
-    eval_every: int = 0                # steps; with data.eval, also before training and at the end
-    eval_at_start: bool = True         # the eval before training (false: sweeps, whose runs all share it)
-    fp_distance: bool = False          # log ‖f(θ) − f(θ0)‖² on a fixed held-out batch
+    eval_every: int = 0  # steps; with data.eval, also before training and at the end
+    eval_at_start: bool = True  # the eval before training (false: sweeps, whose runs all share it)
+    fp_distance: bool = False  # log ‖f(θ) − f(θ0)‖² on a fixed held-out batch
     # log consistency_grad_ratio = ‖∇(λ·consistency)‖ / ‖∇task‖ on a training batch at every eval
     # and every this many steps (0: at evals only): above 1 the consistency steers the update
     grad_ratio_every: int = 0
     # NEFTune: uniform noise α / sqrt(L·d) on the input embeddings, L each sample's length
     # (pace_llm/core/neftune.py); 0 = off. Its paper's values: 5, 10, 15
     neftune_alpha: float = 0.0
-    export_check: bool = True          # compare merged-model logits with the trained model's
+    export_check: bool = True  # compare merged-model logits with the trained model's
     # trackers besides metrics.jsonl (always): tensorboard, wandb, mlflow (training/metrics.py)
     report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
 
@@ -168,14 +185,14 @@ class DeepSpeedSection:
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False
-    config: Optional[str] = None       # a DeepSpeed JSON file; replaces the generated config
+    config: Optional[str] = None  # a DeepSpeed JSON file; replaces the generated config
 
 
 @dataclasses.dataclass
 class Recipe:
     output_dir: str = "outputs/run"
     resume: bool = False
-    resume_force: bool = False         # resume even though the recipe changed in ways that break exactness
+    resume_force: bool = False  # resume even though the recipe changed in ways that break exactness
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     pace: PaceConfig = dataclasses.field(default_factory=PaceConfig)  # pace_llm/core/pace_config.py
     data: DataSection = dataclasses.field(default_factory=DataSection)
@@ -209,15 +226,24 @@ def _check_type(key: str, value: Any, tp) -> Any:
         return _build(tp, value, f"{key}.")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is bool and not isinstance(value, bool) or tp in (int, float) and isinstance(value, bool) \
-            or not isinstance(value, tp):
+    if (
+        tp is bool
+        and not isinstance(value, bool)
+        or tp in (int, float)
+        and isinstance(value, bool)
+        or not isinstance(value, tp)
+    ):
         raise RecipeError(f"{key}: expected {_describe(tp)}, got {value!r} ({type(value).__name__})")
     return value
 
 
 def _same_shape(value, tp) -> bool:
-    return isinstance(value, list) and typing.get_origin(tp) is list or \
-        isinstance(value, dict) and dataclasses.is_dataclass(tp)
+    return (
+        isinstance(value, list)
+        and typing.get_origin(tp) is list
+        or isinstance(value, dict)
+        and dataclasses.is_dataclass(tp)
+    )
 
 
 def _describe(tp) -> str:
@@ -288,49 +314,77 @@ def load_recipe(path: Optional[str] = None, overrides: list[str] = ()) -> Recipe
 
 def validate(r: Recipe) -> None:
     """Value checks the types cannot express."""
+
     def need(cond, key, what):
         if not cond:
             raise RecipeError(f"{key}: expected {what}, got {eval_key(r, key)!r}")
+
     # the registries live with what they register (and import torch): read here, not at import
     from pace_llm.tasks import TASKS
     from pace_llm.tasks.data_formats import FORMATS
+
     need(r.model.task in TASKS, "model.task", f"one of {list(TASKS)}")
     kind = TASKS[r.model.task]
     from pace_llm.training.metrics import REPORT_TO
+
     need(set(r.train.report_to) <= set(REPORT_TO), "train.report_to", f"a list of {list(REPORT_TO)}")
     need(0 <= r.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", "0, 1, 2 or 3")
     need(r.train.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")
     need(r.train.gradient_accumulation >= 1, "train.gradient_accumulation", "an integer >= 1")
     need(r.train.lr > 0, "train.lr", "a value > 0")
-    need(r.train.warmup_ratio is None or 0 <= r.train.warmup_ratio < 1, "train.warmup_ratio",
-         "a fraction in [0, 1) or null")
-    need(r.train.warmup_ratio is None or r.train.warmup_steps == 0, "train.warmup_steps",
-         "0 when train.warmup_ratio is set (set one of them)")
+    need(
+        r.train.warmup_ratio is None or 0 <= r.train.warmup_ratio < 1,
+        "train.warmup_ratio",
+        "a fraction in [0, 1) or null",
+    )
+    need(
+        r.train.warmup_ratio is None or r.train.warmup_steps == 0,
+        "train.warmup_steps",
+        "0 when train.warmup_ratio is set (set one of them)",
+    )
     need(r.train.max_steps is None or r.train.max_steps >= 1, "train.max_steps", "an integer >= 1")
     need(r.train.stop_after is None or r.train.stop_after >= 1, "train.stop_after", "an integer >= 1")
     need(r.train.grad_ratio_every >= 0, "train.grad_ratio_every", "an integer >= 0")
     need(r.train.neftune_alpha >= 0, "train.neftune_alpha", "a value >= 0")
-    need(not r.train.neftune_alpha or kind.uses_tokenizer, "train.neftune_alpha",
-         f"0 for model.task={r.model.task} (NEFTune noises token embeddings)")
-    need(r.pace.mode != "lazy_half" or r.train.micro_batch_size >= 2, "train.micro_batch_size",
-         ">= 2 with pace.mode=lazy_half (it halves the batch)")
+    need(
+        not r.train.neftune_alpha or kind.uses_tokenizer,
+        "train.neftune_alpha",
+        f"0 for model.task={r.model.task} (NEFTune noises token embeddings)",
+    )
+    need(
+        r.pace.mode != "lazy_half" or r.train.micro_batch_size >= 2,
+        "train.micro_batch_size",
+        ">= 2 with pace.mode=lazy_half (it halves the batch)",
+    )
     for which in ("train", "eval"):
         sources = getattr(r.data, which)
         need(sources != [], f"data.{which}", "a source or a non-empty list of sources")
         for i, source in enumerate(sources if isinstance(sources, list) else []):
             need(source.path, f"data.{which}[{i}].path", "a file, hub id or tiny:* source")
             need(source.weight > 0, f"data.{which}[{i}].weight", "a value > 0")
-            need(source.format in (None, "auto", *FORMATS), f"data.{which}[{i}].format",
-                 f"one of {['auto', *FORMATS]} or null")
+            need(
+                source.format in (None, "auto", *FORMATS),
+                f"data.{which}[{i}].format",
+                f"one of {['auto', *FORMATS]} or null",
+            )
     need(r.data.format in ("auto", *FORMATS), "data.format", f"one of {['auto', *FORMATS]}")
     need(r.data.sample is None or r.data.sample >= 1, "data.sample", "an integer >= 1 or null")
-    need(r.data.sample is None or not isinstance(r.data.train, list), "data.sample",
-         "null with a list of data.train sources (a fractional weight draws a share of one)")
+    need(
+        r.data.sample is None or not isinstance(r.data.train, list),
+        "data.sample",
+        "null with a list of data.train sources (a fractional weight draws a share of one)",
+    )
     packers = [name for name, k in TASKS.items() if k.supports_packing]
-    need(not r.data.packing or kind.supports_packing, "data.packing",
-         f"false for model.task={r.model.task} (packing is for {', '.join(packers)})")
-    need(not kind.needs_num_labels or r.model.num_labels, "model.num_labels",
-         f"the number of classes for model.task={r.model.task}")
+    need(
+        not r.data.packing or kind.supports_packing,
+        "data.packing",
+        f"false for model.task={r.model.task} (packing is for {', '.join(packers)})",
+    )
+    need(
+        not kind.needs_num_labels or r.model.num_labels,
+        "model.num_labels",
+        f"the number of classes for model.task={r.model.task}",
+    )
 
 
 def loss_normalization(r: Recipe) -> str:

@@ -7,6 +7,7 @@ Sources: a local .jsonl/.json/.csv/.parquet file, a hub id (with `data.hub_confi
 example's index (a file's row) in the source, so it is stable across shuffling, ranks and
 resumes (the PACE_fast cache key).
 """
+
 from __future__ import annotations
 
 import string
@@ -30,31 +31,39 @@ def render_prompt(tokenizer, user_text: str) -> str:
     prompt when the tokenizer has one (Phi-3, SmolLM2, ...), else the plain text.
     Training and evaluation both call this, so they cannot drift apart."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user_text}],
-                                             tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
     return user_text
 
 
-def load_examples(source: str, split: str = "train", hub_config: Optional[str] = None,
-                  limit: Optional[int] = None, seed: int = 0) -> datasets.Dataset:
+def load_examples(
+    source: str, split: str = "train", hub_config: Optional[str] = None, limit: Optional[int] = None, seed: int = 0
+) -> datasets.Dataset:
     """Examples of a local .jsonl/.json/.csv/.tsv/.parquet file, a hub dataset (`split`,
     `hub_config`) or `tiny:*` (generated from `seed`), each with its `sample_id`; the first
     `limit` only when given. Training and every eval/*.py entry point load through this."""
     if source.startswith("tiny:"):
         from pace_llm.assets import tiny
-        generators = {"tiny:arithmetic": tiny.tiny_arithmetic, "tiny:sentences": tiny.tiny_sentences,
-                      "tiny:images": tiny.tiny_images}
+
+        generators = {
+            "tiny:arithmetic": tiny.tiny_arithmetic,
+            "tiny:sentences": tiny.tiny_sentences,
+            "tiny:images": tiny.tiny_images,
+        }
         if source not in generators:
             raise DataError(f"unknown generated data {source!r}; available: {', '.join(generators)}")
-        examples = datasets.Dataset.from_list(generators[source](64 if split == "train" else 16,
-                                                                 seed=seed + (split != "train")))
+        examples = datasets.Dataset.from_list(
+            generators[source](64 if split == "train" else 16, seed=seed + (split != "train"))
+        )
     elif Path(source).suffix in _FILE_FORMATS:
         if not Path(source).exists():
             raise DataError(f"data file {source} does not exist")
         options = {"delimiter": "\t"} if Path(source).suffix == ".tsv" else {}
         try:
-            examples = datasets.load_dataset(_FILE_FORMATS[Path(source).suffix], data_files=source,
-                                             split="train", **options)
+            examples = datasets.load_dataset(
+                _FILE_FORMATS[Path(source).suffix], data_files=source, split="train", **options
+            )
         except datasets.exceptions.DatasetGenerationError:
             if _FILE_FORMATS[Path(source).suffix] == "json":
                 check_json_lines(source)  # names the line; datasets' error does not
@@ -68,13 +77,15 @@ def load_examples(source: str, split: str = "train", hub_config: Optional[str] =
 def check_json_lines(path: str) -> None:
     """A DataError naming the first line of a JSON-lines file that is not a JSON object."""
     import json
+
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     if text.lstrip().startswith("["):  # one JSON list, not lines
         try:
             json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"data file {path}, line {err.lineno}: not valid JSON ({err.msg}, column "
-                            f"{err.colno})") from None
+            raise DataError(
+                f"data file {path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})"
+            ) from None
         return
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -82,11 +93,13 @@ def check_json_lines(path: str) -> None:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(f"data file {path}, line {number}: not valid JSON ({err.msg}, column "
-                            f"{err.colno})") from None
+            raise DataError(
+                f"data file {path}, line {number}: not valid JSON ({err.msg}, column {err.colno})"
+            ) from None
         if not isinstance(value, dict):
-            raise DataError(f"data file {path}, line {number}: expected a JSON object (one row), got "
-                            f"{type(value).__name__}")
+            raise DataError(
+                f"data file {path}, line {number}: expected a JSON object (one row), got {type(value).__name__}"
+            )
 
 
 def template_fields(template: str) -> list[str]:
@@ -102,6 +115,7 @@ def pixel_values(image, image_size: int) -> np.ndarray:
     x = torch.from_numpy(np.array(image, dtype=np.float32))  # a writable copy
     x = x.unsqueeze(-1) if x.dim() == 2 else x  # H, W, C
     x = x.permute(2, 0, 1).unsqueeze(0).expand(1, 3, -1, -1) if x.shape[-1] == 1 else x.permute(2, 0, 1)[None]
-    x = torch.nn.functional.interpolate(x / 255.0, size=(image_size, image_size), mode="bilinear",
-                                        align_corners=False)[0]
+    x = torch.nn.functional.interpolate(x / 255.0, size=(image_size, image_size), mode="bilinear", align_corners=False)[
+        0
+    ]
     return ((x - 0.5) / 0.5).numpy()

@@ -6,6 +6,7 @@ transformers and vLLM; the adapter folder with `peft.PeftModel.from_pretrained` 
 vLLM's LoRA support (lora_add only; lora_mul_vpt has no PEFT equivalent and is saved
 as pace_adapter.safetensors + pace_config.json).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ PACE_WEIGHTS = "pace_adapter.safetensors"
 def save_adapter(model, out_dir) -> Path:
     """The trained adapter (and task head): PEFT format for lora_add."""
     import peft
+
     config: PaceConfig = model.pace_config
     with atomic_dir(out_dir) as tmp:
         if isinstance(model, peft.PeftModel):
@@ -39,6 +41,7 @@ def save_adapter(model, out_dir) -> Path:
 def load_adapter(model, adapter_dir, is_trainable: bool = False):
     """Rebuild the adapted model from `save_adapter`'s folder (either adapter kind)."""
     import peft
+
     adapter_dir = Path(adapter_dir)
     config = PaceConfig(**json.loads((adapter_dir / PACE_CONFIG).read_text()))
     if config.adapter == "lora_add":
@@ -86,14 +89,14 @@ def dequantize(model):
     dequantized weights (what a QLoRA adapter was trained against), for merging."""
     import bitsandbytes as bnb
     from peft.utils.integrations import dequantize_bnb_weight
+
     quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     for name, module in list(model.named_modules()):
         if isinstance(module, quantized):
             state = getattr(module.weight, "quant_state", None) or getattr(module, "state", None)
             weight = dequantize_bnb_weight(module.weight, state=state)
             dtype = getattr(module, "compute_dtype", None) or torch.float32
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                     dtype=dtype)
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
             with torch.no_grad():
                 linear.weight.copy_(weight.to(dtype))
                 if module.bias is not None:

@@ -9,6 +9,7 @@ which recipe version built them: `prepare_once` reuses a folder whose marker mat
 rebuilds it otherwise, under a file lock so that concurrent callers (two training ranks, two
 test processes) wait for one build instead of racing.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,12 @@ def is_prepared(folder: Path, version: int) -> bool:
         return False
 
 
-def prepare_once(folder: str | os.PathLike, build: Callable[[Path], dict | None], version: int,
-                 log: Callable[[str], None] | None = None) -> Path:
+def prepare_once(
+    folder: str | os.PathLike,
+    build: Callable[[Path], dict | None],
+    version: int,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """`folder`, built by `build(tmp_folder) -> metadata` unless already built at `version`.
 
     The marker `folder/.complete` holds {"version", "seconds", **metadata}; a missing marker

@@ -8,6 +8,7 @@ Prompts are rendered with `pace_llm.data.render_prompt`, the function training u
 All backends stop on the same token ids: the tokenizer's eos, the generation config's
 eos ids and the chat template's end-of-turn tokens present in the vocabulary.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from pace_llm.data import render_prompt
+from pace_llm.logs import stderr_to_log
 
 BACKENDS = ("vllm", "hf", "openai")
 # End-of-turn tokens of common chat templates (Phi-3, ChatML/SmolLM2/Qwen, Llama-3, Gemma).
@@ -35,7 +37,7 @@ def default_backend() -> str:
 class Generation:
     texts: list[str]
     token_ids: list[list[int] | None]  # generated ids without the final stop token
-    num_tokens: list[int]              # generated tokens, a final stop token included
+    num_tokens: list[int]  # generated tokens, a final stop token included
     seconds: float
 
 
@@ -92,9 +94,16 @@ class Generator:
     server's /v1/models (its `root`).
     """
 
-    def __init__(self, model_dir=None, backend: str | None = None, adapter=None,
-                 base_url: str | None = None, batch_size: int = 16,
-                 served_model: str | None = None, dtype: str | None = None):
+    def __init__(
+        self,
+        model_dir=None,
+        backend: str | None = None,
+        adapter=None,
+        base_url: str | None = None,
+        batch_size: int = 16,
+        served_model: str | None = None,
+        dtype: str | None = None,
+    ):
         backend = backend or default_backend()
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -112,14 +121,17 @@ class Generator:
         if backend == "openai":
             self._init_openai()
         import transformers
+
         # The base model's tokenizer, with an adapter too (vLLM's LoRA uses the base's).
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir)
         local = Path(self.model_dir).is_dir()
         self.stop_token_ids = stop_token_ids(self.tokenizer, self.model_dir if local else None)
         self.dtype = dtype or (config_dtype(self.model_dir) if local else None)
         if adapter and not Path(adapter, "adapter_config.json").is_file() and backend != "hf":
-            raise ValueError(f"{adapter}: no adapter_config.json (a lora_mul_vpt adapter has no "
-                             f"PEFT form): evaluate its merged folder, or use --backend hf")
+            raise ValueError(
+                f"{adapter}: no adapter_config.json (a lora_mul_vpt adapter has no "
+                f"PEFT form): evaluate its merged folder, or use --backend hf"
+            )
         if backend == "vllm":
             self._init_vllm()
         elif backend == "hf":
@@ -146,6 +158,7 @@ class Generator:
         self.__dict__.pop("_model", None)
         del llm
         import gc
+
         gc.collect()
 
     def __enter__(self):
@@ -163,21 +176,28 @@ class Generator:
     def _init_vllm(self):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; ignored on GPUs
         from vllm import LLM
-        kwargs = dict(model=self.model_dir, tokenizer=self.model_dir, dtype=self.dtype,
-                      enforce_eager=True, seed=0)
+
+        kwargs = dict(model=self.model_dir, tokenizer=self.model_dir, dtype=self.dtype, enforce_eager=True, seed=0)
         self._lora = None
         if self.adapter:
             from vllm.lora.request import LoRARequest
+
             rank = _adapter_rank(self.adapter)
-            kwargs.update(enable_lora=True, max_loras=1,
-                          max_lora_rank=next(r for r in _VLLM_LORA_RANKS if r >= rank))
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=next(r for r in _VLLM_LORA_RANKS if r >= rank))
             self._lora = LoRARequest("adapter", 1, str(Path(self.adapter).resolve()))
-        self._llm = LLM(**kwargs)
+        with stderr_to_log():  # the engine's start-up chatter (NUMA binding, weight loading bars)
+            self._llm = LLM(**kwargs)
 
     def _generate_vllm(self, prompts, max_new_tokens, progress):
         from vllm import SamplingParams
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, seed=0,
-                                stop_token_ids=self.stop_token_ids, skip_special_tokens=True)
+
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=max_new_tokens,
+            seed=0,
+            stop_token_ids=self.stop_token_ids,
+            skip_special_tokens=True,
+        )
         # Token ids, not text: vLLM then sees exactly the tokens the hf backend sees.
         inputs = [{"prompt_token_ids": ids} for ids in self.encode(prompts)]
         outputs = self._llm.generate(inputs, params, use_tqdm=progress, lora_request=self._lora)
@@ -195,14 +215,17 @@ class Generator:
     def _init_hf(self):
         import torch
         import transformers
+
         dtype = getattr(torch, self.dtype) if self.dtype not in (None, "auto") else "auto"
         model = transformers.AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
         if self.adapter:
             if Path(self.adapter, "adapter_config.json").is_file():
                 import peft
+
                 model = peft.PeftModel.from_pretrained(model, str(self.adapter))
             else:  # lora_mul_vpt: pace-llm's own format
                 from pace_llm.export import load_adapter
+
                 model = load_adapter(model, self.adapter)
         self._model = model.eval().to("cuda" if torch.cuda.is_available() else "cpu")
         self.max_model_len = getattr(model.config, "max_position_embeddings", None)
@@ -214,6 +237,7 @@ class Generator:
         import torch
         import transformers
         from tqdm.auto import tqdm
+
         tok, stops = self.tokenizer, set(self.stop_token_ids)
         lengths = [len(ids) for ids in self.encode(prompts)]
         # Stop where vLLM stops: prompt + completion within the context length.
@@ -223,19 +247,26 @@ class Generator:
         device = next(self._model.parameters()).device
         bar = tqdm(total=len(prompts), desc="generate (hf)", unit="prompt", disable=not progress)
         for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            enc = tok([prompts[i] for i in chunk], return_tensors="pt", padding=True,
-                      add_special_tokens=add_special_tokens(tok)).to(device)
+            chunk = order[start : start + self.batch_size]
+            enc = tok(
+                [prompts[i] for i in chunk],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=add_special_tokens(tok),
+            ).to(device)
             # A fresh config: the checkpoint's generation_config (sampling, penalties) must
             # not change greedy decoding.
             config = transformers.GenerationConfig(
-                do_sample=False, max_new_tokens=max(1, max(caps[i] for i in chunk)),
-                eos_token_id=self.stop_token_ids, pad_token_id=tok.pad_token_id,
-                bos_token_id=tok.bos_token_id)
+                do_sample=False,
+                max_new_tokens=max(1, max(caps[i] for i in chunk)),
+                eos_token_id=self.stop_token_ids,
+                pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id,
+            )
             with torch.inference_mode():
                 out = self._model.generate(**enc, generation_config=config)
             for row, i in enumerate(chunk):
-                new = out[row, enc["input_ids"].shape[1]:].tolist()[:caps[i]]
+                new = out[row, enc["input_ids"].shape[1] :].tolist()[: caps[i]]
                 kept, count = _cut_at_stop(new, stops)
                 results[i] = (tok.decode(kept, skip_special_tokens=True), kept, count)
             bar.update(len(chunk))
@@ -273,20 +304,28 @@ class Generator:
         from concurrent.futures import ThreadPoolExecutor
 
         from tqdm.auto import tqdm
+
         stops = set(self.stop_token_ids)
         # The server rejects prompt + max_tokens > max_model_len (vLLM offline and the hf
         # backend stop there instead): one request per prompt, each with its own cap.
-        caps = _length_caps([len(ids) for ids in self.encode(prompts)], max_new_tokens,
-                            self.max_model_len)
+        caps = _length_caps([len(ids) for ids in self.encode(prompts)], max_new_tokens, self.max_model_len)
 
         def complete(i):
             # temperature 0 is greedy; penalties pinned so a generation_config cannot change it.
             # stop_token_ids, skip_special_tokens, add_special_tokens, return_token_ids: vLLM's.
-            payload = {"model": self.model_name, "prompt": prompts[i], "max_tokens": caps[i],
-                       "temperature": 0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
-                       "frequency_penalty": 0.0, "stop_token_ids": self.stop_token_ids,
-                       "skip_special_tokens": True, "add_special_tokens": self.add_special_tokens,
-                       "return_token_ids": True}
+            payload = {
+                "model": self.model_name,
+                "prompt": prompts[i],
+                "max_tokens": caps[i],
+                "temperature": 0,
+                "repetition_penalty": 1.0,
+                "presence_penalty": 0.0,
+                "frequency_penalty": 0.0,
+                "stop_token_ids": self.stop_token_ids,
+                "skip_special_tokens": True,
+                "add_special_tokens": self.add_special_tokens,
+                "return_token_ids": True,
+            }
             response = self._request("/v1/completions", payload)
             choice = response["choices"][0]
             token_ids = choice.get("token_ids")
@@ -297,8 +336,13 @@ class Generator:
 
         results = []
         with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool:
-            for result in tqdm(pool.map(complete, range(len(prompts))), total=len(prompts),
-                               desc="generate (openai)", unit="prompt", disable=not progress):
+            for result in tqdm(
+                pool.map(complete, range(len(prompts))),
+                total=len(prompts),
+                desc="generate (openai)",
+                unit="prompt",
+                disable=not progress,
+            ):
                 results.append(result)
         return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
 

@@ -1,5 +1,6 @@
 """Loading the base model and tokenizer a recipe names: a hub id, a local folder, or
 `tiny:{phi3,llama,roberta,vit}` (a deterministic tiny model for smoke runs and tests)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,15 +15,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def materialize_tiny(name: str, folder: Path, num_labels=None) -> Path:
     """`tiny:phi3` etc.: a deterministic tiny model (+ tokenizer) saved once by rank 0, so
     every path after this (ZeRO-3 partitioned loading, QLoRA, export) is from_pretrained."""
-    from pace_llm.files import atomic_dir
     from pace_llm.assets.tiny import tiny_model, tiny_tokenizer
+    from pace_llm.files import atomic_dir
+
     if dist.get_rank() == 0 and not (folder / "config.json").exists():
         kind = name.split(":", 1)[1]
         overrides = {"num_labels": num_labels} if num_labels else {}
         tokenizer = None if kind == "vit" else tiny_tokenizer()
         if kind in ("phi3", "llama"):  # generated ids must decode; eos must be the tokenizer's
-            overrides.update(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                             bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            overrides.update(
+                vocab_size=len(tokenizer),
+                eos_token_id=tokenizer.eos_token_id,
+                bos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         elif kind == "roberta":  # position ids skip the padding id: it must be the tokenizer's
             overrides.update(pad_token_id=tokenizer.pad_token_id)
         with atomic_dir(folder) as tmp:
@@ -56,6 +62,9 @@ def load_base(model_section, source, auto_class, **task_kwargs) -> torch.nn.Modu
         kwargs["attn_implementation"] = m.attn_implementation
     if m.quantization:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=m.quantization == "nf4", load_in_8bit=m.quantization == "int8",
-            bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[m.dtype])
+            load_in_4bit=m.quantization == "nf4",
+            load_in_8bit=m.quantization == "int8",
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=DTYPES[m.dtype],
+        )
     return auto_class.from_pretrained(source, **kwargs)

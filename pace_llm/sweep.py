@@ -32,6 +32,7 @@ through Optuna's public API only:
 Results: SWEEP_DIR/sweep.json and sweep.md (mean ± std over seeds per point, best marked),
 and heatmap.png when the grid is pace.lam x pace.sigma (`write_sweep_results`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,7 +53,7 @@ from pace_llm.distributed.launcher import LAUNCHERS, train_command
 from pace_llm.files import file_lock
 
 SEED_KEY = "train.seed"
-POINT_ATTR = "point"      # a trial's user attribute: its grid point, {key: value as given}
+POINT_ATTR = "point"  # a trial's user attribute: its grid point, {key: value as given}
 SURPLUS_ATTR = "surplus"  # a trial that was handed no grid point (failed at once, ignored)
 
 
@@ -93,16 +94,16 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
 class Sweep:
     recipe: str
     overrides: list[str]
-    grid: dict[str, list[str]]          # the swept keys, train.seed included (last)
+    grid: dict[str, list[str]]  # the swept keys, train.seed included (last)
     metric: str = "eval_loss"
-    direction: str = "min"              # min | max
+    direction: str = "min"  # min | max
     sweep_dir: Path = Path("outputs/sweep")
-    storage: str | None = None          # SQLAlchemy URL; default sqlite:///SWEEP_DIR/sweep.db
-    study_name: str | None = None       # default: the sweep folder's name
+    storage: str | None = None  # SQLAlchemy URL; default sqlite:///SWEEP_DIR/sweep.db
+    study_name: str | None = None  # default: the sweep folder's name
     launcher: str = "python"
     nproc: int = 1
-    heartbeat_interval: int = 30        # seconds between a running trial's heartbeats
-    grace_period: int = 120             # a trial silent this long is dead: failed and re-queued
+    heartbeat_interval: int = 30  # seconds between a running trial's heartbeats
+    grace_period: int = 120  # a trial silent this long is dead: failed and re-queued
     quiet: bool = False
 
     def __post_init__(self):
@@ -111,8 +112,7 @@ class Sweep:
             raise SweepError(f"--direction {self.direction!r}: expected min or max")
         if self.launcher not in LAUNCHERS:
             raise SweepError(f"--launcher {self.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
-        for flag, seconds in (("--heartbeat-interval", self.heartbeat_interval),
-                              ("--grace-period", self.grace_period)):
+        for flag, seconds in (("--heartbeat-interval", self.heartbeat_interval), ("--grace-period", self.grace_period)):
             if not isinstance(seconds, int) or seconds < 1:  # Optuna's storage takes whole seconds
                 raise SweepError(f"{flag} {seconds!r}: expected a whole number of seconds >= 1")
         if SEED_KEY not in self.grid:
@@ -175,8 +175,12 @@ class Sweep:
 
     # --- one run -------------------------------------------------------------------------
     def command(self, point: dict[str, str], resume: bool) -> list[str]:
-        overrides = [*self.overrides, *(f"{k}={v}" for k, v in point.items()),
-                     f"output_dir={self.run_dir(point)}", f"resume={'true' if resume else 'false'}"]
+        overrides = [
+            *self.overrides,
+            *(f"{k}={v}" for k, v in point.items()),
+            f"output_dir={self.run_dir(point)}",
+            f"resume={'true' if resume else 'false'}",
+        ]
         return train_command(self.launcher, self.recipe, overrides, nproc=self.nproc)
 
 
@@ -213,8 +217,9 @@ def train(sweep: Sweep, point: dict[str, str]) -> float:
             ends_mid_line = log.tell() > 0 and (run_dir / "train.log").read_bytes()[-1:] != b"\n"
             log.write(("\n" if ends_mid_line else "") + "$ " + " ".join(command) + "\n")
             log.flush()
-            proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT,
-                                  env=env)  # in the caller's folder, as a direct launch would be
+            proc = subprocess.run(
+                command, stdout=log, stderr=subprocess.STDOUT, env=env
+            )  # in the caller's folder, as a direct launch would be
         if proc.returncode == 0 and run_status(run_dir) == "stopped":
             raise RunStopped(f"{run_dir.name} checkpointed and stopped on a signal")
         if proc.returncode != 0 or not run_done(run_dir):
@@ -253,19 +258,28 @@ def open_study(sweep: Sweep):
     # Two workers creating the same SQLite file's tables at once can collide: one at a time.
     with file_lock(_lock_path(sweep)), _experimental_ok():
         storage = optuna.storages.RDBStorage(
-            sweep.storage, heartbeat_interval=sweep.heartbeat_interval, grace_period=sweep.grace_period,
+            sweep.storage,
+            heartbeat_interval=sweep.heartbeat_interval,
+            grace_period=sweep.grace_period,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
             # a worker waits for another's write (SQLite locks the whole file) instead of failing
-            engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else None)
+            engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else None,
+        )
         # The values come from the queue: the sampler is never asked for one (a trial created
         # outside the queue is failed before it suggests anything).
-        study = optuna.create_study(storage=storage, study_name=sweep.study_name, load_if_exists=True,
-                                    direction="minimize" if sweep.direction == "min" else "maximize",
-                                    sampler=optuna.samplers.RandomSampler(seed=0))
+        study = optuna.create_study(
+            storage=storage,
+            study_name=sweep.study_name,
+            load_if_exists=True,
+            direction="minimize" if sweep.direction == "min" else "maximize",
+            sampler=optuna.samplers.RandomSampler(seed=0),
+        )
     saved = study.user_attrs.get("grid")
     if saved is not None and saved != sweep.grid:
-        raise SweepError(f"study {sweep.study_name!r} in {sweep.storage} was started with the grid {saved}, "
-                         f"not {sweep.grid}: use another --sweep-dir or --study")
+        raise SweepError(
+            f"study {sweep.study_name!r} in {sweep.storage} was started with the grid {saved}, "
+            f"not {sweep.grid}: use another --sweep-dir or --study"
+        )
     study.set_user_attr("grid", sweep.grid)  # the same value from every worker: no race to lose
     study.set_user_attr("metric", sweep.metric)
     return study
@@ -315,8 +329,10 @@ def _claim_next(sweep: Sweep, study) -> str:
         # allows (look again), or by a trial that point_of cannot read (an error, or this loop
         # would never end).
         if _key(sweep, point) not in _taken(sweep, study.get_trials(deepcopy=False)):
-            raise SweepError(f"study {sweep.study_name!r} holds a trial with the parameters of "
-                             f"{_label(point)} that is not this sweep's: use another --sweep-dir or --study")
+            raise SweepError(
+                f"study {sweep.study_name!r} holds a trial with the parameters of "
+                f"{_label(point)} that is not this sweep's: use another --sweep-dir or --study"
+            )
         return "again"
     return "wait" if any(t.state == TrialState.RUNNING for t in trials) else "done"
 
@@ -324,8 +340,9 @@ def _claim_next(sweep: Sweep, study) -> str:
 def _taken(sweep: Sweep, trials) -> set[tuple[str, ...]]:
     """The grid points that have a trial: done, running, crashed (not rerun), or stale and
     retried. Counted by point, not by trial: a retry is a second trial of its point."""
-    return {_key(sweep, p) for t in trials
-            if not t.user_attrs.get(SURPLUS_ATTR) and (p := point_of(sweep, t)) is not None}
+    return {
+        _key(sweep, p) for t in trials if not t.user_attrs.get(SURPLUS_ATTR) and (p := point_of(sweep, t)) is not None
+    }
 
 
 def _requeue(study, number: int) -> None:
@@ -356,8 +373,11 @@ def run_worker(sweep: Sweep, n_trials: int | None = None) -> dict:
                 # tells its result; the objective lets the claim lock go once the popped trial
                 # is RUNNING with its parameters set.
                 try:
-                    study.optimize(lambda trial: _objective(sweep, trial, claim, current), n_trials=1,
-                                   catch=(TrainingFailed, Surplus))
+                    study.optimize(
+                        lambda trial: _objective(sweep, trial, claim, current),  # noqa: B023 (runs now)
+                        n_trials=1,
+                        catch=(TrainingFailed, Surplus),
+                    )
                 except BaseException as err:
                     claim.close()
                     if "number" in current:  # its run stopped, or this worker is being stopped
@@ -377,8 +397,11 @@ def run_worker(sweep: Sweep, n_trials: int | None = None) -> dict:
             continue
         ran += 1
         if "value" in current:
-            _say(sweep, f"[trial {current['number']}] done   {_label(current['point'])}  "
-                        f"{sweep.metric}={current['value']:.4f}  ({_completed(sweep, study)}/{n_points} complete)")
+            _say(
+                sweep,
+                f"[trial {current['number']}] done   {_label(current['point'])}  "
+                f"{sweep.metric}={current['value']:.4f}  ({_completed(sweep, study)}/{n_points} complete)",
+            )
     summary = summarize(sweep, study)
     write_sweep_results(sweep, summary)
     return summary
@@ -410,8 +433,14 @@ def _objective(sweep: Sweep, trial, claim: contextlib.ExitStack, current: dict) 
 def _completed(sweep: Sweep, study) -> int:
     """Grid points with a COMPLETE trial."""
     from optuna.trial import TrialState
-    return len({_key(sweep, p) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if (p := point_of(sweep, t)) is not None})
+
+    return len(
+        {
+            _key(sweep, p)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if (p := point_of(sweep, t)) is not None
+        }
+    )
 
 
 def _label(point: dict[str, str]) -> str:
@@ -440,27 +469,44 @@ def summarize(sweep: Sweep, study) -> dict:
     for combo in itertools.product(*(sweep.grid[k] for k in keys)):
         by_seed = values.get(tuple(zip(keys, combo)), {})
         scores = list(by_seed.values())
-        rows.append({"params": dict(zip(keys, combo)), "values": by_seed, "n": len(scores),
-                     "mean": statistics.fmean(scores) if scores else None,
-                     "std": statistics.stdev(scores) if len(scores) > 1 else (0.0 if scores else None)})
+        rows.append(
+            {
+                "params": dict(zip(keys, combo)),
+                "values": by_seed,
+                "n": len(scores),
+                "mean": statistics.fmean(scores) if scores else None,
+                "std": statistics.stdev(scores) if len(scores) > 1 else (0.0 if scores else None),
+            }
+        )
     scored = [r for r in rows if r["mean"] is not None]
     best = (min if sweep.direction == "min" else max)(scored, key=lambda r: r["mean"]) if scored else None
     for r in rows:
         r["best"] = r is best
-    return {"recipe": sweep.recipe, "overrides": sweep.overrides, "metric": sweep.metric,
-            "direction": sweep.direction, "grid": sweep.grid, "storage": sweep.storage,
-            "study": sweep.study_name, "trials_complete": sum(r["n"] for r in rows),
-            "trials_total": len(sweep.points()), "points": rows,
-            "best": best["params"] if best else None}
+    return {
+        "recipe": sweep.recipe,
+        "overrides": sweep.overrides,
+        "metric": sweep.metric,
+        "direction": sweep.direction,
+        "grid": sweep.grid,
+        "storage": sweep.storage,
+        "study": sweep.study_name,
+        "trials_complete": sum(r["n"] for r in rows),
+        "trials_total": len(sweep.points()),
+        "points": rows,
+        "best": best["params"] if best else None,
+    }
 
 
 def markdown(summary: dict) -> str:
     keys = [k for k in summary["grid"] if k != SEED_KEY]
     seeds = summary["grid"][SEED_KEY]
-    lines = [f"{summary['metric']} ({summary['direction']}), mean ± std over seeds {', '.join(seeds)}; "
-             f"{summary['trials_complete']}/{summary['trials_total']} runs complete; ** = best", "",
-             "| " + " | ".join(keys + [summary["metric"], "n"]) + " |",
-             "|" + "---|" * (len(keys) + 2)]
+    lines = [
+        f"{summary['metric']} ({summary['direction']}), mean ± std over seeds {', '.join(seeds)}; "
+        f"{summary['trials_complete']}/{summary['trials_total']} runs complete; ** = best",
+        "",
+        "| " + " | ".join(keys + [summary["metric"], "n"]) + " |",
+        "|" + "---|" * (len(keys) + 2),
+    ]
     for r in summary["points"]:
         score = "–" if r["mean"] is None else f"{r['mean']:.4f} ± {r['std']:.4f}"
         if r["best"]:
@@ -475,8 +521,9 @@ def write_sweep_results(sweep: Sweep, summary: dict) -> None:
     (sweep.sweep_dir / "sweep.json").write_text(json.dumps(summary, indent=2))
     table = markdown(summary)
     (sweep.sweep_dir / "sweep.md").write_text(table)
-    if [k for k in summary["grid"] if k != SEED_KEY] == ["pace.lam", "pace.sigma"] or \
-            [k for k in summary["grid"] if k != SEED_KEY] == ["pace.sigma", "pace.lam"]:
+    if [k for k in summary["grid"] if k != SEED_KEY] == ["pace.lam", "pace.sigma"] or [
+        k for k in summary["grid"] if k != SEED_KEY
+    ] == ["pace.sigma", "pace.lam"]:
         heatmap(summary, sweep.sweep_dir / "heatmap.png")
     _say(sweep, "\n" + table + f"\nwritten: {sweep.sweep_dir / 'sweep.json'}, {sweep.sweep_dir / 'sweep.md'}")
 
@@ -484,23 +531,32 @@ def write_sweep_results(sweep: Sweep, summary: dict) -> None:
 def heatmap(summary: dict, png: Path) -> Path:
     """Mean metric over λ (rows) x σ (columns); the best cell outlined."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     lams, sigmas = summary["grid"]["pace.lam"], summary["grid"]["pace.sigma"]
     cell = {(r["params"]["pace.lam"], r["params"]["pace.sigma"]): r for r in summary["points"]}
-    grid = [[math.nan if cell[(l, s)]["mean"] is None else cell[(l, s)]["mean"] for s in sigmas] for l in lams]
+    grid = [[math.nan if cell[(lam, s)]["mean"] is None else cell[(lam, s)]["mean"] for s in sigmas] for lam in lams]
     fig, ax = plt.subplots(figsize=(1.2 * len(sigmas) + 2.5, 0.9 * len(lams) + 1.8))
     image = ax.imshow(grid, cmap="viridis_r" if summary["direction"] == "min" else "viridis")
     fig.colorbar(image, ax=ax, label=summary["metric"])
-    for i, l in enumerate(lams):
+    for i, lam in enumerate(lams):
         for j, s in enumerate(sigmas):
-            r = cell[(l, s)]
+            r = cell[(lam, s)]
             if r["mean"] is not None:
                 red, green, blue, _ = image.cmap(image.norm(r["mean"]))
                 ink = "black" if 0.3 * red + 0.6 * green + 0.1 * blue > 0.5 else "white"  # readable on its cell
-                ax.text(j, i, f"{r['mean']:.3f}\n±{r['std']:.3f}", ha="center", va="center", fontsize=8,
-                        color=ink, fontweight="bold" if r["best"] else "normal")
+                ax.text(
+                    j,
+                    i,
+                    f"{r['mean']:.3f}\n±{r['std']:.3f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color=ink,
+                    fontweight="bold" if r["best"] else "normal",
+                )
             if r["best"]:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
     ax.set_xticks(range(len(sigmas)), sigmas)

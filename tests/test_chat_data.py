@@ -1,6 +1,7 @@
 """Chat formats: what is trained on, with real tokenizers and real chat-template shapes
 (SmolLM2's own template; Phi-3's, which appends eos to a conversation's last message),
 truncation, mixtures' sample ids, and bad rows named."""
+
 import copy
 import json
 
@@ -19,13 +20,18 @@ PHI3_TEMPLATE = (
     "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
     "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}"
-    "{% endif %}")
+    "{% endif %}"
+)
 
 SYSTEM, USER1, ANSWER1 = "Tu es un assistant précis. 日本語もOK", "Bonjour, ça va ?", "Très bien, merci ! ✓"
 USER2, ANSWER2 = "Et 2+2 = ?", "4 — évidemment."
-MESSAGES = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": USER1},
-            {"role": "assistant", "content": ANSWER1}, {"role": "user", "content": USER2},
-            {"role": "assistant", "content": ANSWER2}]
+MESSAGES = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": USER1},
+    {"role": "assistant", "content": ANSWER1},
+    {"role": "user", "content": USER2},
+    {"role": "assistant", "content": ANSWER2},
+]
 SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
 
 
@@ -59,8 +65,9 @@ def example_in(fmt: str, messages=MESSAGES) -> dict:
 
 
 def encode(tmp_path, tok, examples, *overrides, fmt="auto"):
-    recipe = load_recipe(None, [f"data.train={write_jsonl(tmp_path / 'd.jsonl', examples)}", f"data.format={fmt}",
-                                *overrides])
+    recipe = load_recipe(
+        None, [f"data.train={write_jsonl(tmp_path / 'd.jsonl', examples)}", f"data.format={fmt}", *overrides]
+    )
     task = get_task(recipe, tok)
     train, _ = task.datasets()
     return train, task.encode_stats[recipe.data.train]
@@ -103,15 +110,18 @@ def test_auto_detects_each_format(tmp_path, smollm2):
 
 def test_max_length_keeps_the_assistant_tokens_that_fit_and_drops_prompt_only_samples(tmp_path, phi3):
     (whole,), _ = encode(tmp_path, phi3, [example_in("messages")])
-    starts = [i for i in range(1, len(whole["labels"])) if whole["labels"][i] != -100 and whole["labels"][i - 1] == -100]
+    starts = [
+        i for i in range(1, len(whole["labels"])) if whole["labels"][i] != -100 and whole["labels"][i - 1] == -100
+    ]
     cut = starts[1] + 2  # two tokens into the second assistant turn
     (s,), stats = encode(tmp_path, phi3, [example_in("messages")], f"data.max_length={cut}")
     assert s["input_ids"] == whole["input_ids"][:cut] and s["labels"] == whole["labels"][:cut]
-    assert supervised(phi3, s) == ANSWER1 + "<|end|>" + phi3.decode(whole["input_ids"][starts[1]:cut])
+    assert supervised(phi3, s) == ANSWER1 + "<|end|>" + phi3.decode(whole["input_ids"][starts[1] : cut])
     assert (stats.truncated, stats.dropped) == (1, 0)
     long_user = [dict(m, content=m["content"] * 40) if m["role"] == "user" else m for m in MESSAGES]
-    train, stats = encode(tmp_path, phi3, [example_in("messages", long_user), example_in("messages")],
-                          f"data.max_length={starts[0] + 10}")
+    train, stats = encode(
+        tmp_path, phi3, [example_in("messages", long_user), example_in("messages")], f"data.max_length={starts[0] + 10}"
+    )
     assert [s["sample_id"] for s in train] == [1] and (stats.truncated, stats.dropped, stats.samples) == (2, 1, 1)
     assert stats.supervised_tokens == sum(x != -100 for x in train[0]["labels"][1:])
 
@@ -135,16 +145,25 @@ def test_a_mixture_has_unique_ids_and_weighted_counts(tmp_path, phi3):
 GOOD = example_in("messages")
 
 
-@pytest.mark.parametrize("examples, message", [
-    ([GOOD, {"messages": None}], "row 2: field 'messages' is null"),
-    ([GOOD, {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}],
-     "row 2: field 'messages[0].content' is null"),
-    ([GOOD, {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}],
-     "row 2: field 'messages[0].content' is not a string (int)"),
-    ([GOOD, {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]}],
-     "row 2: field 'messages[0].role' has an unknown role 'bot'"),
-    ([GOOD, {"messages": [{"role": "user", "content": "hi"}]}], "row 2: field 'messages' has no assistant turn"),
-])
+@pytest.mark.parametrize(
+    "examples, message",
+    [
+        ([GOOD, {"messages": None}], "row 2: field 'messages' is null"),
+        (
+            [GOOD, {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}],
+            "row 2: field 'messages[0].content' is null",
+        ),
+        (
+            [GOOD, {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}],
+            "row 2: field 'messages[0].content' is not a string (int)",
+        ),
+        (
+            [GOOD, {"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]}],
+            "row 2: field 'messages[0].role' has an unknown role 'bot'",
+        ),
+        ([GOOD, {"messages": [{"role": "user", "content": "hi"}]}], "row 2: field 'messages' has no assistant turn"),
+    ],
+)
 def test_bad_rows_are_named_and_skippable(tmp_path, phi3, examples, message):
     path = write_jsonl(tmp_path / "d.jsonl", examples)
     with pytest.raises(DataError) as err:
@@ -164,18 +183,24 @@ def test_null_answer_and_missing_field_are_named(tmp_path, phi3):
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "d.jsonl"
-    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n{\"messages\": [oops\n")
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + '\n{"messages": [oops\n')
     with pytest.raises(DataError, match=rf"data file {path}, line 3: not valid JSON"):
         load_examples(str(path))
 
 
 def test_a_template_that_cannot_be_masked_is_named(tmp_path, phi3):
     tok = copy.deepcopy(phi3)  # renders the last message differently when it is last: no prefix
-    tok.chat_template = ("{% for m in messages %}{% if loop.last %}LAST:{% endif %}{{ m['role'] + ': ' + "
-                         "m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if loop.last %}LAST:{% endif %}{{ m['role'] + ': ' + "
+        "m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
     with pytest.raises(DataError, match=r"row 1: field 'turn 2' cannot be masked"):
-        encode_examples(load_examples(write_jsonl(tmp_path / "d.jsonl", [GOOD])),
-                        Messages(load_recipe(None).data, tok), 512, "d.jsonl")
+        encode_examples(
+            load_examples(write_jsonl(tmp_path / "d.jsonl", [GOOD])),
+            Messages(load_recipe(None).data, tok),
+            512,
+            "d.jsonl",
+        )
 
 
 def test_a_tokenizer_without_chat_template_needs_data_chat_template(tmp_path, phi3):
@@ -191,7 +216,9 @@ def test_a_tokenizer_without_chat_template_needs_data_chat_template(tmp_path, ph
 
 def test_inspect_data_marks_and_dumps_the_supervised_tokens(tmp_path, capsys):
     from chat_data import write
+
     from pace_llm.cli import inspect_data
+
     paths = write(tmp_path)
     overrides = [f"data.train={paths['messages']}", "data.eval=null"]
     assert inspect_data.main(["recipes/tiny_chat.yaml", *overrides, "--n", "1"]) == 0

@@ -1,5 +1,6 @@
 """The `pace-llm` console script (pace_llm/cli): the installed command in a subprocess, as a
 user runs it; its help, its errors, a short training run, and launch/serve.sh through it."""
+
 from __future__ import annotations
 
 import json
@@ -10,48 +11,125 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from trainrun import ROOT, env, metrics
 
 from pace_llm.cli import COMMANDS, EVAL_COMMANDS
 from pace_llm.cli.serve import ServeError, plan_server
-from trainrun import ROOT, env, metrics
 
 PACE_LLM = Path(sys.executable).with_name("pace-llm")  # the venv's console script (pip install -e .)
 
 # Each subcommand's --help: the flags of the script it stands for, exactly (argparse usage
 # lines), or, for the commands with a hand-written help, text that must be there.
 FLAGS = {
-    "eval gsm8k": {"--model", "--adapter", "--backend", "--base-url", "--served-model", "--data", "--limit",
-                   "--max-new-tokens", "--batch-size", "--dtype", "--output", "--quiet"},
-    "eval glue": {"--task", "--model", "--adapter", "--tokenizer", "--data", "--hub-config", "--split",
-                  "--text-fields", "--label-field", "--limit", "--batch-size", "--max-length", "--dtype", "--device",
-                  "--name", "--output", "--save-predictions", "--quiet", "--table", "--by-task"},
-    "eval vision": {"--model", "--adapter", "--num-labels", "--data", "--hub-config", "--split", "--image-field",
-                    "--label-field", "--image-size", "--augment", "--limit", "--seed", "--batch-size", "--device",
-                    "--name", "--output"},
-    "sweep": {"--grid", "--seeds", "--metric", "--direction", "--sweep-dir", "--storage", "--study", "--launcher",
-              "--nproc", "--n-trials", "--heartbeat-interval", "--grace-period"},
+    "eval gsm8k": {
+        "--model",
+        "--adapter",
+        "--backend",
+        "--base-url",
+        "--served-model",
+        "--data",
+        "--limit",
+        "--max-new-tokens",
+        "--batch-size",
+        "--dtype",
+        "--output",
+        "--quiet",
+    },
+    "eval glue": {
+        "--task",
+        "--model",
+        "--adapter",
+        "--tokenizer",
+        "--data",
+        "--hub-config",
+        "--split",
+        "--text-fields",
+        "--label-field",
+        "--limit",
+        "--batch-size",
+        "--max-length",
+        "--dtype",
+        "--device",
+        "--name",
+        "--output",
+        "--save-predictions",
+        "--quiet",
+        "--table",
+        "--by-task",
+    },
+    "eval vision": {
+        "--model",
+        "--adapter",
+        "--num-labels",
+        "--data",
+        "--hub-config",
+        "--split",
+        "--image-field",
+        "--label-field",
+        "--image-size",
+        "--augment",
+        "--limit",
+        "--seed",
+        "--batch-size",
+        "--device",
+        "--name",
+        "--output",
+    },
+    "sweep": {
+        "--grid",
+        "--seeds",
+        "--metric",
+        "--direction",
+        "--sweep-dir",
+        "--storage",
+        "--study",
+        "--launcher",
+        "--nproc",
+        "--n-trials",
+        "--heartbeat-interval",
+        "--grace-period",
+    },
     "inspect": {"--n", "--json", "--batches"},
     "demo": {"--limit", "--steps", "--mode", "--max-new-tokens", "--output-dir"},
     "demo polarity": {"--seeds", "--jobs", "--launcher", "--output-dir", "--train-size", "--test-size"},
     "demo fashion": {"--seeds", "--jobs", "--launcher", "--output-dir", "--shots", "--test-per-class"},
 }
 TEXT = {
-    "train": ["usage: pace-llm train RECIPE [section.key=value ...]", "runs in this process",
-              "deepspeed --num_gpus 8 launch/train.py", "torchrun --nproc_per_node 8 launch/train.py"],
-    "serve": ["usage: pace-llm serve MERGED_DIR [PORT] [extra vLLM arguments...]", "--dtype", "--enforce-eager",
-              "VLLM_CPU_KVCACHE_SPACE", "--host 0.0.0.0"],
+    "train": [
+        "usage: pace-llm train RECIPE [section.key=value ...]",
+        "runs in this process",
+        "deepspeed --num_gpus 8 launch/train.py",
+        "torchrun --nproc_per_node 8 launch/train.py",
+    ],
+    "serve": [
+        "usage: pace-llm serve MERGED_DIR [PORT] [extra vLLM arguments...]",
+        "--dtype",
+        "--enforce-eager",
+        "VLLM_CPU_KVCACHE_SPACE",
+        "--host 0.0.0.0",
+    ],
     "eval": [f"  {name}" for name in EVAL_COMMANDS],
 }
 
 
 def pace_llm(*args: str, **kwargs) -> subprocess.CompletedProcess:
     assert PACE_LLM.exists(), f"{PACE_LLM} missing: pip install -e . installs the console script"
-    return subprocess.run([str(PACE_LLM), *args], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=kwargs.pop("timeout", 120), **kwargs)
+    return subprocess.run(
+        [str(PACE_LLM), *args],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=kwargs.pop("timeout", 120),
+        **kwargs,
+    )
 
 
 ERRORS = [
-    (["trian"], "unknown command 'trian' (choose from train, eval, sweep, inspect, serve, demo); did you mean 'train'?"),
+    (
+        ["trian"],
+        "unknown command 'trian' (choose from train, eval, sweep, inspect, serve, demo); did you mean 'train'?",
+    ),
     (["eval", "squad"], "pace-llm eval: error: unknown command 'squad' (choose from gsm8k, glue, vision)"),
     (["demo", "mnist"], "unknown demo 'mnist' (choose from gsm8k, polarity, fashion)"),
     ([], "usage: pace-llm <command> [args...]"),
@@ -118,8 +196,18 @@ def test_eval_result_is_exit_0(tmp_path):
     """`pace-llm eval glue --table`: a command whose main returns its result dict to Python
     callers exits 0, and prints what eval/glue.py prints."""
     path = tmp_path / "rte.json"
-    path.write_text(json.dumps({"name": "PACE", "task": "rte", "main_metric": "accuracy", "main": 0.75,
-                                "metrics": {"accuracy": 0.75}, "n": 10}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "PACE",
+                "task": "rte",
+                "main_metric": "accuracy",
+                "main": 0.75,
+                "metrics": {"accuracy": 0.75},
+                "n": 10,
+            }
+        )
+    )
     proc = pace_llm("eval", "glue", "--table", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "RTE (Acc)" in proc.stdout and "75.0" in proc.stdout
@@ -128,8 +216,9 @@ def test_eval_result_is_exit_0(tmp_path):
 def test_train_runs_a_recipe_in_one_process(tmp_path):
     """A real (tiny) run: the steps asked for, logged, and the adapter exported."""
     out = tmp_path / "run"
-    proc = pace_llm("train", "recipes/tiny.yaml", "train.max_steps=2", "deepspeed.zero_stage=0", f"output_dir={out}",
-                    timeout=400)
+    proc = pace_llm(
+        "train", "recipes/tiny.yaml", "train.max_steps=2", "deepspeed.zero_stage=0", f"output_dir={out}", timeout=400
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "merged" / "config.json").exists()
@@ -139,8 +228,14 @@ def test_train_runs_a_recipe_in_one_process(tmp_path):
 def test_serve_sh_runs_pace_llm_serve(tmp_path):
     """launch/serve.sh keeps its arguments: here, a folder without config.json is refused by
     `python -m pace_llm.cli serve` (the server itself: tests/test_gsm8k_eval.py)."""
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "serve.sh"), str(tmp_path), "8001"], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "serve.sh"), str(tmp_path), "8001"],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and f"serve: {tmp_path}/config.json not found" in proc.stderr
 
 
@@ -148,12 +243,25 @@ def test_serve_command_adds_the_defaults_the_user_did_not_set(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"dtype": "float32"}))
     cpu = {"PATH": str(tmp_path), "PYTHON": "/opt/py/bin/python"}  # no nvidia-smi on this PATH: vLLM's CPU build
     server = plan_server([str(tmp_path)], cpu)
-    assert server.command == ["/opt/py/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model",
-                              str(tmp_path), "--host", "127.0.0.1", "--port", "8000", "--dtype", "float32",
-                              "--enforce-eager"]
+    assert server.command == [
+        "/opt/py/bin/python",
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(tmp_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8000",
+        "--dtype",
+        "float32",
+        "--enforce-eager",
+    ]
     assert server.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    mine = plan_server([str(tmp_path), "8001", "--dtype=bfloat16", "--enforce-eager", "--host", "0.0.0.0"],
-                       {**cpu, "VLLM_CPU_KVCACHE_SPACE": "4"})
+    mine = plan_server(
+        [str(tmp_path), "8001", "--dtype=bfloat16", "--enforce-eager", "--host", "0.0.0.0"],
+        {**cpu, "VLLM_CPU_KVCACHE_SPACE": "4"},
+    )
     assert mine.port == "8001" and mine.added == [] and mine.env["VLLM_CPU_KVCACHE_SPACE"] == "4"
     assert mine.command[-4:] == ["--dtype=bfloat16", "--enforce-eager", "--host", "0.0.0.0"]  # last: theirs win
     (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "torch.bfloat16"}))

@@ -1,4 +1,5 @@
 """The recipe schema: every recipe in recipes/ loads, and bad input names its key."""
+
 from pathlib import Path
 
 import pytest
@@ -16,27 +17,39 @@ def test_shipped_recipes_load_and_show_their_command(path):
 
 
 def test_overrides_and_yaml_1_2_scalars():
-    r = load_recipe(None, ["pace.mode=off", "train.lr=1e-3", "pace.target_modules=[q_proj, v_proj]",
-                           "resume=true", "train.max_steps=7", "pace.sigma=2"])
+    r = load_recipe(
+        None,
+        [
+            "pace.mode=off",
+            "train.lr=1e-3",
+            "pace.target_modules=[q_proj, v_proj]",
+            "resume=true",
+            "train.max_steps=7",
+            "pace.sigma=2",
+        ],
+    )
     assert r.pace.mode == "off" and r.train.lr == 0.001 and r.resume is True
     assert r.pace.target_modules == ["q_proj", "v_proj"] and r.train.max_steps == 7
     assert r.pace.sigma == 2.0 and isinstance(r.pace.sigma, float)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("pace.lamda=1", "unknown recipe key 'pace.lamda' (did you mean pace.lam?)"),
-    ("trian.lr=1", "unknown recipe key 'trian' (did you mean train?)"),
-    ("pace.mode=slow", "pace.mode: expected one of ['off', 'noise', 'full', 'fast', 'lazy_half'], got 'slow'"),
-    ("train.epochs=1.5", "train.epochs: expected int, got 1.5"),
-    ("resume=yes", "resume: expected bool, got 'yes'"),
-    ("deepspeed.zero_stage=4", "deepspeed.zero_stage: expected 0, 1, 2 or 3, got 4"),
-    ("pace.sigma=-1", "pace.sigma: expected a value >= 0, got -1.0"),
-    ("model=phi3", "model: expected a section (mapping), got 'phi3'"),
-    ("pace.mode", "override 'pace.mode' is not of the form section.key=value"),
-    ("train.micro_batch_size=0", "train.micro_batch_size: expected an integer >= 1"),
-    ("data.sample=0", "data.sample: expected an integer >= 1 or null"),
-    ("train.loss_normalization=token", "train.loss_normalization: expected one of ['step', 'micro_batch'] or null"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pace.lamda=1", "unknown recipe key 'pace.lamda' (did you mean pace.lam?)"),
+        ("trian.lr=1", "unknown recipe key 'trian' (did you mean train?)"),
+        ("pace.mode=slow", "pace.mode: expected one of ['off', 'noise', 'full', 'fast', 'lazy_half'], got 'slow'"),
+        ("train.epochs=1.5", "train.epochs: expected int, got 1.5"),
+        ("resume=yes", "resume: expected bool, got 'yes'"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage: expected 0, 1, 2 or 3, got 4"),
+        ("pace.sigma=-1", "pace.sigma: expected a value >= 0, got -1.0"),
+        ("model=phi3", "model: expected a section (mapping), got 'phi3'"),
+        ("pace.mode", "override 'pace.mode' is not of the form section.key=value"),
+        ("train.micro_batch_size=0", "train.micro_batch_size: expected an integer >= 1"),
+        ("data.sample=0", "data.sample: expected an integer >= 1 or null"),
+        ("train.loss_normalization=token", "train.loss_normalization: expected one of ['step', 'micro_batch'] or null"),
+    ],
+)
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(RecipeError) as err:
         load_recipe(None, [override])

@@ -1,9 +1,11 @@
 """The consistency forms (pace_llm/core/consistency.py) against their definitions, in fp32, alone
 and inside the objectives; the calibration signal consistency_grad_ratio."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_batch, perturb_adapters
 
 from pace_llm import OutputCache, PaceConfig, PaceObjective, TokenOutputs, apply_pace, cache_dim
 from pace_llm.assets.tiny import tiny_model
@@ -11,12 +13,12 @@ from pace_llm.core.consistency import FORMS, get_form
 from pace_llm.core.objectives import consistency_grad_ratio
 from pace_llm.core.packing import pack
 
-from conftest import make_batch, perturb_adapters
-
 
 def logits(n=5, v=50, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, v, generator=g, dtype=torch.float64) * 3, torch.randn(n, v, generator=g, dtype=torch.float64) * 3
+    return torch.randn(n, v, generator=g, dtype=torch.float64) * 3, torch.randn(
+        n, v, generator=g, dtype=torch.float64
+    ) * 3
 
 
 def test_raw_sum_is_the_squared_difference_summed_over_the_vocabulary():
@@ -56,7 +58,7 @@ def test_the_gram_form_equals_the_term_through_the_head(name):
     """PACE_fast's cached target is a hidden state h_o; through the frozen head W the term is
     d(W h, W h_o) = δhᵀ M δh with M = form.gram(W), exactly (here to fp32 rounding)."""
     g = torch.Generator().manual_seed(1)
-    w = torch.randn(300, 16, generator=g)          # V = 300 > d = 16
+    w = torch.randn(300, 16, generator=g)  # V = 300 > d = 16
     h, h_o = torch.randn(7, 16, generator=g), torch.randn(7, 16, generator=g)
     form = get_form(name)
     m = form.gram(w)
@@ -88,8 +90,14 @@ def lm_batch(kind, packed):
     batch = make_batch(kind, batch=4, seq=12)
     if not packed:
         return batch
-    samples = [{"input_ids": batch["input_ids"][i, : 6 + i].tolist(), "labels": batch["labels"][i, : 6 + i].tolist(),
-                "sample_id": i} for i in range(4)]
+    samples = [
+        {
+            "input_ids": batch["input_ids"][i, : 6 + i].tolist(),
+            "labels": batch["labels"][i, : 6 + i].tolist(),
+            "sample_id": i,
+        }
+        for i in range(4)
+    ]
     return pack(samples, capacity=20, pad_id=0)
 
 
@@ -142,6 +150,7 @@ def test_fast_pace_uses_the_cached_hidden_states_through_the_frozen_head(name, k
 
 def test_the_raw_sum_is_the_default_of_both_output_kinds_for_now():
     from pace_llm.core.outputs import SampleOutputs
+
     assert TokenOutputs.default_consistency == SampleOutputs.default_consistency == "raw_sum"
     assert PaceObjective.from_config(PaceConfig(consistency="kl")).form.name == "kl"
 

@@ -4,6 +4,7 @@ standing in for pace_llm/tasks/my_task.py), registered in the registries the gui
 (undone after each test), each trained in this process by the one training path
 (`pace_llm.training.run`) and exported. A step the library needs but the guide leaves out
 fails here, so the guide stays true: change the two together."""
+
 from __future__ import annotations
 
 import importlib
@@ -104,8 +105,15 @@ data:
 """
 
 # 8 examples, 4 per micro-batch, 2 epochs: 4 steps, PACE_fast's targets from step 3 on
-QUICK = ["data.limit=8", "train.micro_batch_size=4", "train.epochs=2", "train.lr=0.01", "pace.mode=fast",
-         "deepspeed.zero_stage=0", "train.report_to=[]"]
+QUICK = [
+    "data.limit=8",
+    "train.micro_batch_size=4",
+    "train.epochs=2",
+    "train.lr=0.01",
+    "pace.mode=fast",
+    "deepspeed.zero_stage=0",
+    "train.report_to=[]",
+]
 
 
 @pytest.fixture
@@ -129,8 +137,13 @@ def one_process():
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())}.items():
+        for key, value in {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+        }.items():
             patch.setenv(key, value)
         yield
         if dist.is_initialized():
@@ -168,8 +181,11 @@ def test_a_task_kind_added_as_the_guide_says_trains_and_exports(tmp_path, monkey
     check_trained(*train(recipe, tmp_path / "run"))
     with pytest.raises(RecipeError, match="model.num_labels: expected the number of classes for model.task=word_count"):
         load_recipe(str(recipe), ["model.num_labels=null"])  # needs_num_labels, read by the recipe checks
-    with pytest.raises(RecipeError, match=r"data.packing: expected false for model.task=word_count \(packing is for "
-                                        r"causal_lm\)"):
+    with pytest.raises(
+        RecipeError,
+        match=r"data.packing: expected false for model.task=word_count \(packing is for "
+        r"causal_lm\)",
+    ):
         load_recipe(str(recipe), ["data.packing=true"])
 
 

@@ -1,16 +1,17 @@
 """Data for the trainer: answer-only labels, chat template, collation, clear field errors."""
+
 import json
 
 import pytest
 import torch
 
-from pace_llm.distributed import deepspeed_engine
+from pace_llm.assets.tiny import tiny_tokenizer
 from pace_llm.config import RecipeError, load_recipe
 from pace_llm.data import DataError, load_examples, render_prompt
+from pace_llm.distributed import deepspeed_engine
 from pace_llm.tasks import get_task
 from pace_llm.tasks.causal_lm import tokenize_sft
 from pace_llm.tasks.classification import tokenize_classification
-from pace_llm.assets.tiny import tiny_tokenizer
 
 TEMPLATE = "Q: {question}"
 
@@ -42,8 +43,11 @@ def test_plain_prompt_without_chat_template_ends_with_eos(tmp_path):
 
 def test_truncation_keeps_ids_stable_and_drops_empty_answers(tmp_path):
     tok = tiny_tokenizer()
-    examples = load_examples(write_jsonl(tmp_path / "d.jsonl", [{"question": "q" * 200, "answer": "a"},
-                                                          {"question": "short", "answer": "b"}]))
+    examples = load_examples(
+        write_jsonl(
+            tmp_path / "d.jsonl", [{"question": "q" * 200, "answer": "a"}, {"question": "short", "answer": "b"}]
+        )
+    )
     out = tokenize_sft(examples, tok, TEMPLATE, "answer", 64)
     assert [r["sample_id"] for r in out] == [1]  # the first lost its answer; ids unchanged
 
@@ -67,8 +71,10 @@ def test_missing_file_is_named(tmp_path):
 
 
 def test_collator_pads_right_and_masks_labels():
-    samples = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "sample_id": 3},
-            {"input_ids": [8], "labels": [8], "sample_id": 9}]
+    samples = [
+        {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "sample_id": 3},
+        {"input_ids": [8], "labels": [8], "sample_id": 9},
+    ]
     batch = get_task(load_recipe(None, ["model.task=causal_lm"])).collate(samples)  # no tokenizer: pad id 0
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -91,8 +97,16 @@ def test_data_sample_draws_a_class_balanced_set_per_seed(tmp_path):
     path = write_jsonl(tmp_path / "pool.jsonl", examples)
 
     def drawn(seed, sample=8, classes=2):
-        recipe = load_recipe(None, ["model.task=seq_cls", f"model.num_labels={classes}", f"data.train={path}",
-                                    f"data.sample={sample}", f"train.seed={seed}"])
+        recipe = load_recipe(
+            None,
+            [
+                "model.task=seq_cls",
+                f"model.num_labels={classes}",
+                f"data.train={path}",
+                f"data.sample={sample}",
+                f"train.seed={seed}",
+            ],
+        )
         train = get_task(recipe, tiny_tokenizer()).load_mixture("train")
         return train["sample_id"], [examples[i]["label"] for i in train["sample_id"]]
 
@@ -109,15 +123,26 @@ def test_data_sample_draws_a_class_balanced_set_per_seed(tmp_path):
 
 
 def test_deepspeed_config_from_recipe_and_from_json(tmp_path):
-    recipe = load_recipe(None, ["deepspeed.zero_stage=3", "train.micro_batch_size=2",
-                                "train.gradient_accumulation=4", "model.dtype=bf16", "train.grad_clip=1.0"])
+    recipe = load_recipe(
+        None,
+        [
+            "deepspeed.zero_stage=3",
+            "train.micro_batch_size=2",
+            "train.gradient_accumulation=4",
+            "model.dtype=bf16",
+            "train.grad_clip=1.0",
+        ],
+    )
     config = deepspeed_engine.build_config(recipe, world=8)
     assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 2
     assert config["zero_optimization"]["stage"] == 3 and config["bf16"]["enabled"] is True
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                                "zero_optimization": {"stage": 1}}))
+    path.write_text(
+        json.dumps(
+            {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 1}}
+        )
+    )
     recipe = load_recipe(None, [f"deepspeed.config={path}", "train.micro_batch_size=2"])
     config = deepspeed_engine.build_config(recipe, world=2)
     assert config["train_batch_size"] == 4 and config["zero_optimization"] == {"stage": 1}

@@ -1,13 +1,14 @@
 """pace_llm.benchmarks.evaluation: the result files every eval entry point writes, the shared
 classification predict loop, and the local formats the one row loader reads."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from pace_llm.data import load_examples
 from pace_llm.benchmarks.evaluation import predict_logits, top1_metrics, write_results
+from pace_llm.data import load_examples
 
 
 def test_write_results_json_and_jsonl(tmp_path):
@@ -39,7 +40,7 @@ class _Linear(torch.nn.Module):
 def test_predict_logits_in_row_order():
     model = _Linear()
     x = torch.randn(7, 2)
-    logits = predict_logits(model, ({"x": x[i:i + 3]} for i in range(0, 7, 3)), total=7)
+    logits = predict_logits(model, ({"x": x[i : i + 3]} for i in range(0, 7, 3)), total=7)
     assert logits.dtype == np.float32 and logits.shape == (7, 3)
     np.testing.assert_allclose(logits, model.proj(x).detach().numpy(), rtol=0, atol=1e-6)
     assert predict_logits(model, iter([])).shape == (0, 3)
@@ -65,8 +66,9 @@ def test_load_classifier_wants_the_adapters_head(tmp_path):
     import transformers
 
     import pace_llm
-    from pace_llm.benchmarks.evaluation import ModelError, load_classifier
     from pace_llm.assets.tiny import tiny_model
+    from pace_llm.benchmarks.evaluation import ModelError, load_classifier
+
     tiny_model("roberta", num_labels=2).save_pretrained(tmp_path / "base")
     headless = pace_llm.apply_pace(tiny_model("roberta", num_labels=2), pace_llm.PaceConfig(rank=4, train_head=False))
     pace_llm.save_adapter(headless, tmp_path / "adapter")
@@ -87,13 +89,16 @@ def test_a_classifier_from_base_and_adapter_takes_the_adapters_label_count(tmp_p
     import transformers
 
     import pace_llm
-    from pace_llm.benchmarks.evaluation import adapter_head_shape, load_classifier
     from pace_llm.assets.tiny import tiny_model
+    from pace_llm.benchmarks.evaluation import adapter_head_shape, load_classifier
+
     tiny_model(kind, num_labels=2).save_pretrained(tmp_path / "base")  # the base's own head: another size
     trained = pace_llm.apply_pace(tiny_model(kind, num_labels=labels), pace_llm.PaceConfig(rank=2))
     pace_llm.save_adapter(trained, tmp_path / "adapter")
     hidden = trained.config.hidden_size
     assert adapter_head_shape(tmp_path / "adapter") == (labels, hidden)
-    auto = {"roberta": transformers.AutoModelForSequenceClassification,
-            "vit": transformers.AutoModelForImageClassification}[kind]
+    auto = {
+        "roberta": transformers.AutoModelForSequenceClassification,
+        "vit": transformers.AutoModelForImageClassification,
+    }[kind]
     assert load_classifier(auto, tmp_path / "base", adapter=tmp_path / "adapter").config.num_labels == labels

@@ -1,4 +1,5 @@
 """pace_llm.files: folders written whole (atomic_dir) and built once (prepare_once)."""
+
 import json
 import multiprocessing
 import time
@@ -71,6 +72,7 @@ def _slow_build_in_process(folder, log):
             fh.write("built\n")
         time.sleep(0.5)  # long enough for the other process to reach the lock meanwhile
         return {}
+
     prepare_once(folder, build, version=1)
 
 

@@ -1,5 +1,6 @@
 """GLUE metrics (numpy) against hand-computed values, and eval/glue.py on tiny RoBERTa
 classifiers saved with a locally built tokenizer (no hub)."""
+
 import importlib.util
 import json
 import math
@@ -13,8 +14,8 @@ import torch
 import transformers
 
 import pace_llm
-from pace_llm.benchmarks import glue
 from pace_llm.assets.tiny import tiny_model
+from pace_llm.benchmarks import glue
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,8 +103,10 @@ def test_task_specs():
 
 # --------------------------------------------------------------------------- eval CLI
 
-WORDS = ("the a film movie cat dog runs sleeps good bad great awful plot actor "
-         "is was not very quite funny boring long short and but").split()
+WORDS = (
+    "the a film movie cat dog runs sleeps good bad great awful plot actor "
+    "is was not very quite funny boring long short and but"
+).split()
 
 
 def _rows(n, fields, regression=False, seed=0):
@@ -119,16 +122,23 @@ def _rows(n, fields, regression=False, seed=0):
 def _tokenizer():
     """A RoBERTa-style word-level tokenizer built here: <s> A </s></s> B </s>."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
     vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
     vocab.update({w: i + 4 for i, w in enumerate(WORDS)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
     return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        unk_token="<unk>", model_max_length=128)
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        model_max_length=128,
+    )
 
 
 def _perturb(model, seed=1, scale=0.2):
@@ -161,8 +171,22 @@ def test_cli_saved_and_reloaded_classifier_identical(tmp_path, cli):
     tok.save_pretrained(tmp_path / "clf")
 
     out = tmp_path / "res" / "rte.json"
-    result = cli.main(["--task", "rte", "--model", str(tmp_path / "clf"), "--data", str(data),
-                       "--batch-size", "8", "--output", str(out), "--save-predictions", "--quiet"])
+    result = cli.main(
+        [
+            "--task",
+            "rte",
+            "--model",
+            str(tmp_path / "clf"),
+            "--data",
+            str(data),
+            "--batch-size",
+            "8",
+            "--output",
+            str(out),
+            "--save-predictions",
+            "--quiet",
+        ]
+    )
     assert np.array_equal(before.argmax(-1), result["outputs"].argmax(-1))
     np.testing.assert_allclose(result["outputs"], before, rtol=0, atol=1e-6)
 
@@ -209,8 +233,9 @@ def test_cli_stsb_regression(tmp_path, cli):
     model = tiny_model("roberta", num_labels=1, problem_type="regression")
     model.save_pretrained(tmp_path / "reg")
     _tokenizer().save_pretrained(tmp_path / "reg")
-    result = cli.main(["--task", "stsb", "--model", str(tmp_path / "reg"), "--data", str(data),
-                       "--quiet", "--name", "tiny-reg"])
+    result = cli.main(
+        ["--task", "stsb", "--model", str(tmp_path / "reg"), "--data", str(data), "--quiet", "--name", "tiny-reg"]
+    )
     assert result["outputs"].shape == (19, 1)
     assert set(result["metrics"]) == {"pearson", "spearman"}
     assert result["main"] == pytest.approx(glue.pearson(result["outputs"][:, 0], [r["label"] for r in rows]))
@@ -233,15 +258,30 @@ def test_cli_errors(tmp_path, cli):
 def _result(tmp_path, name, task, main):
     spec = glue.GLUE_TASKS[task]
     path = tmp_path / f"{name}-{task}.json"
-    path.write_text(json.dumps({"name": name, "task": task, "main_metric": spec.metric, "main": main,
-                                "metrics": {spec.metric: main}, "n": 10}))
+    path.write_text(
+        json.dumps(
+            {
+                "name": name,
+                "task": task,
+                "main_metric": spec.metric,
+                "main": main,
+                "metrics": {spec.metric: main},
+                "n": 10,
+            }
+        )
+    )
     return str(path)
 
 
 def test_table(tmp_path, cli, capsys):
-    files = [_result(tmp_path, "LoRA", "cola", 0.632), _result(tmp_path, "LoRA", "stsb", 0.911),
-             _result(tmp_path, "LoRA", "sst2", 0.951), _result(tmp_path, "LoRA+PACE", "cola", 0.662),
-             _result(tmp_path, "LoRA+PACE", "stsb", 0.920), _result(tmp_path, "LoRA+PACE", "sst2", 0.956)]
+    files = [
+        _result(tmp_path, "LoRA", "cola", 0.632),
+        _result(tmp_path, "LoRA", "stsb", 0.911),
+        _result(tmp_path, "LoRA", "sst2", 0.951),
+        _result(tmp_path, "LoRA+PACE", "cola", 0.662),
+        _result(tmp_path, "LoRA+PACE", "stsb", 0.920),
+        _result(tmp_path, "LoRA+PACE", "sst2", 0.956),
+    ]
     table = cli.main(["--table"] + files)["table"]
     lines = table.splitlines()
     assert lines[0].split("|")[1].strip() == "CoLA (MCC)"  # the paper's column order
@@ -257,8 +297,7 @@ def test_table(tmp_path, cli, capsys):
     assert by_task[-1].split("|")[0].strip() == "Avg"
 
     # a run missing a task shows "-" and averages over the tasks it has
-    partial = glue.format_table([json.loads(Path(files[0]).read_text()),
-                                 json.loads(Path(files[4]).read_text())])
+    partial = glue.format_table([json.loads(Path(files[0]).read_text()), json.loads(Path(files[4]).read_text())])
     assert [c.strip() for c in partial.splitlines()[2].split("|")] == ["LoRA", "63.2", "-", "63.2*"]
     assert partial.splitlines()[-1].startswith("* averaged")
 
@@ -266,7 +305,12 @@ def test_table(tmp_path, cli, capsys):
 def test_cli_script_runs(tmp_path):
     """The script itself (not only main()): --table from a shell."""
     path = _result(tmp_path, "run", "rte", 0.75)
-    done = subprocess.run([sys.executable, str(REPO / "eval" / "glue.py"), "--table", path],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(REPO / "eval" / "glue.py"), "--table", path],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "RTE (Acc)" in done.stdout and "75.0" in done.stdout

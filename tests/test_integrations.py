@@ -1,5 +1,6 @@
 """PACE inside transformers.Trainer and TRL's SFTTrainer (pace_llm.integrations), and our
 trainer's W&B / MLflow writers. Real TRL, DeepSpeed, W&B (offline) and MLflow (file store)."""
+
 from __future__ import annotations
 
 import json
@@ -10,34 +11,54 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-
-from pace_llm.integrations import PaceArguments, PaceTrainer
-from pace_llm.core.objectives import PaceObjective
-from pace_llm.core.pace import noise_segments
-from pace_llm.core.packing import from_position_ids
-from pace_llm.core.outputs import TokenOutputs
-from pace_llm.assets.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
-from pace_llm.distributed.launcher import script_command
 from pace_trainer_run import encoded
 from trainrun import ROOT, env, launch, metrics, shm_segments
+
+from pace_llm.assets.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
+from pace_llm.core.objectives import PaceObjective
+from pace_llm.core.outputs import TokenOutputs
+from pace_llm.core.pace import noise_segments
+from pace_llm.core.packing import from_position_ids
+from pace_llm.distributed.launcher import script_command
+from pace_llm.integrations import PaceArguments, PaceTrainer
 
 trl = pytest.importorskip("trl")
 
 
 def conversations(n: int, seed: int = 0) -> datasets.Dataset:
-    return datasets.Dataset.from_list([{"messages": [{"role": "user", "content": r["question"]},
-                                                     {"role": "assistant", "content": r["answer"]}]}
-                                       for r in tiny_arithmetic(n, seed)])
+    return datasets.Dataset.from_list(
+        [
+            {"messages": [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}]}
+            for r in tiny_arithmetic(n, seed)
+        ]
+    )
 
 
 def test_pace_arguments_parse_with_hf_argument_parser(tmp_path):
     parser = transformers.HfArgumentParser((trl.SFTConfig, PaceArguments))
     _, pace = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--bf16", "false", "--mode", "fast", "--lam", "0.05",
-         "--target_modules", "q_proj", "v_proj", "--no_train_head"])
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--bf16",
+            "false",
+            "--mode",
+            "fast",
+            "--lam",
+            "0.05",
+            "--target_modules",
+            "q_proj",
+            "v_proj",
+            "--no_train_head",
+        ]
+    )
     assert (pace.mode, pace.lam, pace.target_modules, pace.train_head) == ("fast", 0.05, ["q_proj", "v_proj"], False)
-    assert parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--bf16", "false",
-                                               "--target_modules", "all-linear"])[1].target_modules == "all-linear"
+    assert (
+        parser.parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--bf16", "false", "--target_modules", "all-linear"]
+        )[1].target_modules
+        == "all-linear"
+    )
     defaults = PaceArguments()
     assert (defaults.mode, defaults.lam, defaults.sigma, defaults.rank) == ("full", 0.1, 1.0, 8)  # PaceConfig's
     with pytest.raises(SystemExit):  # choices come from PaceConfig's Literal
@@ -47,11 +68,22 @@ def test_pace_arguments_parse_with_hf_argument_parser(tmp_path):
 
 
 def test_sft_trainer_full_pace_trains_logs_saves_and_merges(tmp_path):
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
-                         gradient_accumulation_steps=2, gradient_checkpointing=True,
-                         gradient_checkpointing_kwargs={"use_reentrant": False}, learning_rate=1e-2,
-                         logging_steps=1, report_to=[], bf16=False, use_cpu=True, save_strategy="no",
-                         max_length=64, disable_tqdm=True)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        max_length=64,
+        disable_tqdm=True,
+    )
     trainer = trl_trainer(args, conversations(8), pace=PaceArguments(mode="full", lam=0.1, sigma=1.0))
     trainer.train()
     rows = [r for r in trainer.state.log_history if "loss" in r]
@@ -78,6 +110,7 @@ def test_sft_trainer_full_pace_trains_logs_saves_and_merges(tmp_path):
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert json.loads((tmp_path / "adapter" / "pace_config.json").read_text())["lam"] == 0.1
     import peft
+
     reloaded = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "adapter")).eval()
     merged = trainer.merge_pace().eval()
     assert type(merged) is transformers.LlamaForCausalLM
@@ -88,15 +121,22 @@ def test_sft_trainer_full_pace_trains_logs_saves_and_merges(tmp_path):
 
 def trl_trainer(args, train_set, **kwargs):
     from pace_llm.integrations import PaceSFTTrainer
-    return PaceSFTTrainer(model=kwargs.pop("model", None) or tiny_model("llama"), args=args,
-                          train_dataset=train_set, processing_class=tiny_tokenizer(), **kwargs)
+
+    return PaceSFTTrainer(
+        model=kwargs.pop("model", None) or tiny_model("llama"),
+        args=args,
+        train_dataset=train_set,
+        processing_class=tiny_tokenizer(),
+        **kwargs,
+    )
 
 
 def test_sft_trainer_noises_a_peft_config_lora(tmp_path):
     import peft
+
     from pace_llm import noise_layers
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], bf16=False, use_cpu=True,
-                         max_length=64)
+
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], bf16=False, use_cpu=True, max_length=64)
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = trl_trainer(args, conversations(4), peft_config=lora, pace=PaceArguments(sigma=0.5))
     sigmas = {n.rsplit(".", 1)[-1]: h.sigma for n, h in noise_layers(trainer.model).items()}
@@ -105,15 +145,30 @@ def test_sft_trainer_noises_a_peft_config_lora(tmp_path):
 
 
 # TRL's padding-free batches: one row per micro-batch, samples told apart by position_ids
-LAYOUTS = {"unpacked": dict(max_length=1024), "padding_free": dict(padding_free=True, max_length=None),
-           "packing": dict(packing=True, max_length=128)}  # 8 conversations of ~44 tokens: 4 packed rows
+LAYOUTS = {
+    "unpacked": dict(max_length=1024),
+    "padding_free": dict(padding_free=True, max_length=None),
+    "packing": dict(packing=True, max_length=128),
+}  # 8 conversations of ~44 tokens: 4 packed rows
 
 
-def sft_args(out, layout: str, **kwargs) -> "trl.SFTConfig":
+def sft_args(out, layout: str, **kwargs) -> trl.SFTConfig:
     """A micro-batch of 8: all 8 conversations (or all their packed rows) in every step."""
-    return trl.SFTConfig(output_dir=str(out), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-                         learning_rate=1e-2, logging_steps=1, report_to=[], bf16=False, use_cpu=True, seed=0,
-                         save_strategy="no", disable_tqdm=True, **LAYOUTS[layout], **kwargs)
+    return trl.SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        save_strategy="no",
+        disable_tqdm=True,
+        **LAYOUTS[layout],
+        **kwargs,
+    )
 
 
 def logged(trainer, key: str) -> list[float]:
@@ -122,9 +177,12 @@ def logged(trainer, key: str) -> list[float]:
 
 def test_trl_padding_free_batch_reads_as_packed_samples():
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=16)
-    rows = [{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},  # a packed row
-            {"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4], "seq_lengths": [4]}]
+    rows = [
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9], "seq_lengths": [3, 2]},  # a packed row
+        {"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4], "seq_lengths": [4]},
+    ]
     batch = collate(rows)  # one row: 9 tokens, 7 of padding (position 0 each)
     out = from_position_ids(batch, torch.tensor([10, 11, 12]))
     assert out["segment_index"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2, 2] + [-1] * 7]
@@ -144,8 +202,9 @@ def test_sft_packed_at_sigma_zero_logs_the_unpacked_losses(tmp_path):
     held_out = conversations(4, seed=1)
 
     def run(layout, **pace):
-        trainer = trl_trainer(sft_args(tmp_path / layout, layout, max_steps=3), conversations(8),
-                              pace=PaceArguments(**pace))
+        trainer = trl_trainer(
+            sft_args(tmp_path / layout, layout, max_steps=3), conversations(8), pace=PaceArguments(**pace)
+        )
         trainer.train()
         return trainer, logged(trainer, "loss")
 
@@ -168,8 +227,14 @@ def test_sft_full_pace_on_packed_rows_draws_noise_per_sample(tmp_path):
     step every sample of the packed row has its own Z, shared by its tokens and drawn again the
     same in the checkpointed recompute; a sample's logits ignore its row neighbours; eval: no noise."""
     import peft
-    args = sft_args(tmp_path, "packing", max_steps=3, gradient_checkpointing=True,
-                    gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    args = sft_args(
+        tmp_path,
+        "packing",
+        max_steps=3,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = trl_trainer(args, conversations(8), peft_config=lora, pace=PaceArguments(mode="full", sigma=1.0))
     trainer.train()
@@ -188,8 +253,9 @@ def test_sft_full_pace_on_packed_rows_draws_noise_per_sample(tmp_path):
     hook.remove()
     assert len(seen) == 2 and torch.equal(seen[0][0], seen[1][0])  # forward, then the recompute: the same Z
     noisy, clean = seen[0]
-    z = [(noisy[segment == k] * clean[segment == k]).sum(0) / clean[segment == k].square().sum(0)
-         for k in range(16)]  # least-squares Z of sample k, per channel
+    z = [
+        (noisy[segment == k] * clean[segment == k]).sum(0) / clean[segment == k].square().sum(0) for k in range(16)
+    ]  # least-squares Z of sample k, per channel
     for k in range(16):
         torch.testing.assert_close(noisy[segment == k], clean[segment == k] * z[k], rtol=1e-4, atol=1e-6)
     assert min((z[k] - z[k + 1]).abs().mean() for k in range(15)) > 0.1  # neighbours: other draws
@@ -213,8 +279,11 @@ def test_sft_full_pace_on_packed_rows_draws_noise_per_sample(tmp_path):
 def test_sft_fast_pace_on_packed_rows_caches_per_sample(tmp_path, consistency):
     """TRL packing, PACE_fast: 4 packed rows, 8 cached samples; one step per epoch, so steps 2
     and 3 read the previous epoch's outputs, sample by sample (kl: through the frozen head)."""
-    trainer = trl_trainer(sft_args(tmp_path, "packing", max_steps=3), conversations(8),
-                          pace=PaceArguments(mode="fast", lam=0.5, sigma=1.0, consistency=consistency))
+    trainer = trl_trainer(
+        sft_args(tmp_path, "packing", max_steps=3),
+        conversations(8),
+        pace=PaceArguments(mode="fast", lam=0.5, sigma=1.0, consistency=consistency),
+    )
     assert len(trainer.train_dataset) < 8 and trainer.pace_cache.sample_ids.tolist() == list(range(8))
     trainer.train()
     consistency = logged(trainer, "consistency_loss")
@@ -228,8 +297,13 @@ def test_pace_trainer_loss_is_pace_objective(tmp_path, consistency):
     train_set = encoded(tokenizer, 4)
     args = transformers.TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
     pace = PaceArguments(mode="full", lam=0.5, sigma=1.0, dropout=0.1, consistency=consistency)
-    trainer = PaceTrainer(model=tiny_model("llama"), args=args, train_dataset=train_set,
-                          data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True), pace=pace)
+    trainer = PaceTrainer(
+        model=tiny_model("llama"),
+        args=args,
+        train_dataset=train_set,
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True),
+        pace=pace,
+    )
     with torch.no_grad():  # B ≠ 0, or the consistency term is 0 for both
         for name, p in trainer.model.named_parameters():
             if "lora_B" in name:
@@ -252,9 +326,17 @@ def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, zero_stage):
     steps (3 epochs: targets from epoch 1 on); a run stopped at step 3 and resumed logs the same
     losses as the uninterrupted one, and both ranks hold the same adapter."""
     ds_json = tmp_path / "zero.json"
-    ds_json.write_text(json.dumps({"zero_optimization": {"stage": zero_stage}, "train_micro_batch_size_per_gpu": "auto",
-                                   "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
-                                   "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}}}))
+    ds_json.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": zero_stage},
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+                "optimizer": {"type": "AdamW", "params": {"lr": "auto", "torch_adam": True}},
+            }
+        )
+    )
 
     whole, split = tmp_path / "whole", tmp_path / "split"
     segments_before = shm_segments()
@@ -268,8 +350,11 @@ def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, zero_stage):
     def logged(out):
         sums = [json.loads((out / f"adapter_sum_rank{r}.json").read_text()) for r in (0, 1)]
         assert sums[0] == sums[1]
-        return {r["step"]: (r["loss"], r["task_loss"], r["consistency_loss"])
-                for r in json.loads((out / "log_history.json").read_text()) if "task_loss" in r}
+        return {
+            r["step"]: (r["loss"], r["task_loss"], r["consistency_loss"])
+            for r in json.loads((out / "log_history.json").read_text())
+            if "task_loss" in r
+        }
 
     uninterrupted, resumed = logged(whole), logged(split)
     assert sorted(uninterrupted) == [1, 2, 3, 4, 5, 6]
@@ -285,8 +370,13 @@ def test_pace_trainer_fast_two_ranks_resumes_exactly(tmp_path, zero_stage):
 @pytest.mark.slow
 def test_our_trainer_reports_to_wandb_and_mlflow_offline(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    launch("python", out, "train.max_steps=3", "train.report_to=[wandb,mlflow]",
-           extra_env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    launch(
+        "python",
+        out,
+        "train.max_steps=3",
+        "train.report_to=[wandb,mlflow]",
+        extra_env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+    )
     logged = metrics(out)
     assert [r["step"] for r in logged] == [1, 2, 3]
     assert not (out / "tensorboard").exists()  # report_to replaces the default
@@ -302,6 +392,7 @@ def test_our_trainer_reports_to_wandb_and_mlflow_offline(tmp_path, monkeypatch):
     assert b"lazy_every" in record  # the recipe as the run's config
 
     import mlflow
+
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as the writer sets it for its own store
     client = mlflow.MlflowClient((out / "mlruns").absolute().as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("pace-llm").experiment_id])
@@ -317,12 +408,18 @@ def test_transformers_neftune_flag_is_applied_once(tmp_path):
     training the embeddings carry transformers' NEFTune hook and no second one of ours
     (train.neftune_alpha is our own trainer's)."""
     from pace_llm.core.neftune import NEFTuneHook
+
     tokenizer = tiny_tokenizer()
-    args = transformers.TrainingArguments(str(tmp_path), report_to=[], use_cpu=True, max_steps=1,
-                                          neftune_noise_alpha=5.0, save_strategy="no")
-    trainer = PaceTrainer(model=tiny_model("llama"), args=args, train_dataset=encoded(tokenizer, 4),
-                          data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True),
-                          pace=PaceArguments(mode="full", lam=0.5, sigma=1.0))
+    args = transformers.TrainingArguments(
+        str(tmp_path), report_to=[], use_cpu=True, max_steps=1, neftune_noise_alpha=5.0, save_strategy="no"
+    )
+    trainer = PaceTrainer(
+        model=tiny_model("llama"),
+        args=args,
+        train_dataset=encoded(tokenizer, 4),
+        data_collator=transformers.DataCollatorForSeq2Seq(tokenizer, padding=True),
+        pace=PaceArguments(mode="full", lam=0.5, sigma=1.0),
+    )
     seen = []
 
     def probe(module, inputs, output):

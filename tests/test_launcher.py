@@ -1,5 +1,6 @@
 """pace_llm.distributed.launcher (the commands and environment every launch here uses) and
-pace_llm.logs (library chatter to a file, our progress and all warnings to the terminal)."""
+pace_llm.logs (library chatter and warnings to a file; our progress and warnings, and errors, to the terminal)."""
+
 import socket
 import subprocess
 import sys
@@ -26,14 +27,27 @@ def test_free_port_can_be_bound():
 
 def test_python_command_runs_train_py_in_one_process():
     cmd = train_command("python", "recipes/tiny.yaml", ["pace.mode=fast", "output_dir=x"])
-    assert cmd == [sys.executable, str(launcher.REPO / "launch" / "train.py"), "recipes/tiny.yaml",
-                   "pace.mode=fast", "output_dir=x"]
+    assert cmd == [
+        sys.executable,
+        str(launcher.REPO / "launch" / "train.py"),
+        "recipes/tiny.yaml",
+        "pace.mode=fast",
+        "output_dir=x",
+    ]
 
 
 def test_deepspeed_command_has_ranks_and_a_port():
     cmd = train_command("deepspeed", Path("recipes/tiny.yaml"), ["train.max_steps=4"], nproc=2, master_port=29611)
-    assert cmd == [tool("deepspeed"), "--num_gpus", "2", "--master_port", "29611",
-                   str(launcher.TRAIN_SCRIPT), "recipes/tiny.yaml", "train.max_steps=4"]
+    assert cmd == [
+        tool("deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        "29611",
+        str(launcher.TRAIN_SCRIPT),
+        "recipes/tiny.yaml",
+        "train.max_steps=4",
+    ]
     default_port = train_command("deepspeed", "r.yaml")[4]
     assert default_port.isdigit() and int(default_port) > 0  # a free one when not given
     with pytest.raises(ValueError, match="torchrun"):
@@ -41,11 +55,20 @@ def test_deepspeed_command_has_ranks_and_a_port():
 
 
 def test_torchrun_command_places_the_node():
-    cmd = script_command("torchrun", "bench/x.py", ["--smoke"], nproc=4, nnodes=2, node_rank=1,
-                         master_addr="gpu07", master_port=29734)
-    assert cmd == [tool("torchrun"), "--nnodes=2", "--nproc_per_node=4", "--node_rank=1", "--master_addr=gpu07",
-                   "--master_port=29734", "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGUSR1", "bench/x.py",
-                   "--smoke"]
+    cmd = script_command(
+        "torchrun", "bench/x.py", ["--smoke"], nproc=4, nnodes=2, node_rank=1, master_addr="gpu07", master_port=29734
+    )
+    assert cmd == [
+        tool("torchrun"),
+        "--nnodes=2",
+        "--nproc_per_node=4",
+        "--node_rank=1",
+        "--master_addr=gpu07",
+        "--master_port=29734",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGUSR1",
+        "bench/x.py",
+        "--smoke",
+    ]
     with pytest.raises(ValueError, match="launcher must be one of"):
         script_command("mpirun", "x.py")
 
@@ -79,10 +102,14 @@ def test_deepspeed_info_lines_stay_off_the_terminal():
 
 
 def test_run_logged_echoes_all_but_deepspeed_info(tmp_path):
-    script = "; ".join(f"print({line!r})" for line in [*DEEPSPEED_LINES, "ours"]) + \
-        "; import sys; print('on stderr', file=sys.stderr); sys.exit(3)"
-    code = (f"from pathlib import Path; from pace_llm.distributed.launcher import run_logged; import sys; "
-            f"sys.exit(run_logged([sys.executable, '-c', {script!r}], Path({str(tmp_path / 'echo.log')!r}), echo=True))")
+    script = (
+        "; ".join(f"print({line!r})" for line in [*DEEPSPEED_LINES, "ours"])
+        + "; import sys; print('on stderr', file=sys.stderr); sys.exit(3)"
+    )
+    code = (
+        f"from pathlib import Path; from pace_llm.distributed.launcher import run_logged; import sys; "
+        f"sys.exit(run_logged([sys.executable, '-c', {script!r}], Path({str(tmp_path / 'echo.log')!r}), echo=True))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3
     assert proc.stdout == "ours\n" and proc.stderr == "on stderr\n"
@@ -110,18 +137,76 @@ ROUTE = textwrap.dedent("""
     logging.getLogger("pace_llm.train").info("our progress")
     logging.getLogger("pace_llm.train").debug("our debug")
     logging.getLogger().info("root info")
+    logging.getLogger("pace_llm.train").warning("our warning")
+    logging.getLogger("transformers.modeling_utils").error("third-party error")
 """)
 
 
 def test_route_logs_splits_file_and_terminal(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", ROUTE, str(tmp_path / "out")], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", ROUTE, str(tmp_path / "out")], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     terminal = proc.stdout.splitlines()
     assert [line.split(" ", 2)[2] for line in terminal] == [
-        "transformers.modeling_utils: third-party warning", "pace_llm.train: our progress"]
+        "pace_llm.train: our progress",
+        "pace_llm.train: our warning",
+        "transformers.modeling_utils: third-party error",
+    ]
     logged = [line.split(" ", 2)[2] for line in (tmp_path / "out" / "run.log").read_text().splitlines()]
-    assert logged == ["INFO vllm.config: third-party info", "INFO DeepSpeed: deepspeed info",
-                      "WARNING transformers.modeling_utils: third-party warning",
-                      "INFO pace_llm.train: our progress", "INFO root: root info"]
+    assert logged == [
+        "INFO vllm.config: third-party info",
+        "INFO DeepSpeed: deepspeed info",
+        "WARNING transformers.modeling_utils: third-party warning",
+        "INFO pace_llm.train: our progress",
+        "INFO root: root info",
+        "WARNING pace_llm.train: our warning",
+        "ERROR transformers.modeling_utils: third-party error",
+    ]
     assert proc.stderr == ""
+
+
+HELD = textwrap.dedent("""
+    import logging, os, sys, warnings
+    from pace_llm.logs import hold_logs, route_logs, stderr_to_log
+    hold_logs()  # as pace_llm.cli does on import, before the heavy imports speak
+    logging.getLogger("bitsandbytes.backends.cpu.ops").warning("optional kernels missing")
+    logging.getLogger("pace_llm.cli").info("our line before the file is known")
+    warnings.warn("a library's future warning", FutureWarning)
+    route_logs(sys.argv[1])
+    with stderr_to_log():  # a C++ warning and a library's bar, written to file descriptor 2
+        os.write(2, b"[W utils.cpp:68] NUMA binding\\n")
+    os.write(2, b"after the block\\n")
+""")
+
+
+def test_held_records_warnings_and_c_level_stderr_go_to_the_file(tmp_path):
+    """What imports log before the run's file is known, third-party Python warnings, and what
+    vLLM's engine writes to stderr while it starts: all in the run's log, none on the terminal
+    but our own line; stderr is the terminal again after the block."""
+    proc = subprocess.run([sys.executable, "-c", HELD, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    terminal = proc.stdout + proc.stderr
+    for noise in ("optional kernels missing", "future warning", "NUMA binding"):
+        assert noise not in terminal, terminal
+    assert "our line before the file is known" in proc.stderr and proc.stderr.endswith("after the block\n")
+    logged = (tmp_path / "run.log").read_text()
+    for line in (
+        "WARNING bitsandbytes.backends.cpu.ops: optional kernels missing",
+        "INFO pace_llm.cli: our line before the file is known",
+        "FutureWarning: a library's future warning",
+        "[W utils.cpp:68] NUMA binding",
+    ):
+        assert line in logged, logged
+
+
+def test_a_python_warning_is_ours_when_raised_from_pace_llm():
+    import logging
+
+    from pace_llm.logs import PACKAGE_DIR, is_ours
+
+    def record(message):
+        return logging.LogRecord("py.warnings", logging.WARNING, "", 0, message, None, None)
+
+    assert is_ours(record(f"{PACKAGE_DIR}/benchmarks/evaluation.py:98: UserWarning: no head"))
+    assert not is_ours(record("/venv/lib/python3.11/site-packages/vllm/x.py:1: FutureWarning: old"))

@@ -1,6 +1,7 @@
 """The direction of imports (CONTRIBUTING.md, "Where things are"): PACE's core imports only
 torch, transformers, peft, the standard library and itself; the library never imports its
 entry points; importing the core loads no DeepSpeed, datasets or YAML."""
+
 from __future__ import annotations
 
 import ast
@@ -27,8 +28,11 @@ def imports(path: Path) -> set[str]:
 
 def allowed_in_core(module: str) -> bool:
     top = module.split(".")[0]
-    return (top in sys.stdlib_module_names or top in CORE_MAY_IMPORT
-            or any(module == m or module.startswith(m + ".") for m in CORE_MAY_IMPORT))
+    return (
+        top in sys.stdlib_module_names
+        or top in CORE_MAY_IMPORT
+        or any(module == m or module.startswith(m + ".") for m in CORE_MAY_IMPORT)
+    )
 
 
 def test_the_core_imports_only_torch_transformers_peft_and_itself():
@@ -46,13 +50,19 @@ def test_the_rule_catches_a_forbidden_import(tmp_path):
 
 def test_the_library_never_imports_its_entry_points():
     entry_points = ("launch", "eval", "bench", "tests", "examples")
-    bad = {f"{p.relative_to(ROOT)}: {m}" for p in (ROOT / "pace_llm").rglob("*.py") for m in imports(p)
-           if m.split(".")[0] in entry_points}
+    bad = {
+        f"{p.relative_to(ROOT)}: {m}"
+        for p in (ROOT / "pace_llm").rglob("*.py")
+        for m in imports(p)
+        if m.split(".")[0] in entry_points
+    }
     assert not bad, "\n".join(sorted(bad))
 
 
 def test_importing_the_core_loads_no_deepspeed_datasets_or_yaml():
-    code = ("import sys, pace_llm.core.objectives, pace_llm.core.adapters, pace_llm.core.cache; "
-            "print(sorted(m for m in ('deepspeed', 'datasets', 'yaml', 'optuna', 'vllm') if m in sys.modules))")
+    code = (
+        "import sys, pace_llm.core.objectives, pace_llm.core.adapters, pace_llm.core.cache; "
+        "print(sorted(m for m in ('deepspeed', 'datasets', 'yaml', 'optuna', 'vllm') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

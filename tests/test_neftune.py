@@ -1,5 +1,6 @@
 """NEFTune (pace_llm/core/neftune.py): uniform noise of magnitude α / sqrt(L·d) on the input
 embeddings, L each sample's own length, padded or packed."""
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,7 @@ def test_padded_rows_get_the_noise_of_their_own_length():
         bound = ALPHA / math.sqrt(length * d)
         values = noise[row, :length]
         assert values.abs().max() <= bound * (1 + 1e-5)
-        assert values.abs().max() > 0.95 * bound          # uniform on (−m, m): the max nears m
+        assert values.abs().max() > 0.95 * bound  # uniform on (−m, m): the max nears m
         assert abs(values.std().item() - bound / math.sqrt(3)) < 0.05 * bound  # std of U(−m, m)
     handle.remove()
     assert embedding_noise(model, ids).abs().max() == 0  # removed: no noise
@@ -61,8 +62,10 @@ def test_a_packed_sample_gets_the_scale_it_gets_padded():
     model = tiny_model("llama")
     d = model.config.hidden_size
     add_neftune(model, ALPHA)
-    samples = [{"input_ids": list(range(3, 33)), "labels": list(range(3, 33)), "sample_id": 0},
-               {"input_ids": list(range(3, 93)), "labels": list(range(3, 93)), "sample_id": 1}]
+    samples = [
+        {"input_ids": list(range(3, 33)), "labels": list(range(3, 33)), "sample_id": 0},
+        {"input_ids": list(range(3, 93)), "labels": list(range(3, 93)), "sample_id": 1},
+    ]
     batch = pack(samples, capacity=128, pad_id=0)
     lengths = token_lengths(batch)
     assert lengths.shape == batch["input_ids"].shape

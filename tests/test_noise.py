@@ -1,5 +1,6 @@
 """PACE noise (eq. 10-11) measured through real adapted layers, the depth schedule,
 σ = 0 as plain LoRA, and activation checkpointing replaying the same noise."""
+
 import math
 import re
 
@@ -7,12 +8,11 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TORCH_DROPOUT, make_batch, model_inputs, perturb_adapters
 
 import pace_llm
-from pace_llm.core.pace import sigma_for_block
 from pace_llm.assets.tiny import tiny_model
-
-from conftest import TORCH_DROPOUT, make_batch, model_inputs, perturb_adapters
+from pace_llm.core.pace import sigma_for_block
 
 BLOCK = re.compile(r"\.layers?\.(\d+)\.")  # llama/phi3/vit "layers.N.", roberta "layer.N."
 
@@ -24,8 +24,7 @@ def _unpaired():
 
 
 def adapted(kind, adapter="lora_add", sigma=1.0, seed=0, **cfg):
-    model = pace_llm.apply_pace(tiny_model(kind, seed=seed),
-                                pace_llm.PaceConfig(adapter=adapter, sigma=sigma, **cfg))
+    model = pace_llm.apply_pace(tiny_model(kind, seed=seed), pace_llm.PaceConfig(adapter=adapter, sigma=sigma, **cfg))
     perturb_adapters(model, seed=seed + 1)
     return model
 
@@ -58,8 +57,7 @@ def measured_z(module, x):
 
 # (model kind, adapter, layer suffix): LoRA_add on a bias-free LLaMA layer; LoRA_mul on it;
 # LoRA_mul + VPT_add on a ViT layer with a bias (the VPT term Δb = W0·P is noised too).
-NOISE_CASES = [("llama", "lora_add", "q_proj"), ("llama", "lora_mul_vpt", "q_proj"),
-               ("vit", "lora_mul_vpt", "fc1")]
+NOISE_CASES = [("llama", "lora_add", "q_proj"), ("llama", "lora_mul_vpt", "q_proj"), ("vit", "lora_mul_vpt", "fc1")]
 
 
 @pytest.mark.parametrize("kind,adapter,suffix", NOISE_CASES)
@@ -74,8 +72,7 @@ def test_noise_statistics_through_an_adapted_layer(kind, adapter, suffix):
         module, hook = layer_of_block(model, block, suffix)
         assert hook.sigma == pytest.approx(expected_sigma)
         d_in = module.base_layer.in_features
-        x = torch.randn(n_samples, n_tokens, d_in, generator=torch.Generator().manual_seed(block),
-                        dtype=torch.float64)
+        x = torch.randn(n_samples, n_tokens, d_in, generator=torch.Generator().manual_seed(block), dtype=torch.float64)
         torch.manual_seed(100 + block)
         z, z_ref = measured_z(module, x)
 
@@ -107,6 +104,7 @@ def test_noise_is_independent_across_layers_in_one_forward():
     def grab(name):
         def hook(mod, inp, out):
             captured[name] = (inp[0], out)
+
         return hook
 
     hooks = [q.register_forward_hook(grab("q")), k.register_forward_hook(grab("k"))]
@@ -127,8 +125,9 @@ def test_noise_is_independent_across_layers_in_one_forward():
     assert (zs[0] - zs[1]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("kind,adapter", [("llama", "lora_add"), ("llama", "lora_mul_vpt"),
-                                          ("vit", "lora_mul_vpt"), ("phi3", "lora_add")])
+@pytest.mark.parametrize(
+    "kind,adapter", [("llama", "lora_add"), ("llama", "lora_mul_vpt"), ("vit", "lora_mul_vpt"), ("phi3", "lora_add")]
+)
 def test_no_noise_in_eval_mode(kind, adapter):
     model = adapted(kind, adapter, sigma=1.5)
     inputs = model_inputs(make_batch(kind))
@@ -142,7 +141,7 @@ def test_no_noise_in_eval_mode(kind, adapter):
         silent = model(**inputs).logits
     assert torch.equal(first, second)
     assert (noisy - first).abs().max() > 1e-3  # training mode is noisy with σ > 0
-    assert torch.equal(silent, first)          # eval = training with σ = 0 (no dropout here)
+    assert torch.equal(silent, first)  # eval = training with σ = 0 (no dropout here)
 
 
 def _expected_sigma(name, sigma, num_blocks, s, schedule="linear"):
@@ -155,15 +154,20 @@ def _expected_sigma(name, sigma, num_blocks, s, schedule="linear"):
     return sigma * (n_ids - block) / (n_ids - s)
 
 
-@pytest.mark.parametrize("kind,adapter", [("llama", "lora_add"), ("phi3", "lora_add"),
-                                          ("roberta", "lora_add"), ("vit", "lora_mul_vpt")])
+@pytest.mark.parametrize(
+    "kind,adapter", [("llama", "lora_add"), ("phi3", "lora_add"), ("roberta", "lora_add"), ("vit", "lora_mul_vpt")]
+)
 def test_depth_schedule_of_every_noisy_layer(kind, adapter):
     sigma = 1.2
-    for s, schedule, by_block in ((0, "linear", {0: sigma, 1: 2 * sigma / 3}),
-                                  (1, "linear", {0: 0.0, 1: sigma}),
-                                  (0, "constant", {0: sigma, 1: sigma})):
-        model = pace_llm.apply_pace(tiny_model(kind), pace_llm.PaceConfig(
-            adapter=adapter, sigma=sigma, sigma_schedule=schedule, first_noisy_block=s))
+    for s, schedule, by_block in (
+        (0, "linear", {0: sigma, 1: 2 * sigma / 3}),
+        (1, "linear", {0: 0.0, 1: sigma}),
+        (0, "constant", {0: sigma, 1: sigma}),
+    ):
+        model = pace_llm.apply_pace(
+            tiny_model(kind),
+            pace_llm.PaceConfig(adapter=adapter, sigma=sigma, sigma_schedule=schedule, first_noisy_block=s),
+        )
         layers = pace_llm.noise_layers(model)
         assert len(layers) == len(pace_llm.resolve_targets(tiny_model(kind), None))
         seen = set()
@@ -195,11 +199,20 @@ def test_sigma_zero_is_plain_lora(kind):
     """Train-mode logits of PACE with σ = 0 equal those of PEFT LoRA with the same weights
     (RoBERTa: with its dropout active, same seed → same masks: σ = 0 draws no noise)."""
     pace = adapted(kind, sigma=0.0, rank=4, alpha=8.0)
-    targets = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-               "roberta": ["query", "value"]}[kind]
-    plain = peft.get_peft_model(tiny_model(kind), peft.LoraConfig(
-        r=4, lora_alpha=8.0, target_modules=targets, lora_dropout=0.0,
-        modules_to_save=["classifier"] if kind == "roberta" else None))
+    targets = {
+        "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "roberta": ["query", "value"],
+    }[kind]
+    plain = peft.get_peft_model(
+        tiny_model(kind),
+        peft.LoraConfig(
+            r=4,
+            lora_alpha=8.0,
+            target_modules=targets,
+            lora_dropout=0.0,
+            modules_to_save=["classifier"] if kind == "roberta" else None,
+        ),
+    )
     missing, unexpected = plain.load_state_dict(pace.state_dict(), strict=True)
     assert not missing and not unexpected
     inputs = model_inputs(make_batch(kind))
@@ -219,9 +232,13 @@ def _grads(kind, seed, checkpointing, mode, **overrides):
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    lora_b = next(m for n, m in model.named_modules() if n.endswith((
-        "layer.0.attention.self.query" if kind == "roberta" else "layers.0.self_attn.o_proj")
-        + ".lora_B.default"))
+    lora_b = next(
+        m
+        for n, m in model.named_modules()
+        if n.endswith(
+            ("layer.0.attention.self.query" if kind == "roberta" else "layers.0.self_attn.o_proj") + ".lora_B.default"
+        )
+    )
     calls = []
     handle = lora_b.register_forward_hook(lambda *a: calls.append(1))
     torch.manual_seed(seed)
@@ -233,12 +250,15 @@ def _grads(kind, seed, checkpointing, mode, **overrides):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("kind,mode,overrides", [
-    ("llama", "off", {}),
-    ("phi3", "off", {}),
-    ("phi3", "full", {"resid_pdrop": 0.1}),
-    ("roberta", "full", {}),  # hidden and attention dropout 0.1, shared masks, pairing flag
-])
+@pytest.mark.parametrize(
+    "kind,mode,overrides",
+    [
+        ("llama", "off", {}),
+        ("phi3", "off", {}),
+        ("phi3", "full", {"resid_pdrop": 0.1}),
+        ("roberta", "full", {}),  # hidden and attention dropout 0.1, shared masks, pairing flag
+    ],
+)
 def test_gradient_checkpointing_replays_the_same_noise(kind, mode, overrides):
     plain = _grads(kind, 0, False, mode, **overrides)
     ckpt = _grads(kind, 0, True, mode, **overrides)
@@ -257,9 +277,10 @@ NO_DROPOUT = {"roberta": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_p
 @pytest.mark.parametrize("kind,adapter", [("roberta", "lora_add"), ("vit", "lora_mul_vpt"), ("vit", "lora_add")])
 def test_head_noise_multiplies_each_sample_and_class_by_z(kind, adapter):
     sigma = 1.2
-    model = pace_llm.apply_pace(tiny_model(kind, **NO_DROPOUT.get(kind, {})),
-                                pace_llm.PaceConfig(adapter=adapter, sigma=sigma, rank=4))
-    (name, hook), = pace_llm.head_noise(model).items()
+    model = pace_llm.apply_pace(
+        tiny_model(kind, **NO_DROPOUT.get(kind, {})), pace_llm.PaceConfig(adapter=adapter, sigma=sigma, rank=4)
+    )
+    ((name, hook),) = pace_llm.head_noise(model).items()
     layers = model.config.num_hidden_layers
     assert hook.sigma == pytest.approx(sigma_for_block(sigma, layers, layers)) and hook.sigma > 0
     batch = model_inputs(make_batch(kind, batch=64))
@@ -279,8 +300,9 @@ def test_head_noise_multiplies_each_sample_and_class_by_z(kind, adapter):
 def test_head_noise_off_is_todays_model_and_merge_ignores_it(adapter):
     kind, batch = "vit", model_inputs(make_batch("vit", batch=8))
     torch.manual_seed(0)
-    plain = pace_llm.apply_pace(tiny_model(kind), pace_llm.PaceConfig(adapter=adapter, sigma=1.0, rank=4,
-                                                                      noise_head=False))
+    plain = pace_llm.apply_pace(
+        tiny_model(kind), pace_llm.PaceConfig(adapter=adapter, sigma=1.0, rank=4, noise_head=False)
+    )
     assert pace_llm.head_noise(plain) == {}
     with torch.no_grad():
         plain.eval()

@@ -1,18 +1,18 @@
 """The PACE objectives (off, full, fast, lazy_half) against their definitions (eq. 12, App. C),
 with hand computations from the models' own full outputs."""
+
+import logging
 import subprocess
 import sys
-import logging
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TORCH_DROPOUT, make_batch, model_inputs, perturb_adapters
 
 import pace_llm
-from pace_llm.core.pace import paired_dropout
 from pace_llm.assets.tiny import tiny_model
-
-from conftest import TORCH_DROPOUT, make_batch, model_inputs, perturb_adapters
+from pace_llm.core.pace import paired_dropout
 
 NO_DROPOUT = {"roberta": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}}
 
@@ -24,8 +24,9 @@ def _unpaired():
 
 
 def adapted(kind, sigma=1.0, adapter="lora_add", seed=0, **overrides):
-    model = pace_llm.apply_pace(tiny_model(kind, seed=seed, **overrides),
-                                pace_llm.PaceConfig(adapter=adapter, sigma=sigma, rank=4))
+    model = pace_llm.apply_pace(
+        tiny_model(kind, seed=seed, **overrides), pace_llm.PaceConfig(adapter=adapter, sigma=sigma, rank=4)
+    )
     perturb_adapters(model, seed=seed + 1)
     model.train()
     return model
@@ -67,11 +68,15 @@ def sq_dist(a, b):
 
 # --- full ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,overrides", [
-    ("roberta", {}),                          # hidden 0.1 + attention-probability 0.1
-    ("roberta", {"hidden_dropout_prob": 0.0}),  # attention-probability dropout alone
-    ("phi3", {"resid_pdrop": 0.1, "attention_dropout": 0.1}),
-])
+
+@pytest.mark.parametrize(
+    "kind,overrides",
+    [
+        ("roberta", {}),  # hidden 0.1 + attention-probability 0.1
+        ("roberta", {"hidden_dropout_prob": 0.0}),  # attention-probability dropout alone
+        ("phi3", {"resid_pdrop": 0.1, "attention_dropout": 0.1}),
+    ],
+)
 def test_full_sigma_zero_has_zero_consistency_under_dropout(kind, overrides, caplog):
     model = adapted(kind, sigma=0.0, **overrides)
     batch = make_batch(kind, batch=4)
@@ -109,7 +114,9 @@ def test_gradients_reach_adapters_and_head_only(kind, adapter):
     adapter_like = ("lora_", "pace_", "modules_to_save")
     n_adapter = 0
     for name, p in model.named_parameters():
-        trainable = any(s in name for s in adapter_like) or (adapter == "lora_mul_vpt" and name.startswith("classifier."))
+        trainable = any(s in name for s in adapter_like) or (
+            adapter == "lora_mul_vpt" and name.startswith("classifier.")
+        )
         assert p.requires_grad == trainable, name
         if trainable:
             n_adapter += 1
@@ -157,6 +164,7 @@ def test_full_consistency_and_task_loss_by_hand(kind):
 
 
 # --- fast ------------------------------------------------------------------------------
+
 
 def test_fast_classifier_uses_last_epoch_logits():
     model = adapted("roberta", sigma=1.0)
@@ -256,6 +264,7 @@ def test_fast_samples_without_a_stored_output_get_no_term(kind):
 
 # --- lazy_half -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["llama", "roberta"])
 def test_lazy_half_alternates_paired_half_and_plain_steps(kind):
     model = adapted(kind, sigma=1.0, **NO_DROPOUT.get(kind, {}))
@@ -269,14 +278,14 @@ def test_lazy_half_alternates_paired_half_and_plain_steps(kind):
         torch.manual_seed(40 + step)
         got = lazy(model, batch, step)
         torch.manual_seed(40 + step)
-        want = (full(model, first) if step % 2 == 0 else off(model, batch))
+        want = full(model, first) if step % 2 == 0 else off(model, batch)
         assert got.task_loss.item() == pytest.approx(want.task_loss.item(), rel=1e-6)
         assert got.consistency_loss.item() == pytest.approx(want.consistency_loss.item(), rel=1e-6)
         assert got.n_outputs == want.n_outputs
         if step % 2 == 0:  # paired half batch: consistency reported, task loss on the half
             assert got.consistency_loss.item() > 1e-4
             assert got.n_outputs == int(pace_llm.supervised_counts(first["labels"]).sum())
-        else:               # plain step on the whole batch
+        else:  # plain step on the whole batch
             assert got.consistency_loss.item() == 0.0
             assert got.n_outputs == int(pace_llm.supervised_counts(batch["labels"]).sum())
         got.loss.backward()
@@ -284,9 +293,12 @@ def test_lazy_half_alternates_paired_half_and_plain_steps(kind):
 
 # --- paired dropout stays inside a PACE step ---------------------------------------------
 
+
 def test_importing_pace_llm_leaves_torch_dropout_untouched():
-    code = ("import torch.nn.functional as F; before = F.dropout; import pace_llm, pace_llm.training, "
-            "pace_llm.tasks; assert F.dropout is before, F.dropout")
+    code = (
+        "import torch.nn.functional as F; before = F.dropout; import pace_llm, pace_llm.training, "
+        "pace_llm.tasks; assert F.dropout is before, F.dropout"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

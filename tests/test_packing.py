@@ -2,22 +2,22 @@
 losses and gradients packed or padded, at any micro-batch size and accumulation (step loss
 normalisation), samples in a row cannot see each other, and PACE's noise stays one draw per
 sample and channel."""
+
 import json
 import re
 
 import pytest
 import torch
-
-import pace_llm
-from pace_llm.core.objectives import PaceObjective
-from pace_llm.core.packing import best_fit_decreasing, duplicate_packed, pack, padded_tokens
-from pace_llm.core.pace import multiplicative_noise, noise_segments
-from pace_llm.core.outputs import SampleOutputs, TokenOutputs, model_inputs
-from pace_llm.tasks.base import pad_tokens
-from pace_llm.assets.tiny import tiny_model
-
 from conftest import make_batch, perturb_adapters
 from trainrun import ds_steps, eval_losses, launch_many, metrics
+
+import pace_llm
+from pace_llm.assets.tiny import tiny_model
+from pace_llm.core.objectives import PaceObjective
+from pace_llm.core.outputs import SampleOutputs, TokenOutputs, model_inputs
+from pace_llm.core.pace import multiplicative_noise, noise_segments
+from pace_llm.core.packing import best_fit_decreasing, duplicate_packed, pack, padded_tokens
+from pace_llm.tasks.base import pad_tokens
 
 LENGTHS = [9, 4, 7, 3, 12, 5, 6, 2]  # packed into rows of 16 tokens: 3 rows, several per row
 
@@ -28,7 +28,7 @@ def samples(lengths=LENGTHS, seed=0):
     out = []
     for i, n in enumerate(lengths):
         ids = torch.randint(3, 256, (n,), generator=g).tolist()
-        labels = [-100] * (n // 3) + ids[n // 3:]
+        labels = [-100] * (n // 3) + ids[n // 3 :]
         out.append({"input_ids": ids, "labels": labels, "sample_id": 10 + i})
     return out
 
@@ -89,8 +89,12 @@ def test_sigma_zero_packed_equals_padded(kind):
         model = adapted(kind)
         rows = TokenOutputs().forward(model, batch)
         rows_of[how] = per_sample(rows, batch["sample_id"])
-        losses[how] = {i: torch.nn.functional.cross_entropy(f, t).item() for i, f, t in zip(
-            batch["sample_id"].tolist(), rows.f.split(rows.counts.tolist()), rows.target.split(rows.counts.tolist()))}
+        losses[how] = {
+            i: torch.nn.functional.cross_entropy(f, t).item()
+            for i, f, t in zip(
+                batch["sample_id"].tolist(), rows.f.split(rows.counts.tolist()), rows.target.split(rows.counts.tolist())
+            )
+        }
         out = PaceObjective("full", lam=0.1, outputs=TokenOutputs())(model, batch)
         assert out.consistency_loss.item() == 0.0
         out.loss.backward()
@@ -161,10 +165,15 @@ def test_paired_copies_of_a_packed_batch_draw_their_own_noise():
 def test_inspect_data_shows_the_bins(capsys):
     """launch/inspect_data.py with data.packing: the first micro-batches' rows, each sample by
     id and length, in the order training takes them; and the epoch's padding packed vs padded."""
-    from pace_llm.core.cache import ShardedEpochSampler
     from pace_llm.cli import inspect_data
-    assert inspect_data.main(["recipes/tiny.yaml", "data.packing=true", "data.max_length=100", "--n", "0",
-                              "--batches", "2"]) == 0
+    from pace_llm.core.cache import ShardedEpochSampler
+
+    assert (
+        inspect_data.main(
+            ["recipes/tiny.yaml", "data.packing=true", "data.max_length=100", "--n", "0", "--batches", "2"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     rows = re.findall(r"  row \d+: (\d+) tokens: (.*)", out)
     shown = [[(int(i), int(n)) for i, n in re.findall(r"#(\d+) \((\d+)\)", parts)] for _, parts in rows]
@@ -196,8 +205,11 @@ def test_step_normalisation_gives_the_same_gradient_packed_or_padded_at_any_accu
     (rel 1e-5) packed in one micro-batch, packed in two accumulated ones and padded; averaging
     the micro-batches' own means would weight the tokens of the smaller one more."""
     s = samples()[:4]
-    ways = {"packed mb=4": [pack(s, 16, 0)], "packed mb=2 x2": [pack(s[:2], 16, 0), pack(s[2:], 16, 0)],
-            "padded mb=4": [padded(s)]}
+    ways = {
+        "packed mb=4": [pack(s, 16, 0)],
+        "packed mb=2 x2": [pack(s[:2], 16, 0), pack(s[2:], 16, 0)],
+        "padded mb=4": [padded(s)],
+    }
     grads = {name: step_gradients(adapted("llama"), batches, "step") for name, batches in ways.items()}
     reference = grads["padded mb=4"]
     for name, g in grads.items():
@@ -237,6 +249,7 @@ def test_qlora_nf4_packed_equals_padded(tmp_path):
 
     from pace_llm.config import load_recipe
     from pace_llm.tasks import get_task
+
     tiny_model("llama").save_pretrained(tmp_path / "base")
     task = get_task(load_recipe("recipes/tiny.yaml", ["model.quantization=nf4", "data.packing=true"]))
     s, grads = samples()[:4], {}
@@ -264,16 +277,29 @@ def test_task_rows_counts_the_rows_the_task_loss_covers(mode):
                 assert objective(model, batch, step).n_outputs == objective.task_outputs(batch, step)
 
 
-NORM_COMMON = ["deepspeed.zero_stage=2", "pace.mode=full", "pace.sigma=0", "data.limit=36", "train.epochs=2",
-               "train.max_steps=null", "train.save_every=0", "data.eval_limit=8", "train.eval_every=5",
-               "train.report_to=[]"]
+NORM_COMMON = [
+    "deepspeed.zero_stage=2",
+    "pace.mode=full",
+    "pace.sigma=0",
+    "data.limit=36",
+    "train.epochs=2",
+    "train.max_steps=null",
+    "train.save_every=0",
+    "data.eval_limit=8",
+    "train.eval_every=5",
+    "train.report_to=[]",
+]
 NORM_PADDED = [*NORM_COMMON, "train.loss_normalization=step"]
 NORM_ACCUMULATED = [*NORM_COMMON, "data.packing=true", "train.micro_batch_size=2", "train.gradient_accumulation=2"]
-NORM_RUNS = [("padded", NORM_PADDED), ("packed", [*NORM_COMMON, "data.packing=true"]),
-             ("accumulated", NORM_ACCUMULATED), ("padded_fast", [*NORM_PADDED, "pace.mode=fast"]),
-             ("accumulated_fast", [*NORM_ACCUMULATED, "pace.mode=fast"]),
-             ("padded_llama", [*NORM_PADDED, "model.name=tiny:llama"]),
-             ("packed_llama", [*NORM_COMMON, "data.packing=true", "model.name=tiny:llama"])]
+NORM_RUNS = [
+    ("padded", NORM_PADDED),
+    ("packed", [*NORM_COMMON, "data.packing=true"]),
+    ("accumulated", NORM_ACCUMULATED),
+    ("padded_fast", [*NORM_PADDED, "pace.mode=fast"]),
+    ("accumulated_fast", [*NORM_ACCUMULATED, "pace.mode=fast"]),
+    ("padded_llama", [*NORM_PADDED, "model.name=tiny:llama"]),
+    ("packed_llama", [*NORM_COMMON, "data.packing=true", "model.name=tiny:llama"]),
+]
 
 
 @pytest.mark.slow
@@ -290,8 +316,12 @@ def test_step_normalisation_two_ranks_same_losses_packed_or_padded_at_any_accumu
     logged = {name: metrics(out) for name, out in outs.items()}
     assert [r["step"] for r in logged["accumulated"]] == list(range(1, 11))
     assert logged["packed_llama"][0]["loss"] != logged["packed"][0]["loss"]  # another model indeed
-    for name, reference in (("packed", "padded"), ("accumulated", "padded"), ("accumulated_fast", "padded_fast"),
-                            ("packed_llama", "padded_llama")):
+    for name, reference in (
+        ("packed", "padded"),
+        ("accumulated", "padded"),
+        ("accumulated_fast", "padded_fast"),
+        ("packed_llama", "padded_llama"),
+    ):
         for padded_row, row in zip(logged[reference], logged[name], strict=True):
             for key in ("loss", "task_loss", "consistency_loss", "grad_norm"):
                 assert row[key] == pytest.approx(padded_row[key], rel=1e-5, abs=1e-7), (name, row["step"], key)
@@ -301,6 +331,7 @@ def test_step_normalisation_two_ranks_same_losses_packed_or_padded_at_any_accumu
     assert all(c == 0 for c in consistency[:5]) and all(c > 0 for c in consistency[5:])
     from pace_llm.config import load_recipe
     from pace_llm.training import lr_lambda
+
     rows = logged["accumulated"]
     assert ds_steps(outs["accumulated"]) == [(k, k) for k in range(1, 11)]
     schedule = lr_lambda(load_recipe("recipes/tiny.yaml", NORM_ACCUMULATED), 10)
@@ -321,15 +352,30 @@ def two_rank_runs(tmp_path_factory):
     of 4 accumulated in pairs (3 steps an epoch, the last short), 2 epochs; each trained through
     once, and again stopped after step 4 (fast: its epoch-0 cache is then in the checkpoint) and
     resumed to the end."""
-    common = ["data.packing=true", "data.limit=40", "train.gradient_accumulation=2", "train.epochs=2",
-              "train.max_steps=null", "train.save_every=0", "data.eval_limit=8", "train.report_to=[]"]
+    common = [
+        "data.packing=true",
+        "data.limit=40",
+        "train.gradient_accumulation=2",
+        "train.epochs=2",
+        "train.max_steps=null",
+        "train.save_every=0",
+        "data.eval_limit=8",
+        "train.report_to=[]",
+    ]
     runs = [(f"norm-{name}", overrides) for name, overrides in NORM_RUNS]
     for stage in (2, 3):
         for mode in PATH_MODES:
-            overrides = [*common, f"deepspeed.zero_stage={stage}", f"pace.mode={mode}",
-                         f"model.gradient_checkpointing={str(stage == 3).lower()}"]
-            runs += [(f"zero{stage}-{mode}", overrides), (f"zero{stage}-{mode}-resumed", [*overrides, "train.stop_after=4"]),
-                     (f"zero{stage}-{mode}-resumed", [*overrides, "resume=true"])]
+            overrides = [
+                *common,
+                f"deepspeed.zero_stage={stage}",
+                f"pace.mode={mode}",
+                f"model.gradient_checkpointing={str(stage == 3).lower()}",
+            ]
+            runs += [
+                (f"zero{stage}-{mode}", overrides),
+                (f"zero{stage}-{mode}-resumed", [*overrides, "train.stop_after=4"]),
+                (f"zero{stage}-{mode}-resumed", [*overrides, "resume=true"]),
+            ]
     return launch_many(tmp_path_factory.mktemp("two-rank-runs"), runs)
 
 

@@ -1,9 +1,9 @@
 """bench/study.py's own logic, without training: the paired statistics and the selection of
 each arm's grid point from its sweep's results (the study itself: `python bench/study.py --smoke`)."""
+
 import json
 
 import pytest
-
 import study  # bench/study.py (pytest's pythonpath)
 
 
@@ -26,8 +26,10 @@ def test_selection_needs_every_seed_and_breaks_ties_by_eval_loss(tmp_path):
     test = tmp_path / "test.csv"
     plan = study.Plan(tmp_path, tmp_path / "results", smoke=False, grace_period=120, inputs={d.name: ([], test)})
     sweep, _ = plan.sweep(d, "sweep", "full")
-    points = [{"params": {"pace.lam": lam, "pace.sigma": "1"}, "n": n, "mean": mean, "std": 0.0}
-              for lam, n, mean in (("0.05", 2, 0.8), ("0.2", 2, 0.8), ("1", 1, 0.9))]  # λ=1 lost a seed
+    points = [
+        {"params": {"pace.lam": lam, "pace.sigma": "1"}, "n": n, "mean": mean, "std": 0.0}
+        for lam, n, mean in (("0.05", 2, 0.8), ("0.2", 2, 0.8), ("1", 1, 0.9))
+    ]  # λ=1 lost a seed
     sweep.sweep_dir.mkdir(parents=True)
     (sweep.sweep_dir / "sweep.json").write_text(json.dumps({"grid": {"train.seed": ["0", "1"]}, "points": points}))
     for lam, loss in (("0.05", 0.6), ("0.2", 0.5)):
@@ -39,14 +41,16 @@ def test_selection_needs_every_seed_and_breaks_ties_by_eval_loss(tmp_path):
     final, cmd = plan.sweep(d, "final", "full")
     assert final.grid == {"pace.lam": ["0.2"], "pace.sigma": ["1"], "train.seed": ["100", "101", "102", "103", "104"]}
     assert f"data.eval={test}" in cmd
-    assert cmd[cmd.index("--grid") + 1:cmd.index("--seeds")] == ["pace.lam=0.2", "pace.sigma=1"]
+    assert cmd[cmd.index("--grid") + 1 : cmd.index("--seeds")] == ["pace.lam=0.2", "pace.sigma=1"]
 
 
 def test_the_overall_table_keeps_the_datasets_an_earlier_run_wrote(tmp_path):
     d = study.DATASETS["polarity_n64"]
     results = tmp_path / "results"
     results.mkdir()
-    (results / "study_fashion.md").write_text("<!-- header -->\n`python bench/study.py --only fashion`\n\nfashion table\n")
+    (results / "study_fashion.md").write_text(
+        "<!-- header -->\n`python bench/study.py --only fashion`\n\nfashion table\n"
+    )
     plan = study.Plan(tmp_path, results, smoke=False, grace_period=120, inputs={d.name: ([], tmp_path / "t.csv")})
     text = study.write_tables(plan, [d], "python bench/study.py --only polarity_n64")
     overall = (results / "study.md").read_text()
@@ -57,8 +61,12 @@ def test_the_overall_table_keeps_the_datasets_an_earlier_run_wrote(tmp_path):
 
 def test_progress_counts_only_this_runs_datasets(tmp_path):
     """A later `--only` run shares OUT with the earlier ones: their runs are not its progress."""
-    for name, status in (("polarity_n64", "done"), ("fashion", "done"), ("polarity_n256", "done"),
-                         ("polarity_n256", "stopped")):
+    for name, status in (
+        ("polarity_n64", "done"),
+        ("fashion", "done"),
+        ("polarity_n256", "done"),
+        ("polarity_n256", "stopped"),
+    ):
         run = tmp_path / name / "sweep-full" / "runs" / f"run-{len(list(tmp_path.glob('*/*/runs/*')))}"
         run.mkdir(parents=True)
         (run / "run_status.json").write_text(json.dumps({"status": status}))

@@ -1,4 +1,5 @@
 """Sweeps (pace_llm/sweep.py, launch/sweep.py): real Optuna on SQLite, real tiny training runs."""
+
 from __future__ import annotations
 
 import itertools
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import optuna
 import pytest
-
 from trainrun import ROOT, env, metrics
 
 SWEEP = ROOT / "launch" / "sweep.py"
@@ -21,14 +21,26 @@ FAST = ["deepspeed.zero_stage=0", "train.max_steps=4", "train.log_every=1"]
 
 
 def sweep_command(sweep_dir: Path, recipe: str, *args: str) -> list[str]:
-    return [sys.executable, str(SWEEP), recipe, *FAST, *args, "--sweep-dir", str(sweep_dir),
-            "--heartbeat-interval", "1", "--grace-period", "3"]
+    return [
+        sys.executable,
+        str(SWEEP),
+        recipe,
+        *FAST,
+        *args,
+        "--sweep-dir",
+        str(sweep_dir),
+        "--heartbeat-interval",
+        "1",
+        "--grace-period",
+        "3",
+    ]
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     # Its own process group: the kill test takes the worker and its training run down together.
-    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: int = 240) -> str:
@@ -57,22 +69,36 @@ def test_two_workers_split_a_2x2x2_grid_and_write_the_table(tmp_path):
     seeds between them, each exactly once, and write the mean ± std table; the metric is the
     classifier's eval_accuracy from the runs' own metrics.jsonl."""
     sweep_dir = tmp_path / "sweep"
-    cmd = sweep_command(sweep_dir, "recipes/tiny_cls.yaml", "--grid", "pace.lam=0.1,0.5", "pace.sigma=0.5,1",
-                        "--seeds", "0,1", "--metric", "eval_accuracy", "--direction", "max")
+    cmd = sweep_command(
+        sweep_dir,
+        "recipes/tiny_cls.yaml",
+        "--grid",
+        "pace.lam=0.1,0.5",
+        "pace.sigma=0.5,1",
+        "--seeds",
+        "0,1",
+        "--metric",
+        "eval_accuracy",
+        "--direction",
+        "max",
+    )
     workers = [start(cmd, tmp_path / f"worker{i}.log") for i in range(2)]
     logs = [finish(w, tmp_path / f"worker{i}.log") for i, w in enumerate(workers)]
 
     started = [[line.split("start")[1].strip() for line in log.splitlines() if "] start" in line] for log in logs]
     assert all(started), f"a worker ran no trial: {started}"  # the grid was split
-    assert sorted(started[0] + started[1]) == sorted(set(started[0] + started[1])) and \
-        len(started[0] + started[1]) == 8, started  # 8 distinct points, none run twice
+    assert (
+        sorted(started[0] + started[1]) == sorted(set(started[0] + started[1])) and len(started[0] + started[1]) == 8
+    ), started  # 8 distinct points, none run twice
     runs = sorted((sweep_dir / "runs").iterdir())
     assert len(runs) == 8 and all(len(launches(r)) == 1 for r in runs)
     assert [state for _, state in trial_states(sweep_dir)] == ["COMPLETE"] * 8
     points = [t.user_attrs["point"] for t in trials(sweep_dir)]  # the point each trial was queued for
     assert len({tuple(p.values()) for p in points}) == 8
-    assert all({k: float(v) for k, v in t.params.items()} == {k: float(v) for k, v in t.user_attrs["point"].items()}
-               for t in trials(sweep_dir))  # and ran
+    assert all(
+        {k: float(v) for k, v in t.params.items()} == {k: float(v) for k, v in t.user_attrs["point"].items()}
+        for t in trials(sweep_dir)
+    )  # and ran
 
     summary = json.loads((sweep_dir / "sweep.json").read_text())
     assert summary["trials_complete"] == 8 and len(summary["points"]) == 4
@@ -85,8 +111,9 @@ def test_two_workers_split_a_2x2x2_grid_and_write_the_table(tmp_path):
         for seed, value in p["values"].items():  # the table's numbers are the runs' last eval_accuracy
             point = {**p["params"], "train.seed": seed}
             run = sweep_dir / "runs" / ",".join(f"{k}={v}" for k, v in point.items())
-            logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-                      if "eval_accuracy" in r]
+            logged = [
+                r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_accuracy" in r
+            ]
             assert logged[0]["step"] == 0 and logged[-1]["eval_accuracy"] == value
     table = (sweep_dir / "sweep.md").read_text()
     assert "| pace.lam | pace.sigma | eval_accuracy | n |" in table
@@ -126,8 +153,16 @@ def test_killed_sweep_reruns_no_finished_trial_and_resumes_the_interrupted_one(t
     rerun keeps the finished trial, continues the killed one from its own checkpoint, and runs
     the third, whose grid point the killed trial's retry must not take (its trial number does)."""
     sweep_dir = tmp_path / "sweep"
-    cmd = sweep_command(sweep_dir, "recipes/tiny.yaml", "train.max_steps=8", "train.save_every=2",
-                        "--grid", "pace.lam=0.1", "--seeds", "0,1,2")
+    cmd = sweep_command(
+        sweep_dir,
+        "recipes/tiny.yaml",
+        "train.max_steps=8",
+        "train.save_every=2",
+        "--grid",
+        "pace.lam=0.1",
+        "--seeds",
+        "0,1,2",
+    )
     worker = start(cmd, tmp_path / "first.log")
     deadline = time.time() + 200
     while True:  # wait until one run is done and the other has a checkpoint
@@ -170,8 +205,11 @@ def test_a_run_stopped_on_a_signal_is_requeued_at_once_and_resumed(tmp_path):
     its worker re-queue the trial at once (no grace period, 60 s here, to wait out) and leave,
     cleanly; the next worker takes the retry and continues the run from its checkpoint."""
     sweep_dir = tmp_path / "sweep"
-    cmd = [*sweep_command(sweep_dir, "recipes/tiny.yaml", "train.stop_after=2", "--grid", "pace.lam=0.1"),
-           "--grace-period", "60"]
+    cmd = [
+        *sweep_command(sweep_dir, "recipes/tiny.yaml", "train.stop_after=2", "--grid", "pace.lam=0.1"),
+        "--grace-period",
+        "60",
+    ]
     log = finish(start(cmd, tmp_path / "first.log"), tmp_path / "first.log")
     assert "stopped" in log and "re-queued" in log
     assert [state for _, state in trial_states(sweep_dir)] == ["FAIL", "WAITING"]
@@ -189,11 +227,25 @@ def test_a_run_stopped_on_a_signal_is_requeued_at_once_and_resumed(tmp_path):
 
 
 def test_slurm_array_dry_run_prints_each_tasks_command():
-    out = subprocess.run(["bash", str(ROOT / "launch/slurm/sweep.sbatch"), "recipes/tiny.yaml",
-                          "--grid", "pace.lam=0.1,0.5", "--storage", "postgresql://db/pace"],
-                         cwd=ROOT, env=env(PACE_DRY_RUN="1", SLURM_ARRAY_TASK_COUNT="3", SLURM_GPUS_ON_NODE="h100:4"),
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "launch/slurm/sweep.sbatch"),
+            "recipes/tiny.yaml",
+            "--grid",
+            "pace.lam=0.1,0.5",
+            "--storage",
+            "postgresql://db/pace",
+        ],
+        cwd=ROOT,
+        env=env(PACE_DRY_RUN="1", SLURM_ARRAY_TASK_COUNT="3", SLURM_GPUS_ON_NODE="h100:4"),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert [line.split("]")[0] for line in out] == ["[array task 0", "[array task 1", "[array task 2"]
     for line in out:
-        assert "launch/sweep.py --launcher torchrun --nproc 4 recipes/tiny.yaml --grid pace.lam=0.1,0.5 " \
-               "--storage postgresql://db/pace" in line
+        assert (
+            "launch/sweep.py --launcher torchrun --nproc 4 recipes/tiny.yaml --grid pace.lam=0.1,0.5 "
+            "--storage postgresql://db/pace" in line
+        )

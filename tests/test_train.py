@@ -1,4 +1,5 @@
 """launch/train.py under real DeepSpeed (2 gloo ranks on this CPU), with recipes/tiny.yaml."""
+
 import json
 import math
 import re
@@ -12,14 +13,14 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from trainrun import ROOT, env, eval_losses, free_port, launch, launch_many, metrics, shm_segments
 
-from pace_llm.distributed import deepspeed_engine
 from pace_llm.config import RecipeError, load_recipe, to_dict
 from pace_llm.core.outputs import TokenOutputs
+from pace_llm.distributed import deepspeed_engine
+from pace_llm.tasks import get_task
 from pace_llm.training import run
 from pace_llm.training.resume import check_resume
-from pace_llm.tasks import get_task
-from trainrun import ROOT, env, eval_losses, free_port, launch, launch_many, metrics, shm_segments
 
 pytestmark = pytest.mark.slow
 MODES = ["off", "full", "fast", "lazy_half"]
@@ -35,20 +36,32 @@ def runs(tmp_path_factory):
     """One 2-rank run per (ZeRO stage, mode) of MATRIX and (2, noise), and a full-PACE run
     stopped after step 5 (test_stop_and_resume resumes it): {name: folder}, all made on first use by one
     torchrun launch (tests/train_many.py: a launch's start-up, ~25 s, costs more than a tiny run)."""
-    outs = launch_many(tmp_path_factory.mktemp("runs"), [
-        *[(f"zero{stage}-{mode}", [f"deepspeed.zero_stage={stage}", f"pace.mode={mode}", *EVAL_15])
-          for stage, mode in [*MATRIX, (2, "noise")]],
-        ("stopped", ["deepspeed.zero_stage=2", "pace.mode=full", "train.stop_after=5"]),
-        # each consistency form where its cached target takes another path: kl through the head,
-        # centred_mse through its Gram form gathered under ZeRO-3
-        ("zero3-full-kl", ["deepspeed.zero_stage=3", "pace.mode=full", "pace.consistency=kl", *EVAL_15]),
-        ("zero3-fast-centred_mse", ["deepspeed.zero_stage=3", "pace.mode=fast", "pace.consistency=centred_mse",
-                                    *EVAL_15]),
-        ("zero2-fast-kl", ["deepspeed.zero_stage=2", "pace.mode=fast", "pace.consistency=kl", "data.packing=true",
-                           *EVAL_15]),
-        ("zero2-neftune", ["deepspeed.zero_stage=2", "pace.mode=off", "train.neftune_alpha=5", *EVAL_15]),
-        ("zero2-neftune-packed", ["deepspeed.zero_stage=2", "pace.mode=off", "train.neftune_alpha=5",
-                                  "data.packing=true", *EVAL_15])])
+    outs = launch_many(
+        tmp_path_factory.mktemp("runs"),
+        [
+            *[
+                (f"zero{stage}-{mode}", [f"deepspeed.zero_stage={stage}", f"pace.mode={mode}", *EVAL_15])
+                for stage, mode in [*MATRIX, (2, "noise")]
+            ],
+            ("stopped", ["deepspeed.zero_stage=2", "pace.mode=full", "train.stop_after=5"]),
+            # each consistency form where its cached target takes another path: kl through the head,
+            # centred_mse through its Gram form gathered under ZeRO-3
+            ("zero3-full-kl", ["deepspeed.zero_stage=3", "pace.mode=full", "pace.consistency=kl", *EVAL_15]),
+            (
+                "zero3-fast-centred_mse",
+                ["deepspeed.zero_stage=3", "pace.mode=fast", "pace.consistency=centred_mse", *EVAL_15],
+            ),
+            (
+                "zero2-fast-kl",
+                ["deepspeed.zero_stage=2", "pace.mode=fast", "pace.consistency=kl", "data.packing=true", *EVAL_15],
+            ),
+            ("zero2-neftune", ["deepspeed.zero_stage=2", "pace.mode=off", "train.neftune_alpha=5", *EVAL_15]),
+            (
+                "zero2-neftune-packed",
+                ["deepspeed.zero_stage=2", "pace.mode=off", "train.neftune_alpha=5", "data.packing=true", *EVAL_15],
+            ),
+        ],
+    )
     return outs
 
 
@@ -90,7 +103,8 @@ def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
     ids = torch.randint(6, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     merged = transformers.AutoModelForCausalLM.from_pretrained(out / "merged")
     adapted = peft.PeftModel.from_pretrained(
-        transformers.AutoModelForCausalLM.from_pretrained(out / "tiny-base"), out / "adapter")
+        transformers.AutoModelForCausalLM.from_pretrained(out / "tiny-base"), out / "adapter"
+    )
     assert (eval_logits(merged, ids) - eval_logits(adapted, ids)).abs().max() <= 1e-5
     assert (out / "training_curves.png").stat().st_size > 1000
 
@@ -158,8 +172,15 @@ def test_stop_and_resume_logs_the_same_losses(runs):
 def test_kill_during_checkpoint_save_leaves_a_resumable_run(runs, tmp_path):
     out = tmp_path / "killed"
     segments_before = shm_segments()
-    proc = launch("torchrun", out, "deepspeed.zero_stage=2", "pace.mode=fast", check=False,
-                  script=ROOT / "tests" / "kill_in_save.py", extra_env={"KILL_AT_STEP": "8"})
+    proc = launch(
+        "torchrun",
+        out,
+        "deepspeed.zero_stage=2",
+        "pace.mode=fast",
+        check=False,
+        script=ROOT / "tests" / "kill_in_save.py",
+        extra_env={"KILL_AT_STEP": "8"},
+    )
     assert proc.returncode != 0
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step-00000004"  # the save of step 8 never landed
@@ -175,12 +196,21 @@ def test_kill_during_checkpoint_save_leaves_a_resumable_run(runs, tmp_path):
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     out = tmp_path / "sigterm"
-    cmd = [sys.executable, str(ROOT / "launch" / "train.py"), "recipes/tiny.yaml", f"output_dir={out}",
-           "train.max_steps=400", "train.save_every=0", "deepspeed.zero_stage=0"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "recipes/tiny.yaml",
+        f"output_dir={out}",
+        "train.max_steps=400",
+        "train.save_every=0",
+        "deepspeed.zero_stage=0",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while not ((out / "metrics.jsonl").exists() and len(metrics(out)) >= 3):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "timeout"
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stdout.read() if proc.poll() is not None else "timeout"
+        )
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0
@@ -192,8 +222,16 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     out = tmp_path / "nan"  # lr 1e30: step 1 is finite, its update blows the weights up
-    proc = launch("python", out, "deepspeed.zero_stage=0", "train.max_steps=12", "train.save_every=1",
-                  "train.lr=1e30", "train.warmup_steps=0", check=False)
+    proc = launch(
+        "python",
+        out,
+        "deepspeed.zero_stage=0",
+        "train.max_steps=12",
+        "train.save_every=1",
+        "train.lr=1e30",
+        "train.warmup_steps=0",
+        check=False,
+    )
     assert proc.returncode == 1
     assert "non-finite loss at step" in proc.stderr and "last good checkpoint" in proc.stderr
     rows = metrics(out)
@@ -204,11 +242,14 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     assert not (out / "merged").exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("pace.lamda=0.1", "unknown recipe key 'pace.lamda' (did you mean pace.lam?)"),  # more in test_config.py
-    ("pace.target_modules=[qkv]", "target_modules=['qkv'] matched no linear module of Phi3ForCausalLM"),
-    ("data.answer_field=solution", "field 'solution' is missing from the data tiny:arithmetic"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pace.lamda=0.1", "unknown recipe key 'pace.lamda' (did you mean pace.lam?)"),  # more in test_config.py
+        ("pace.target_modules=[qkv]", "target_modules=['qkv'] matched no linear module of Phi3ForCausalLM"),
+        ("data.answer_field=solution", "field 'solution' is missing from the data tiny:arithmetic"),
+    ],
+)
 def test_bad_recipes_fail_fast_naming_the_problem(tmp_path, override, message):
     started = time.time()
     proc = launch("python", tmp_path / "bad", override, check=False)
@@ -223,9 +264,9 @@ def test_qlora_nf4_trains_on_cpu(tmp_path):
     import bitsandbytes as bnb
 
     import pace_llm
+    from pace_llm.assets.tiny import tiny_model
     from pace_llm.config import load_recipe
     from pace_llm.tasks import get_task
-    from pace_llm.assets.tiny import tiny_model
 
     tiny_model("llama").save_pretrained(tmp_path / "base")
     recipe = load_recipe("recipes/tiny.yaml", ["model.quantization=nf4"])
@@ -256,12 +297,30 @@ def test_two_node_torchrun_launch(tmp_path):
     127.0.0.1, as launch/slurm/multi_node.sbatch starts them."""
     out = tmp_path / "two-node"
     port = free_port()
-    procs = [subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "torchrun") if (ROOT / ".venv").exists() else "torchrun",
-         "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
-         f"--master_port={port}", str(ROOT / "launch" / "train.py"), "recipes/tiny.yaml",
-         f"output_dir={out}", "pace.mode=fast", "deepspeed.zero_stage=2", "train.fp_distance=true"],
-        cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                str(ROOT / ".venv" / "bin" / "torchrun") if (ROOT / ".venv").exists() else "torchrun",
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={rank}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                str(ROOT / "launch" / "train.py"),
+                "recipes/tiny.yaml",
+                f"output_dir={out}",
+                "pace.mode=fast",
+                "deepspeed.zero_stage=2",
+                "train.fp_distance=true",
+            ],
+            cwd=ROOT,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     logs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     rows = metrics(out)
@@ -274,24 +333,50 @@ def test_two_node_torchrun_launch(tmp_path):
 
 
 def test_slurm_dry_run_prints_one_torchrun_per_node():
-    proc = subprocess.run(["bash", "launch/slurm/multi_node.sbatch", "recipes/gsm8k.yaml", "pace.lam=0.05"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env=env(PACE_DRY_RUN="1", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES="2",
-                                  SLURM_GPUS_ON_NODE="4", SLURM_JOB_ID="1234", PACE_PYTHON=sys.executable))
+    proc = subprocess.run(
+        ["bash", "launch/slurm/multi_node.sbatch", "recipes/gsm8k.yaml", "pace.lam=0.05"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(
+            PACE_DRY_RUN="1",
+            SLURM_JOB_NODELIST="gpu[07-08]",
+            SLURM_NNODES="2",
+            SLURM_GPUS_ON_NODE="4",
+            SLURM_JOB_ID="1234",
+            PACE_PYTHON=sys.executable,
+        ),
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2
     for rank, (host, line) in enumerate(zip(["gpu07", "gpu08"], lines)):
         assert line.startswith(f"[{host}] ") and "torchrun" in line
-        for part in ("--nnodes=2", "--nproc_per_node=4", f"--node_rank={rank}", "--master_addr=gpu07",
-                     "--master_port=29734", "SIGUSR1", "launch/train.py recipes/gsm8k.yaml pace.lam=0.05 resume=true"):
+        for part in (
+            "--nnodes=2",
+            "--nproc_per_node=4",
+            f"--node_rank={rank}",
+            "--master_addr=gpu07",
+            "--master_port=29734",
+            "SIGUSR1",
+            "launch/train.py recipes/gsm8k.yaml pace.lam=0.05 resume=true",
+        ):
             assert part in line, (part, line)
 
 
 def test_nodelist_expansion():
     from pace_llm.distributed.slurm import expand_nodelist
-    assert expand_nodelist("gpu[01-03,07],login1,cn[9-10]") == \
-        ["gpu01", "gpu02", "gpu03", "gpu07", "login1", "cn9", "cn10"]
+
+    assert expand_nodelist("gpu[01-03,07],login1,cn[9-10]") == [
+        "gpu01",
+        "gpu02",
+        "gpu03",
+        "gpu07",
+        "login1",
+        "cn9",
+        "cn10",
+    ]
 
 
 def test_fresh_run_refuses_to_overwrite_checkpoints(runs):
@@ -311,18 +396,25 @@ def stopped_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("override, listed", [
-    ("pace.mode=off", "pace.mode: 'full' -> 'off'"),
-    ("train.micro_batch_size=2", "train.micro_batch_size: 4 -> 2"),
-    ("train.seed=1", "train.seed: 0 -> 1"),
-    ("data.limit=32", "data.limit: None -> 32"),
-])
+@pytest.mark.parametrize(
+    "override, listed",
+    [
+        ("pace.mode=off", "pace.mode: 'full' -> 'off'"),
+        ("train.micro_batch_size=2", "train.micro_batch_size: 4 -> 2"),
+        ("train.seed=1", "train.seed: 0 -> 1"),
+        ("data.limit=32", "data.limit: None -> 32"),
+    ],
+)
 def test_resume_refuses_a_change_that_breaks_exactness(stopped_run, override, listed):
     """Each change is refused by name (check_resume against the checkpoint's recipe, in this
     process); the first also through launch/train.py, as a user meets it."""
     saved = deepspeed_engine.saved_recipe(stopped_run)
-    changed = to_dict(load_recipe("recipes/tiny.yaml", [f"output_dir={stopped_run}", "deepspeed.zero_stage=0",
-                                                        "train.stop_after=3", "resume=true", override]))
+    changed = to_dict(
+        load_recipe(
+            "recipes/tiny.yaml",
+            [f"output_dir={stopped_run}", "deepspeed.zero_stage=0", "train.stop_after=3", "resume=true", override],
+        )
+    )
     with pytest.raises(RecipeError) as refused:
         check_resume(saved, changed, saved["world_size"], force=False)
     assert "break an exact resume" in str(refused.value) and listed in str(refused.value)
@@ -336,15 +428,30 @@ def test_resume_refuses_a_change_that_breaks_exactness(stopped_run, override, li
 
 def test_resume_force_and_harmless_changes(stopped_run, tmp_path):
     import shutil
+
     forced = tmp_path / "forced"
     shutil.copytree(stopped_run, forced)
-    proc = launch("python", forced, "deepspeed.zero_stage=0", "resume=true", "resume_force=true",
-                  "train.lr=0.005", "train.stop_after=5")
+    proc = launch(
+        "python",
+        forced,
+        "deepspeed.zero_stage=0",
+        "resume=true",
+        "resume_force=true",
+        "train.lr=0.005",
+        "train.stop_after=5",
+    )
     assert "resume_force=true: resuming although the recipe changed (train.lr: 0.01 -> 0.005)" in proc.stdout
     assert [r["step"] for r in metrics(forced)] == [1, 2, 3, 4, 5]
     # logging / eval / save frequencies change silently; the run length with a warning
-    proc = launch("python", stopped_run, "deepspeed.zero_stage=0", "resume=true", "train.log_every=2",
-                  "train.save_every=0", "train.max_steps=12")
+    proc = launch(
+        "python",
+        stopped_run,
+        "deepspeed.zero_stage=0",
+        "resume=true",
+        "train.log_every=2",
+        "train.save_every=0",
+        "train.max_steps=12",
+    )
     assert "train.max_steps changed 16 -> 12: the LR schedule changes from the resume point on" in proc.stdout
     assert "break an exact resume" not in proc.stdout + proc.stderr
     assert [r["step"] for r in metrics(stopped_run)] == [1, 2, 3, 4, 6, 8, 10, 12]

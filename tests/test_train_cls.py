@@ -7,6 +7,7 @@ with the trained head, never a freshly initialised one.
 Also, without training: the GLUE and VTAB recipes carry their papers' protocol values, and
 the learning-rate schedule options (warmup_ratio, linear decay).
 """
+
 import importlib.util
 import json
 import math
@@ -18,15 +19,15 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
+from trainrun import ROOT, launch, launch_many, metrics
 
 import pace_llm
+from pace_llm.benchmarks import glue
 from pace_llm.config import RecipeError, load_recipe
 from pace_llm.data import load_examples
 from pace_llm.tasks import get_task
 from pace_llm.tasks.classification import tokenize_classification
 from pace_llm.tasks.images import prepare_images
-from pace_llm.benchmarks import glue
-from trainrun import ROOT, launch, launch_many, metrics
 
 RECIPES = {"roberta": "recipes/tiny_cls.yaml", "vit": "recipes/tiny_vit.yaml"}
 # One objective per model (2 runs, not 4: the suite's time): classifiers share the objective
@@ -38,8 +39,10 @@ STEPS = list(range(1, 17))  # both tiny recipes: max_steps 16, 8 steps per epoch
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One 2-rank DeepSpeed run per model in its MODE, both made by one torchrun launch on first use."""
-    outs = launch_many(tmp_path_factory.mktemp("cls"), [
-        (f"{kind}-{mode}", [f"pace.mode={mode}"], RECIPES[kind]) for kind, mode in MODE.items()])
+    outs = launch_many(
+        tmp_path_factory.mktemp("cls"),
+        [(f"{kind}-{mode}", [f"pace.mode={mode}"], RECIPES[kind]) for kind, mode in MODE.items()],
+    )
     return lambda kind, mode: outs[f"{kind}-{mode}"]
 
 
@@ -75,13 +78,13 @@ def from_pretrained(cls, path):
 def eval_batch(kind: str, out):
     if kind == "roberta":
         tokenizer = transformers.AutoTokenizer.from_pretrained(out / "merged")
-        samples = tokenize_classification(load_examples("tiny:sentences", "test"), tokenizer, ["sentence"],
-                                          "label", 96)
+        samples = tokenize_classification(load_examples("tiny:sentences", "test"), tokenizer, ["sentence"], "label", 96)
         task = get_task(load_recipe(None, ["model.task=seq_cls", "model.num_labels=3"]), tokenizer)
         return task.collate([samples[i] for i in range(len(samples))])
     samples = prepare_images(load_examples("tiny:images", "test"), "image", "label")
     return get_task(load_recipe(None, ["model.task=image_cls", "model.num_labels=4", "data.image_size=32"])).collate(
-        [samples[i] for i in range(len(samples))])
+        [samples[i] for i in range(len(samples))]
+    )
 
 
 def check_training_log(out, mode):
@@ -136,7 +139,10 @@ def test_roberta_trains_and_exports_its_trained_head(runs, tmp_path):
     load_examples("tiny:sentences", "test").remove_columns("sample_id").to_csv(data, index=False)
     eval_glue = load_script("glue")
     expected = glue.accuracy(reference.argmax(-1).numpy(), batch["labels"].numpy())
-    for args in (["--model", str(out / "merged")], ["--model", str(out / "tiny-base"), "--adapter", str(out / "adapter")]):
+    for args in (
+        ["--model", str(out / "merged")],
+        ["--model", str(out / "tiny-base"), "--adapter", str(out / "adapter")],
+    ):
         result = eval_glue.main(["--task", "sst2", "--data", str(data), "--quiet", *args])
         assert result["metrics"]["accuracy"] == pytest.approx(expected)
         assert torch.equal(torch.from_numpy(result["outputs"]).argmax(-1), reference.argmax(-1))
@@ -169,10 +175,12 @@ def test_vit_trains_and_exports_its_trained_head(runs, tmp_path):
     # eval/vision.py: top-1 on the eval images, the same for merged and base + adapter.
     eval_vision = load_script("vision")
     top1 = (reference.argmax(-1) == batch["labels"]).float().mean().item()
-    by_merged = eval_vision.main(["--model", str(out / "merged"), "--data", "tiny:images",
-                                  "--output", str(tmp_path / "eval.json")])
-    by_adapter = eval_vision.main(["--model", str(out / "tiny-base"), "--adapter", str(out / "adapter"),
-                                   "--data", "tiny:images"])
+    by_merged = eval_vision.main(
+        ["--model", str(out / "merged"), "--data", "tiny:images", "--output", str(tmp_path / "eval.json")]
+    )
+    by_adapter = eval_vision.main(
+        ["--model", str(out / "tiny-base"), "--adapter", str(out / "adapter"), "--data", "tiny:images"]
+    )
     assert by_merged["top1"] == pytest.approx(top1) and by_adapter["top1"] == pytest.approx(top1)
     assert (by_merged["predictions"] == reference.argmax(-1).numpy()).all()
     assert (by_adapter["predictions"] == by_merged["predictions"]).all()
@@ -183,17 +191,24 @@ def test_stsb_shaped_regression_through_the_data_path():
     """A 1-wide head on float labels (GLUE STS-B): tokenized, collated as floats, MSE task
     loss, PACE consistency on the score."""
     import datasets
+
     from pace_llm.assets.tiny import tiny_model, tiny_tokenizer
+
     tokenizer = tiny_tokenizer(chat_template=False)
-    examples = datasets.Dataset.from_list([{"sentence1": "a cat sat", "sentence2": "a cat sits", "label": 4.6},
-                                           {"sentence1": "dark film", "sentence2": "bright day", "label": 0.4}])
+    examples = datasets.Dataset.from_list(
+        [
+            {"sentence1": "a cat sat", "sentence2": "a cat sits", "label": 4.6},
+            {"sentence1": "dark film", "sentence2": "bright day", "label": 0.4},
+        ]
+    )
     examples = examples.add_column("sample_id", [0, 1])
     encoded = tokenize_classification(examples, tokenizer, ["sentence1", "sentence2"], "label", 64)
     task = get_task(load_recipe(None, ["model.task=seq_cls", "model.num_labels=1"]), tokenizer)
     batch = task.collate([encoded[i] for i in range(2)])
     assert batch["labels"].dtype == torch.float32 and batch["labels"].tolist() == pytest.approx([4.6, 0.4])
-    model = pace_llm.apply_pace(tiny_model("roberta", num_labels=1, pad_token_id=tokenizer.pad_token_id),
-                                pace_llm.PaceConfig(rank=4, sigma=1.0))
+    model = pace_llm.apply_pace(
+        tiny_model("roberta", num_labels=1, pad_token_id=tokenizer.pad_token_id), pace_llm.PaceConfig(rank=4, sigma=1.0)
+    )
     for p in model.parameters():  # non-zero adapters, so the two noisy views differ
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)
@@ -207,8 +222,14 @@ def test_stsb_shaped_regression_through_the_data_path():
 # --------------------------------------------------------------------------- recipes
 
 # LoRA paper (arXiv 2106.09685) Table 9, RoBERTa-base: batch, epochs, learning rate.
-TABLE_9 = {"cola": (32, 80, 4e-4), "sst2": (16, 60, 5e-4), "mrpc": (16, 30, 4e-4), "qnli": (32, 25, 4e-4),
-           "rte": (32, 80, 5e-4), "stsb": (16, 40, 4e-4)}
+TABLE_9 = {
+    "cola": (32, 80, 4e-4),
+    "sst2": (16, 60, 5e-4),
+    "mrpc": (16, 30, 4e-4),
+    "qnli": (32, 25, 4e-4),
+    "rte": (32, 80, 5e-4),
+    "stsb": (16, 40, 4e-4),
+}
 LAMBDAS, SIGMAS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0), (0.1, 0.5, 1.0, 1.5, 2.0)
 
 
@@ -218,16 +239,30 @@ def test_glue_recipes_follow_the_lora_protocol(task):
     spec = glue.glue_task(task)
     batch, epochs, lr = TABLE_9[task]
     assert (r.model.name, r.model.task, r.model.num_labels) == ("roberta-base", "seq_cls", spec.num_labels)
-    assert (r.data.train, r.data.hub_config, r.data.eval, r.data.eval_split) == \
-        ("nyu-mll/glue", task, "nyu-mll/glue", "validation")
+    assert (r.data.train, r.data.hub_config, r.data.eval, r.data.eval_split) == (
+        "nyu-mll/glue",
+        task,
+        "nyu-mll/glue",
+        "validation",
+    )
     assert tuple(r.data.text_fields) == spec.text_fields and r.data.label_field == "label"
     assert (r.train.micro_batch_size, r.train.epochs, r.train.lr) == (batch, epochs, lr)
-    assert (r.train.warmup_ratio, r.train.lr_schedule, r.train.weight_decay, r.data.max_length) == \
-        (0.06, "linear", 0.1, 512)
-    assert (r.pace.adapter, r.pace.rank, r.pace.alpha, r.pace.target_modules) == ("lora_add", 8, 8.0, ["query", "value"])
+    assert (r.train.warmup_ratio, r.train.lr_schedule, r.train.weight_decay, r.data.max_length) == (
+        0.06,
+        "linear",
+        0.1,
+        512,
+    )
+    assert (r.pace.adapter, r.pace.rank, r.pace.alpha, r.pace.target_modules) == (
+        "lora_add",
+        8,
+        8.0,
+        ["query", "value"],
+    )
     assert r.pace.mode == "full" and r.pace.lam in LAMBDAS and r.pace.sigma in SIGMAS
-    steps_per_epoch = math.ceil({"cola": 8551, "sst2": 67349, "mrpc": 3668, "qnli": 104743, "rte": 2490,
-                                 "stsb": 5749}[task] / batch)
+    steps_per_epoch = math.ceil(
+        {"cola": 8551, "sst2": 67349, "mrpc": 3668, "qnli": 104743, "rte": 2490, "stsb": 5749}[task] / batch
+    )
     assert r.train.eval_every == steps_per_epoch
     text = (ROOT / f"recipes/glue/{task}.yaml").read_text()
     assert f"launch/train.py recipes/glue/{task}.yaml pace.mode=off" in text  # the LoRA baseline command
@@ -236,7 +271,12 @@ def test_glue_recipes_follow_the_lora_protocol(task):
 def test_vtab_recipe_follows_the_authors_cifar100_setting():
     r = load_recipe("recipes/vit/vtab_cifar100.yaml")
     assert (r.model.name, r.model.task, r.model.num_labels) == ("google/vit-base-patch16-224-in21k", "image_cls", 100)
-    assert (r.pace.adapter, r.pace.rank, r.pace.target_modules, r.pace.first_noisy_block) == ("lora_mul_vpt", 10, None, 1)
+    assert (r.pace.adapter, r.pace.rank, r.pace.target_modules, r.pace.first_noisy_block) == (
+        "lora_mul_vpt",
+        10,
+        None,
+        1,
+    )
     assert (r.pace.mode, r.pace.lam, r.pace.sigma, r.pace.sigma_schedule) == ("full", 1.0, 1.2, "linear")
     assert (r.train.lr, r.train.weight_decay, r.train.micro_batch_size, r.train.epochs) == (1e-3, 1e-4, 64, 300)
     assert (r.train.lr_schedule, r.train.min_lr, r.train.grad_clip, r.model.dtype) == ("cosine", 1e-5, 0.0, "fp32")
@@ -245,6 +285,7 @@ def test_vtab_recipe_follows_the_authors_cifar100_setting():
 
 def test_warmup_ratio_and_linear_decay():
     from pace_llm.training import lr_lambda, warmup_steps
+
     r = load_recipe(None, ["train.warmup_ratio=0.06", "train.lr_schedule=linear", "train.lr=1.0"])
     assert warmup_steps(r, 6900) == 414 and warmup_steps(r, 6240) == 375  # ceil, as HF's warmup_ratio
     f = lr_lambda(r, 100)  # 6 warmup steps, then linear to 0 at step 100
@@ -264,14 +305,17 @@ if __name__ == "__main__":
 
 # --- images: raw in the dataset, pixels at collation, the authors' crop + flip -----------
 
+
 def image_task(*overrides):
     from pace_llm.tasks.images import ImageClassificationTask
+
     recipe = load_recipe(str(RECIPES["vit"]), list(overrides))
     return ImageClassificationTask(recipe)
 
 
 def test_images_are_stored_raw_and_made_into_pixels_at_collation():
     from pace_llm.data import pixel_values
+
     task = image_task()
     train, _ = task.datasets()
     assert "pixel_values" not in train.column_names  # no fp32 copy: the images as stored, uint8
@@ -284,6 +328,7 @@ def test_images_are_stored_raw_and_made_into_pixels_at_collation():
 def test_crop_flip_differs_by_epoch_replays_exactly_and_centre_crops_held_out_batches():
     from pace_llm.core.objectives import _duplicate
     from pace_llm.tasks.images import image_pixels
+
     task = image_task("data.augment=crop_flip")
     train, _ = task.datasets()
     samples = [train[i] for i in range(8)]
@@ -302,8 +347,9 @@ def test_crop_flip_differs_by_epoch_replays_exactly_and_centre_crops_held_out_ba
 
 def test_vit_trains_with_crop_flip(tmp_path):
     out = tmp_path / "vit-crop-flip"
-    launch("python", out, "data.augment=crop_flip", "deepspeed.zero_stage=0", "train.max_steps=6",
-           recipe=RECIPES["vit"])
+    launch(
+        "python", out, "data.augment=crop_flip", "deepspeed.zero_stage=0", "train.max_steps=6", recipe=RECIPES["vit"]
+    )
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 7)) and all(r["consistency_loss"] >= 0 for r in rows)
     check = json.loads((out / "export_check.json").read_text())

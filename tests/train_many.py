@@ -9,6 +9,7 @@ global RNG is reseeded, a `resume=true` run reloads model, optimizer, schedule, 
 RNG and PACE_fast cache from its checkpoint. After each optimizer step the trainer also
 writes DeepSpeed's own optimizer-step count to OUT/ds_steps.jsonl (rank 0).
 """
+
 import gc
 import json
 import logging
@@ -17,8 +18,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pace_llm.distributed import deepspeed_engine
 from pace_llm.config import load_recipe
+from pace_llm.distributed import deepspeed_engine
 from pace_llm.logs import route_logs
 from pace_llm.training import Trainer, run
 

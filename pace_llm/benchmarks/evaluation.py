@@ -9,6 +9,7 @@ eval/gsm8k.py, eval/glue.py, eval/vision.py and launch/demo.py write through
 `write_results`; GLUE (pace_llm.benchmarks.glue.predict) and vision (`predict_images`) predict
 through `predict_logits`.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,7 @@ class ModelError(ValueError):
     """The model does not fit the evaluation (label count, no trained head)."""
 
 
-def write_results(path, summary: dict, samples: Iterable[dict] | None = None,
-                  kind: str = "samples") -> Path | None:
+def write_results(path, summary: dict, samples: Iterable[dict] | None = None, kind: str = "samples") -> Path | None:
     """FILE.json (the summary) and, with samples, FILE.<kind>.jsonl (one record a line);
     returns the JSONL's path, or None without samples."""
     path = Path(path)
@@ -43,23 +43,35 @@ def write_results(path, summary: dict, samples: Iterable[dict] | None = None,
 
 # --------------------------------------------------------------------------- classifiers
 
+
 def adapter_head_shape(adapter_dir) -> tuple[int, ...] | None:
     """(num_labels, inputs) of the task head (HEAD_NAMES) saved in an adapter folder: of its
     2-D weights the one with the fewest outputs, the head's last layer (ViT: its only layer;
     RoBERTa: out_proj after the hidden-sized dense); None when the folder holds no head."""
     from safetensors import safe_open
+
     shapes = []
     for name in ("pace_adapter.safetensors", "adapter_model.safetensors"):
         file = Path(adapter_dir, name)
         if file.exists():
             with safe_open(str(file), "pt") as fh:
-                shapes += [tuple(fh.get_slice(key).get_shape()) for key in fh.keys()
-                           if key.endswith("weight") and any(h in key for h in HEAD_NAMES)]
+                shapes += [
+                    tuple(fh.get_slice(key).get_shape())
+                    for key in fh.keys()
+                    if key.endswith("weight") and any(h in key for h in HEAD_NAMES)
+                ]
     return min((s for s in shapes if len(s) == 2), default=None)
 
 
-def load_classifier(auto_class, model, adapter=None, num_labels: int | None = None,
-                    dtype: str = "float32", device: str | None = None, require_head: bool = True):
+def load_classifier(
+    auto_class,
+    model,
+    adapter=None,
+    num_labels: int | None = None,
+    dtype: str = "float32",
+    device: str | None = None,
+    require_head: bool = True,
+):
     """A classifier in eval mode on `device` (default: cuda when available, else cpu).
 
     model: a merged/saved classifier folder, whose label count must be `num_labels` when
@@ -71,13 +83,16 @@ def load_classifier(auto_class, model, adapter=None, num_labels: int | None = No
     import torch
 
     from pace_llm.export import load_adapter
+
     dtype = getattr(torch, dtype)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if adapter:
         shape = adapter_head_shape(adapter)
         if shape is None:
-            message = (f"{adapter} carries no classification head ({'/'.join(HEAD_NAMES)} weights): "
-                       f"the base model's head is untrained (save adapters with the head: pace.train_head)")
+            message = (
+                f"{adapter} carries no classification head ({'/'.join(HEAD_NAMES)} weights): "
+                f"the base model's head is untrained (save adapters with the head: pace.train_head)"
+            )
             if require_head:
                 raise ModelError(message)
             warnings.warn(message + "; using it anyway", stacklevel=2)
@@ -94,13 +109,13 @@ def load_classifier(auto_class, model, adapter=None, num_labels: int | None = No
     return classifier.eval().to(device)
 
 
-def predict_logits(model, batches: Iterable[dict], total: int | None = None,
-                   desc: str | None = None) -> np.ndarray:
+def predict_logits(model, batches: Iterable[dict], total: int | None = None, desc: str | None = None) -> np.ndarray:
     """The model's logits for each batch of inputs (a dict of tensors, moved to the model's
     device), in order, as fp32 numpy [N, num_labels]; a progress bar over `total` examples
     when `desc` is given."""
     import torch
     from tqdm.auto import tqdm
+
     device = next(model.parameters()).device
     model.eval()
     outputs = []
@@ -112,8 +127,9 @@ def predict_logits(model, batches: Iterable[dict], total: int | None = None,
     return np.concatenate(outputs) if outputs else np.zeros((0, model.config.num_labels), np.float32)
 
 
-def predict_images(model, examples, image_field: str, image_size: int, batch_size: int,
-                   augment: str = "none") -> np.ndarray:
+def predict_images(
+    model, examples, image_field: str, image_size: int, batch_size: int, augment: str = "none"
+) -> np.ndarray:
     """Logits of an image classifier over `examples` (a datasets.Dataset), preprocessed as
     training's held-out batches (tasks.images.image_pixels: resize, plus the centre crop
     when the model was trained with `augment`), batch by batch."""
@@ -123,8 +139,9 @@ def predict_images(model, examples, image_field: str, image_size: int, batch_siz
 
     def batches():
         for start in range(0, len(examples), batch_size):
-            images = examples[start:start + batch_size][image_field]
+            images = examples[start : start + batch_size][image_field]
             yield {"pixel_values": torch.from_numpy(np.stack([image_pixels(im, image_size, augment) for im in images]))}
+
     return predict_logits(model, batches(), total=len(examples))
 
 
@@ -132,6 +149,8 @@ def top1_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     """{"top1", "nll" (mean negative log-likelihood of the labels), "per_class" (top-1 per label)}."""
     preds = logits.argmax(-1)
     log_probs = logits - np.logaddexp.reduce(logits.astype(np.float64), axis=-1, keepdims=True)
-    return {"top1": float(np.mean(preds == labels)),
-            "nll": float(-log_probs[np.arange(len(labels)), labels].mean()),
-            "per_class": {int(c): float(np.mean(preds[labels == c] == c)) for c in np.unique(labels)}}
+    return {
+        "top1": float(np.mean(preds == labels)),
+        "nll": float(-log_probs[np.arange(len(labels)), labels].mean()),
+        "per_class": {int(c): float(np.mean(preds[labels == c] == c)) for c in np.unique(labels)},
+    }

@@ -10,6 +10,7 @@ too), accuracy for the others (MRPC and QQP report binary F1 too). Values are fr
 undefined match scikit-learn / scipy: MCC 0.0 and F1 0.0 on a zero denominator, Pearson
 and Spearman NaN when either side is constant.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,30 +24,40 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class GlueTask:
     name: str
-    text_fields: tuple[str, ...]     # one sentence, or a pair
-    num_labels: int                  # 1 = regression (STS-B)
-    metric: str                      # the main metric (paper tables)
-    metrics: tuple[str, ...]         # everything compute_metrics reports
+    text_fields: tuple[str, ...]  # one sentence, or a pair
+    num_labels: int  # 1 = regression (STS-B)
+    metric: str  # the main metric (paper tables)
+    metrics: tuple[str, ...]  # everything compute_metrics reports
     validation_split: str = "validation"
     label_field: str = "label"
-    display: str = ""                # column title in tables
+    display: str = ""  # column title in tables
 
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
 
-GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in [
-    GlueTask("cola", ("sentence",), 2, "mcc", ("mcc", "accuracy"), display="CoLA"),
-    GlueTask("sst2", ("sentence",), 2, "accuracy", ("accuracy",), display="SST-2"),
-    GlueTask("mrpc", ("sentence1", "sentence2"), 2, "accuracy", ("accuracy", "f1"), display="MRPC"),
-    GlueTask("qqp", ("question1", "question2"), 2, "accuracy", ("accuracy", "f1"), display="QQP"),
-    GlueTask("stsb", ("sentence1", "sentence2"), 1, "pearson", ("pearson", "spearman"), display="STS-B"),
-    GlueTask("mnli", ("premise", "hypothesis"), 3, "accuracy", ("accuracy",),
-             validation_split="validation_matched", display="MNLI"),
-    GlueTask("qnli", ("question", "sentence"), 2, "accuracy", ("accuracy",), display="QNLI"),
-    GlueTask("rte", ("sentence1", "sentence2"), 2, "accuracy", ("accuracy",), display="RTE"),
-]}
+GLUE_TASKS: dict[str, GlueTask] = {
+    t.name: t
+    for t in [
+        GlueTask("cola", ("sentence",), 2, "mcc", ("mcc", "accuracy"), display="CoLA"),
+        GlueTask("sst2", ("sentence",), 2, "accuracy", ("accuracy",), display="SST-2"),
+        GlueTask("mrpc", ("sentence1", "sentence2"), 2, "accuracy", ("accuracy", "f1"), display="MRPC"),
+        GlueTask("qqp", ("question1", "question2"), 2, "accuracy", ("accuracy", "f1"), display="QQP"),
+        GlueTask("stsb", ("sentence1", "sentence2"), 1, "pearson", ("pearson", "spearman"), display="STS-B"),
+        GlueTask(
+            "mnli",
+            ("premise", "hypothesis"),
+            3,
+            "accuracy",
+            ("accuracy",),
+            validation_split="validation_matched",
+            display="MNLI",
+        ),
+        GlueTask("qnli", ("question", "sentence"), 2, "accuracy", ("accuracy",), display="QNLI"),
+        GlueTask("rte", ("sentence1", "sentence2"), 2, "accuracy", ("accuracy",), display="RTE"),
+    ]
+}
 # Column order of the paper's Table 5 (the LoRA/VeRA subset first), then the rest.
 TABLE_ORDER = ["cola", "stsb", "mrpc", "rte", "qnli", "sst2", "mnli", "qqp"]
 METRIC_NAMES = {"mcc": "MCC", "pearson": "Pearson", "spearman": "Spearman", "accuracy": "Acc", "f1": "F1"}
@@ -60,6 +71,7 @@ def glue_task(name: str) -> GlueTask:
 
 
 # --------------------------------------------------------------------------- metrics
+
 
 def _arrays(predictions, references) -> tuple[np.ndarray, np.ndarray]:
     p, r = np.asarray(predictions), np.asarray(references)
@@ -91,12 +103,12 @@ def matthews_corrcoef(predictions, references) -> float:
     denominator is 0 (a constant prediction or reference), as scikit-learn does."""
     p, r = _arrays(predictions, references)
     classes, inverse = np.unique(np.concatenate([r, p]), return_inverse=True)
-    r_idx, p_idx = inverse[: r.size], inverse[r.size:]
+    r_idx, p_idx = inverse[: r.size], inverse[r.size :]
     k = len(classes)
     confusion = np.zeros((k, k), dtype=np.float64)
     np.add.at(confusion, (r_idx, p_idx), 1)
-    t = confusion.sum(axis=1)            # true occurrences per class
-    q = confusion.sum(axis=0)            # predicted occurrences per class
+    t = confusion.sum(axis=1)  # true occurrences per class
+    q = confusion.sum(axis=0)  # predicted occurrences per class
     c, s = np.trace(confusion), confusion.sum()
     cov_pr = c * s - t @ q
     cov_pp = s * s - q @ q
@@ -133,8 +145,7 @@ def spearman(predictions, references) -> float:
     return pearson(rankdata(p), rankdata(r))
 
 
-METRICS = {"accuracy": accuracy, "f1": f1_binary, "mcc": matthews_corrcoef,
-           "pearson": pearson, "spearman": spearman}
+METRICS = {"accuracy": accuracy, "f1": f1_binary, "mcc": matthews_corrcoef, "pearson": pearson, "spearman": spearman}
 
 
 def to_predictions(task: str | GlueTask, outputs) -> np.ndarray:
@@ -158,14 +169,17 @@ def compute_metrics(task: str | GlueTask, predictions, references) -> dict[str, 
 
 # --------------------------------------------------------------------------- data
 
+
 def text_inputs(spec: GlueTask, examples, text_fields: Sequence[str] | None = None):
     """The tokenizer's positional text arguments: ([first texts]) or ([firsts], [seconds])."""
     fields = tuple(text_fields or spec.text_fields)
     columns = examples.column_names if hasattr(examples, "column_names") else list(examples[0]) if len(examples) else []
     missing = [f for f in fields if f not in columns]
     if missing:
-        raise ValueError(f"{spec.name}: field {missing[0]!r} is not in the data "
-                         f"(it has: {', '.join(columns)}); set the text fields explicitly")
+        raise ValueError(
+            f"{spec.name}: field {missing[0]!r} is not in the data "
+            f"(it has: {', '.join(columns)}); set the text fields explicitly"
+        )
     if hasattr(examples, "column_names"):  # a datasets.Dataset: column access
         return tuple([str(x) for x in examples[f]] for f in fields)
     return tuple([str(example[f]) for example in examples] for f in fields)
@@ -184,21 +198,37 @@ def max_sequence_length(model, tokenizer, requested: int | None = None) -> int:
     return min(limit, requested) if requested else min(limit, 512)
 
 
-def predict(model, tokenizer, spec: GlueTask, examples, batch_size: int = 32, max_length: int | None = None,
-            text_fields: Sequence[str] | None = None, progress: bool = False) -> np.ndarray:
+def predict(
+    model,
+    tokenizer,
+    spec: GlueTask,
+    examples,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    text_fields: Sequence[str] | None = None,
+    progress: bool = False,
+) -> np.ndarray:
     """Raw outputs [N, num_labels] (logits, or scores for regression), in example order, fp32."""
     from pace_llm.benchmarks.evaluation import predict_logits
+
     texts = text_inputs(spec, examples, text_fields)
     max_length = max_sequence_length(model, tokenizer, max_length)
     # token_type_ids only for models with more than one token type (BERT, not RoBERTa)
     inputs = {"input_ids", "attention_mask"} | (
-        {"token_type_ids"} if getattr(model.config, "type_vocab_size", 2) > 1 else set())
+        {"token_type_ids"} if getattr(model.config, "type_vocab_size", 2) > 1 else set()
+    )
 
     def batches():
         for start in range(0, len(texts[0]), batch_size):
-            enc = tokenizer(*[t[start:start + batch_size] for t in texts], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
+            enc = tokenizer(
+                *[t[start : start + batch_size] for t in texts],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             yield {k: v for k, v in enc.items() if k in inputs}
+
     return predict_logits(model, batches(), total=len(texts[0]), desc=f"glue/{spec.name}" if progress else None)
 
 
@@ -210,28 +240,48 @@ def references_of(spec: GlueTask, examples, label_field: str | None = None) -> n
     values = examples[field] if hasattr(examples, "column_names") else [example[field] for example in examples]
     labels = np.asarray(values, dtype=np.float64 if spec.is_regression else np.int64)
     if not spec.is_regression and (labels < 0).any():
-        raise ValueError(f"{spec.name}: {int((labels < 0).sum())} examples have label -1 (GLUE test splits "
-                         f"are unlabeled): evaluate on a validation split")
+        raise ValueError(
+            f"{spec.name}: {int((labels < 0).sum())} examples have label -1 (GLUE test splits "
+            f"are unlabeled): evaluate on a validation split"
+        )
     return labels
 
 
-def evaluate_glue(model, tokenizer, task: str | GlueTask, examples, batch_size: int = 32,
-             max_length: int | None = None, text_fields: Sequence[str] | None = None,
-             label_field: str | None = None, progress: bool = False) -> dict:
+def evaluate_glue(
+    model,
+    tokenizer,
+    task: str | GlueTask,
+    examples,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    text_fields: Sequence[str] | None = None,
+    label_field: str | None = None,
+    progress: bool = False,
+) -> dict:
     """{"task", "n", "metrics", "main_metric", "main", "outputs" (np.ndarray), "seconds"}."""
     spec = task if isinstance(task, GlueTask) else glue_task(task)
     refs = references_of(spec, examples, label_field)
     start = time.time()
     outputs = predict(model, tokenizer, spec, examples, batch_size, max_length, text_fields, progress)
     if outputs.shape[-1] != spec.num_labels:
-        raise ValueError(f"{spec.name} needs {spec.num_labels} output(s) per example, the model "
-                         f"gives {outputs.shape[-1]} (config.num_labels)")
+        raise ValueError(
+            f"{spec.name} needs {spec.num_labels} output(s) per example, the model "
+            f"gives {outputs.shape[-1]} (config.num_labels)"
+        )
     metrics = compute_metrics(spec, outputs, refs)
-    return {"task": spec.name, "n": int(len(refs)), "metrics": metrics, "main_metric": spec.metric,
-            "main": metrics[spec.metric], "outputs": outputs, "seconds": round(time.time() - start, 3)}
+    return {
+        "task": spec.name,
+        "n": int(len(refs)),
+        "metrics": metrics,
+        "main_metric": spec.metric,
+        "main": metrics[spec.metric],
+        "outputs": outputs,
+        "seconds": round(time.time() - start, 3),
+    }
 
 
 # --------------------------------------------------------------------------- tables
+
 
 def format_table(results: Sequence[dict], by_task: bool = False) -> str:
     """A text table of result dicts (eval/glue.py's JSON), values x100 with one decimal.
@@ -269,8 +319,10 @@ def format_table(results: Sequence[dict], by_task: bool = False) -> str:
         body = [[title(t)] + [cell(row.get(t)) for row in runs.values()] for t in tasks]
         body.append(["Avg"] + [avg_cell(row) for row in runs.values()])
     widths = [max(len(str(r[i])) for r in [header] + body) for i in range(len(header))]
-    lines = [" | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in [header] + body]
+    lines = [
+        " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        for r in [header] + body
+    ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     if any(any(t not in row for t in tasks) for row in runs.values()):
         lines.append("* averaged over the tasks that run has")

@@ -6,6 +6,7 @@ Scoring follows lm-evaluation-harness: "strict" reads only `#### N`; "flexible" 
 `#### N` when present, else the last number in the completion. Numbers are normalized
 (commas, `$`, a trailing `.` and trailing decimal zeros dropped) before comparison.
 """
+
 from __future__ import annotations
 
 import re
@@ -75,12 +76,14 @@ def load_problems(data: str, limit: int | None = None) -> list[dict]:
     file, or a hub dataset id (`openai/gsm8k`, config "main", split "test"), through
     pace_llm.data.load_examples."""
     from pace_llm.data import load_examples as load
+
     return [{"question": r["question"], "answer": r["answer"]} for r in load(data, "test", "main", limit)]
 
 
 class GSM8K(GenerationTask):
     """The paper's prompt; flexible and strict accuracy, and strict_format_rate: the share of
     completions that state a final answer as `#### N` at all (what a short fine-tune changes first)."""
+
     name = "gsm8k"
 
     def prompt(self, example: dict) -> str:
@@ -89,24 +92,33 @@ class GSM8K(GenerationTask):
     def score(self, completion: str, example: dict) -> dict:
         reference = reference_answer(example["answer"])
         flexible, strict = extract_answer(completion), extract_answer_strict(completion)
-        return {"question": example["question"], "completion": completion,
-                "extracted": flexible, "extracted_strict": strict,
-                "reference": reference, "correct": flexible == reference,
-                "correct_strict": strict == reference}
+        return {
+            "question": example["question"],
+            "completion": completion,
+            "extracted": flexible,
+            "extracted_strict": strict,
+            "reference": reference,
+            "correct": flexible == reference,
+            "correct_strict": strict == reference,
+        }
 
     def summarize(self, records: list[dict]) -> dict:
         n = max(len(records), 1)  # no records: 0.0 everywhere
-        return {"accuracy": sum(r["correct"] for r in records) / n,
-                "accuracy_strict": sum(r["correct_strict"] for r in records) / n,
-                "strict_format_rate": sum(r["extracted_strict"] is not None for r in records) / n,
-                "n": len(records)}
+        return {
+            "accuracy": sum(r["correct"] for r in records) / n,
+            "accuracy_strict": sum(r["correct_strict"] for r in records) / n,
+            "strict_format_rate": sum(r["extracted_strict"] is not None for r in records) / n,
+            "n": len(records),
+        }
 
     def settings(self) -> dict:
         return {"instruction": INSTRUCTION}
 
     def describe(self, summary: dict) -> str:
-        return (f"accuracy {summary['accuracy']:.4f} (strict {summary['accuracy_strict']:.4f}; "
-                f"{summary['strict_format_rate']:.0%} end with '#### N')")
+        return (
+            f"accuracy {summary['accuracy']:.4f} (strict {summary['accuracy_strict']:.4f}; "
+            f"{summary['strict_format_rate']:.0%} end with '#### N')"
+        )
 
 
 TASK = GSM8K()

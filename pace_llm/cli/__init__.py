@@ -9,6 +9,7 @@ calls) with `main(argv=None, prog=None)`, and the scripts under launch/ and eval
 wrappers over the same `main`, so both spellings take the same arguments. A command module is
 imported only when its command runs: `pace-llm --help` loads none of them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,33 +18,45 @@ import importlib
 import sys
 from typing import Optional
 
+from pace_llm.logs import hold_logs
+
+# A command's log records wait for its run's log file (route_logs), the ones its imports make
+# included (peft, bitsandbytes, DeepSpeed): the terminal shows our lines and errors only.
+hold_logs()
+
 
 @dataclasses.dataclass(frozen=True)
 class Command:
     module: Optional[str]  # a pace_llm.cli module with main(argv, prog); None for a group
-    summary: str           # its line in the command list
-    script: str            # the script that runs the same main
-    group: Optional[dict[str, "Command"]] = None  # a group's subcommands (pace-llm eval gsm8k)
+    summary: str  # its line in the command list
+    script: str  # the script that runs the same main
+    group: Optional[dict[str, Command]] = None  # a group's subcommands (pace-llm eval gsm8k)
 
 
 EVAL_COMMANDS = {
-    "gsm8k": Command("pace_llm.cli.eval_gsm8k", "GSM-8K accuracy of a causal LM (hf, vLLM or a server)",
-                     "eval/gsm8k.py"),
-    "glue": Command("pace_llm.cli.eval_glue", "GLUE metrics of a sequence classifier; tables over results",
-                    "eval/glue.py"),
+    "gsm8k": Command(
+        "pace_llm.cli.eval_gsm8k", "GSM-8K accuracy of a causal LM (hf, vLLM or a server)", "eval/gsm8k.py"
+    ),
+    "glue": Command(
+        "pace_llm.cli.eval_glue", "GLUE metrics of a sequence classifier; tables over results", "eval/glue.py"
+    ),
     "vision": Command("pace_llm.cli.eval_vision", "top-1 accuracy of an image classifier", "eval/vision.py"),
 }
 COMMANDS = {
     "train": Command("pace_llm.cli.train", "train PACE-LoRA from a recipe, in this process", "launch/train.py"),
     "eval": Command(None, "evaluate a model: gsm8k | glue | vision", "eval/*.py", EVAL_COMMANDS),
-    "sweep": Command("pace_llm.cli.sweep", "grid-sweep a recipe: one training run per point and seed",
-                     "launch/sweep.py"),
-    "inspect": Command("pace_llm.cli.inspect_data", "show what a recipe trains on, supervised tokens marked",
-                       "launch/inspect_data.py"),
-    "serve": Command("pace_llm.cli.serve", "serve a merged model with vLLM's OpenAI-compatible server",
-                     "launch/serve.sh"),
-    "demo": Command("pace_llm.cli.demo", "the offline demos: gsm8k (make demo) | polarity | fashion",
-                    "launch/demo*.py"),
+    "sweep": Command(
+        "pace_llm.cli.sweep", "grid-sweep a recipe: one training run per point and seed", "launch/sweep.py"
+    ),
+    "inspect": Command(
+        "pace_llm.cli.inspect_data", "show what a recipe trains on, supervised tokens marked", "launch/inspect_data.py"
+    ),
+    "serve": Command(
+        "pace_llm.cli.serve", "serve a merged model with vLLM's OpenAI-compatible server", "launch/serve.sh"
+    ),
+    "demo": Command(
+        "pace_llm.cli.demo", "the offline demos: gsm8k (make demo) | polarity | fashion", "launch/demo*.py"
+    ),
 }
 PROG = "pace-llm"
 DESCRIPTION = "PACE-LoRA fine-tuning on DeepSpeed: every entry point behind one command."
@@ -53,8 +66,7 @@ def usage(prog: str, commands: dict[str, Command], description: str) -> str:
     """A git-style overview: usage, then one line per command with the script it stands for."""
     width = max(map(len, commands)) + 2
     summary = max(len(c.summary) for c in commands.values()) + 2
-    lines = [f"usage: {prog} <command> [args...]", f"       {prog} <command> --help", "", description, "",
-             "commands:"]
+    lines = [f"usage: {prog} <command> [args...]", f"       {prog} <command> --help", "", description, "", "commands:"]
     lines += [f"  {name:<{width}}{c.summary:<{summary}}({c.script})" for name, c in commands.items()]
     lines += ["", f"'{prog} <command> --help' shows a command's flags; the script in parentheses takes the same."]
     return "\n".join(lines)
@@ -71,13 +83,19 @@ def dispatch(prog: str, commands: dict[str, Command], description: str, argv: li
     if name not in commands:
         close = difflib.get_close_matches(name, commands, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        print(f"{prog}: error: unknown command {name!r} (choose from {', '.join(commands)}){hint}\n"
-              f"see '{prog} --help'", file=sys.stderr)
+        print(
+            f"{prog}: error: unknown command {name!r} (choose from {', '.join(commands)}){hint}\nsee '{prog} --help'",
+            file=sys.stderr,
+        )
         return 2
     command = commands[name]
     if command.group is not None:
-        return dispatch(f"{prog} {name}", command.group, f"{command.summary[0].upper()}{command.summary[1:]} "
-                        f"(the same flags as {command.script}).", rest)
+        return dispatch(
+            f"{prog} {name}",
+            command.group,
+            f"{command.summary[0].upper()}{command.summary[1:]} (the same flags as {command.script}).",
+            rest,
+        )
     code = importlib.import_module(command.module).main(rest, prog=f"{prog} {name}")
     # The eval commands return their result dict to Python callers (tests, notebooks); it ran.
     return code if isinstance(code, int) else 0
@@ -90,10 +108,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "--version":
         from importlib.metadata import version
+
         print(f"{PROG} {version('pace-llm')}")
         return 0
     code = dispatch(PROG, COMMANDS, DESCRIPTION, args)
     if argv is None and args and args[0] == "train":
         from pace_llm.distributed.launcher import exit_now
+
         exit_now(code)
     return code

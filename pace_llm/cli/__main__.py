@@ -1,5 +1,6 @@
 """`python -m pace_llm.cli ...` = `pace-llm ...`, for an interpreter whose scripts folder is not
 on PATH (launch/serve.sh, the demos' evaluation subprocesses)."""
+
 import sys
 
 from pace_llm.cli import main

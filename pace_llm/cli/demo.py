@@ -10,6 +10,7 @@ and evaluated again (pace_llm/demos/gsm8k.py). polarity and fashion: PACE vs the
 without PACE over a few seeds (pace_llm/demos/polarity.py, fashion.py); each has its own
 --help.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,17 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     if name in OTHER_DEMOS:
         return importlib.import_module(OTHER_DEMOS[name]).main(argv, prog=f"{prog} {name}" if prog else None)
     if name != "gsm8k":
-        print(f"{prog or os.path.basename(sys.argv[0])}: error: unknown demo {name!r} "
-              f"(choose from gsm8k, {', '.join(OTHER_DEMOS)})", file=sys.stderr)
+        print(
+            f"{prog or os.path.basename(sys.argv[0])}: error: unknown demo {name!r} "
+            f"(choose from gsm8k, {', '.join(OTHER_DEMOS)})",
+            file=sys.stderr,
+        )
         return 2
     args = parse_args(argv, prog)
-    return run(limit=args.limit, steps=args.steps, mode=args.mode, max_new_tokens=args.max_new_tokens,
-               output_dir=args.output_dir)
+    return run(
+        limit=args.limit,
+        steps=args.steps,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        output_dir=args.output_dir,
+    )

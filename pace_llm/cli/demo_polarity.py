@@ -4,6 +4,7 @@ polarity with all-MiniLM-L6-v2, on a CPU (pace_llm/demos/polarity.py).
     pace-llm demo polarity [--seeds 0 1 2] [--train-size 128] [--jobs 2]
                            [recipe overrides for both methods, e.g. train.epochs=20 pace.lam=0.5]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,11 @@ from pace_llm.demos.pace_vs_lora import add_common_args
 
 
 def parse_args(argv: list[str], prog: Optional[str] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__ + "\n" + polarity.__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__ + "\n" + polarity.__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_common_args(p, "outputs/demo-polarity")
     p.add_argument("--train-size", type=int, default=128, help="training sentences per seed (balanced)")
     p.add_argument("--test-size", type=int, default=1000)

@@ -13,6 +13,7 @@ samples with how many tokens each, padding) and the padding of a whole epoch pac
 text, supervised_text) for the first --n samples; the counts go to stderr.
 It loads the tokenizer and the data only (no model), through the same task code as training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,7 @@ def distribution(values: list[int]) -> str:
     if not values:
         return "no samples"
     v = np.asarray(values)
-    return (f"mean {v.mean():.1f}, p50 {np.percentile(v, 50):.0f}, p90 {np.percentile(v, 90):.0f}, "
-            f"max {v.max()}")
+    return f"mean {v.mean():.1f}, p50 {np.percentile(v, 50):.0f}, p90 {np.percentile(v, 90):.0f}, max {v.max()}"
 
 
 def show_packing(task, train, recipe, n_batches: int, out) -> None:
@@ -49,48 +49,63 @@ def show_packing(task, train, recipe, n_batches: int, out) -> None:
     then the padding of the whole epoch at train.micro_batch_size, packed vs padded."""
     from pace_llm.core.cache import ShardedEpochSampler
     from pace_llm.core.packing import padded_tokens
+
     size, capacity = recipe.train.micro_batch_size, recipe.data.max_length
     order = list(ShardedEpochSampler(len(train), seed=recipe.train.seed))
-    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
     lengths = [len(ids) for ids in train["input_ids"]]
-    print(f"--- packing: micro-batches of {size} samples (train.micro_batch_size) in rows of up to {capacity} "
-          f"tokens (data.max_length); epoch 0 of a one-process run", file=out)
+    print(
+        f"--- packing: micro-batches of {size} samples (train.micro_batch_size) in rows of up to {capacity} "
+        f"tokens (data.max_length); epoch 0 of a one-process run",
+        file=out,
+    )
     for k, indices in enumerate(batches[:n_batches]):
         batch = task.collate([train[i] for i in indices])
         segment = batch["segment_index"]
         used, longest = int((segment >= 0).sum()), max(lengths[i] for i in indices)
-        print(f"micro-batch {k}: {len(indices)} samples in {len(segment)} rows of {segment.shape[1]} tokens, "
-              f"padding {1 - used / segment.numel():.1%} (padded: {len(indices)} x {longest} tokens, "
-              f"padding {1 - used / (len(indices) * longest):.1%})", file=out)
+        print(
+            f"micro-batch {k}: {len(indices)} samples in {len(segment)} rows of {segment.shape[1]} tokens, "
+            f"padding {1 - used / segment.numel():.1%} (padded: {len(indices)} x {longest} tokens, "
+            f"padding {1 - used / (len(indices) * longest):.1%})",
+            file=out,
+        )
         for r, row in enumerate(segment):
-            parts = [f"#{int(batch['sample_id'][s])} ({int((row == s).sum())})" for s in row.unique().tolist() if s >= 0]
+            parts = [
+                f"#{int(batch['sample_id'][s])} ({int((row == s).sum())})" for s in row.unique().tolist() if s >= 0
+            ]
             print(f"  row {r}: {int((row >= 0).sum())} tokens: {', '.join(parts)}", file=out)
     tokens = sum(lengths)
     packed = sum(padded_tokens([lengths[i] for i in b], capacity) for b in batches)
     padded = sum(padded_tokens([lengths[i] for i in b]) for b in batches)
-    print(f"padding over epoch 0 ({len(batches)} micro-batches, {tokens} tokens): packed {1 - tokens / packed:.1%}, "
-          f"padded to each micro-batch's longest sample {1 - tokens / padded:.1%}", file=out)
+    print(
+        f"padding over epoch 0 ({len(batches)} micro-batches, {tokens} tokens): packed {1 - tokens / packed:.1%}, "
+        f"padded to each micro-batch's longest sample {1 - tokens / padded:.1%}",
+        file=out,
+    )
 
 
 def main(argv=None, prog=None) -> int:
     """Print the samples and counts; 2 on a bad recipe or data (the message on stderr)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--n", type=int, default=3, help="samples to show (default 3)")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample on stdout")
-    parser.add_argument("--batches", type=int, default=2,
-                        help="with data.packing: micro-batches whose packing is shown (default 2)")
+    parser.add_argument(
+        "--batches", type=int, default=2, help="with data.packing: micro-batches whose packing is shown (default 2)"
+    )
     args = parser.parse_args(argv)
 
     import datasets
 
+    from pace_llm.assets.tiny import tiny_tokenizer
     from pace_llm.config import RecipeError, load_recipe
     from pace_llm.data import DataError
     from pace_llm.models import load_tokenizer
     from pace_llm.tasks import get_task
-    from pace_llm.assets.tiny import tiny_tokenizer
+
     datasets.disable_progress_bars()
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -109,12 +124,24 @@ def main(argv=None, prog=None) -> int:
         ids, labels = sample["input_ids"], sample["labels"]
         supervised_ids = [t for t in labels if t != -100]
         if args.json:
-            print(json.dumps({"sample_id": sample["sample_id"], "source": task.source_of(sample["sample_id"]),
-                              "input_ids": ids, "labels": labels, "text": tokenizer.decode(ids),
-                              "supervised_text": tokenizer.decode(supervised_ids)}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "sample_id": sample["sample_id"],
+                        "source": task.source_of(sample["sample_id"]),
+                        "input_ids": ids,
+                        "labels": labels,
+                        "text": tokenizer.decode(ids),
+                        "supervised_text": tokenizer.decode(supervised_ids),
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
-            print(f"--- sample {sample['sample_id']} ({task.source_of(sample['sample_id'])}): {len(ids)} tokens, "
-                  f"{len(supervised_ids)} supervised")
+            print(
+                f"--- sample {sample['sample_id']} ({task.source_of(sample['sample_id'])}): {len(ids)} tokens, "
+                f"{len(supervised_ids)} supervised"
+            )
             print(marked(tokenizer, ids, labels, colour))
     report = sys.stderr if args.json else sys.stdout
     print("---", file=report)
@@ -125,4 +152,3 @@ def main(argv=None, prog=None) -> int:
     if recipe.data.packing:
         show_packing(task, train, recipe, args.batches, report)
     return 0
-

@@ -22,6 +22,7 @@ pass --host 0.0.0.0 (and --api-key) to expose it. Defaults, each overridable:
   --enforce-eager         (no torch.compile / graph capture on CPU)
 The server process replaces this one (exec): stop it with `kill PID`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,6 +49,7 @@ class Server:
     """What `MERGED_DIR [PORT] [vLLM args...]` starts: `added` holds the defaults above that the
     user's arguments and environment do not set; the user's arguments come last in `command`,
     so that theirs win (--host 0.0.0.0)."""
+
     model: str
     port: str
     added: list[str]
@@ -57,8 +59,19 @@ class Server:
 
     @property
     def command(self) -> list[str]:
-        return [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
-                "--host", "127.0.0.1", "--port", self.port, *self.added, *self.user_args]
+        return [
+            self.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            self.port,
+            *self.added,
+            *self.user_args,
+        ]
 
 
 def plan_server(argv: list[str], environ: Optional[dict] = None) -> Server:
@@ -85,16 +98,21 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     only on a usage error (2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {prog or os.path.basename(sys.argv[0])} MERGED_DIR [PORT] [extra vLLM arguments...]\n\n"
-              + __doc__.strip("\n"), file=sys.stdout if argv else sys.stderr)
+        print(
+            f"usage: {prog or os.path.basename(sys.argv[0])} MERGED_DIR [PORT] [extra vLLM arguments...]\n\n"
+            + __doc__.strip("\n"),
+            file=sys.stdout if argv else sys.stderr,
+        )
         return 0 if argv else 2
     try:
         server = plan_server(argv)
     except ServeError as err:
         print(f"serve: {err}", file=sys.stderr)
         return 2
-    print(f"[serve] {server.model} on http://127.0.0.1:{server.port} ({' '.join(server.added + server.user_args)})",
-          file=sys.stderr)
+    print(
+        f"[serve] {server.model} on http://127.0.0.1:{server.port} ({' '.join(server.added + server.user_args)})",
+        file=sys.stderr,
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(server.command[0], server.command, server.env)

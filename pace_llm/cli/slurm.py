@@ -10,6 +10,7 @@ Reads SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NODEID, SLURM_JOB_ID and the GPUs 
 resume=true, so a requeued job continues from its last checkpoint. torchrun forwards
 SIGUSR1 (sent by `#SBATCH --signal=USR1@...`) to the trainers, which checkpoint and exit.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,7 @@ from pace_llm.distributed.launcher import TRAIN_SCRIPT
 from pace_llm.distributed.slurm import expand_nodelist, node_commands, run_status
 
 
-def main(argv: Optional[list[str]] = None, prog: Optional[str] = None,
-         script: str | os.PathLike = TRAIN_SCRIPT) -> int:
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = None, script: str | os.PathLike = TRAIN_SCRIPT) -> int:
     """--dry-run: print every node's command; --status: the run's status; else exec this
     node's command (SLURM_NODEID). script: the launch/train.py the nodes run."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -40,4 +40,3 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None,
         return 0
     cmd = commands[int(os.environ.get("SLURM_NODEID", "0"))]
     os.execvp(cmd[0], cmd)
-

@@ -15,6 +15,7 @@ kept, killed ones continue from their checkpoint. Results: SWEEP_DIR/sweep.json,
 (mean ± std over seeds, best marked), heatmap.png (λ x σ grids); each run in
 SWEEP_DIR/runs/<parameters>/ (train.log, metrics.jsonl, ...).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,12 @@ from pace_llm.sweep import LAUNCHERS, SEED_KEY, Sweep, SweepError, parse_grid, r
 
 
 def parse_args(argv, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2", help="swept recipe keys")
@@ -41,8 +46,12 @@ def parse_args(argv, prog=None):
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run for deepspeed / torchrun")
     p.add_argument("--n-trials", type=int, help="this worker runs at most N trials, then leaves")
     p.add_argument("--heartbeat-interval", type=int, default=30, help="seconds")
-    p.add_argument("--grace-period", type=int, default=120,
-                   help="seconds without a heartbeat after which a trial is taken as dead and re-queued")
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=120,
+        help="seconds without a heartbeat after which a trial is taken as dead and re-queued",
+    )
     return p.parse_args(argv)
 
 
@@ -53,10 +62,20 @@ def main(argv=None, prog=None) -> int:
         grid = parse_grid(args.grid)
         if args.seeds:
             grid.update(parse_grid([f"{SEED_KEY}={args.seeds}"]))
-        sweep = Sweep(args.recipe, args.overrides, grid, metric=args.metric, direction=args.direction,
-                      sweep_dir=args.sweep_dir or Path("outputs") / f"sweep-{Path(args.recipe).stem}",
-                      storage=args.storage, study_name=args.study, launcher=args.launcher, nproc=args.nproc,
-                      heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period)
+        sweep = Sweep(
+            args.recipe,
+            args.overrides,
+            grid,
+            metric=args.metric,
+            direction=args.direction,
+            sweep_dir=args.sweep_dir or Path("outputs") / f"sweep-{Path(args.recipe).stem}",
+            storage=args.storage,
+            study_name=args.study,
+            launcher=args.launcher,
+            nproc=args.nproc,
+            heartbeat_interval=args.heartbeat_interval,
+            grace_period=args.grace_period,
+        )
         run_worker(sweep, args.n_trials)
     except (SweepError, RecipeError) as err:
         print(f"sweep error: {err}", file=sys.stderr)

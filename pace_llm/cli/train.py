@@ -1,5 +1,6 @@
 """`pace-llm train RECIPE [section.key=value ...]` and launch/train.py: train PACE-LoRA from a
 recipe (pace_llm.training.main does the work; this module gives the command its help)."""
+
 from __future__ import annotations
 
 import os
@@ -41,4 +42,5 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
         print(HELP.format(prog=prog or os.path.basename(sys.argv[0])), file=sys.stdout if args else sys.stderr)
         return 0 if args else 2
     from pace_llm.training import main as train  # torch, transformers, DeepSpeed: after the help
+
     return train(argv)

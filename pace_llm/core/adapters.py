@@ -10,6 +10,7 @@ PACE adds a forward hook on each `lora_B` that multiplies Δh by the noise Z (pa
 `lora_mul_vpt` is the paper's vision baseline (LoRA_mul + VPT_add, eq. 2), which PEFT
 does not have: a small module of our own below, merged by eq. 13.
 """
+
 from __future__ import annotations
 
 import re
@@ -26,8 +27,13 @@ from pace_llm.core.pace_config import PaceConfig
 _LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_TARGETS: dict[str, Union[str, list[str]]] = {
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],  # Phi-3 fuses q/k/v and gate/up
-    "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE,
-    "roberta": ["query", "value"], "bert": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "roberta": ["query", "value"],
+    "bert": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
     # every linear layer of the ViT blocks: qkv, attention output, fc1, fc2
     "vit": r".*\.layers\.\d+\.(attention\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(fc1|fc2))",
 }
@@ -58,13 +64,16 @@ def resolve_targets(model: nn.Module, spec) -> list[str]:
     if spec is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
-            raise TargetError(f"no default target_modules for model_type {model_type!r}; set "
-                             f"pace.target_modules (names, a regex, or 'all-linear')")
+            raise TargetError(
+                f"no default target_modules for model_type {model_type!r}; set "
+                f"pace.target_modules (names, a regex, or 'all-linear')"
+            )
         spec = DEFAULT_TARGETS[model_type]
     excluded = set(head_names(model))
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    linears = {n: m for n, m in model.named_modules()
-               if _is_linear(m) and n.split(".")[0] not in excluded and m is not out_emb}
+    linears = {
+        n: m for n, m in model.named_modules() if _is_linear(m) and n.split(".")[0] not in excluded and m is not out_emb
+    }
     if spec == "all-linear":
         chosen = list(linears)
     elif isinstance(spec, str):
@@ -73,8 +82,10 @@ def resolve_targets(model: nn.Module, spec) -> list[str]:
         chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in spec)]
     if not chosen:
         names = sorted({re.sub(r"\.\d+\.", ".N.", n) for n in linears})
-        raise TargetError(f"target_modules={spec!r} matched no linear module of "
-                         f"{type(model).__name__}. Its linear modules are: {', '.join(names)}")
+        raise TargetError(
+            f"target_modules={spec!r} matched no linear module of "
+            f"{type(model).__name__}. Its linear modules are: {', '.join(names)}"
+        )
     return chosen
 
 
@@ -129,8 +140,13 @@ class LoraMulVptLinear(nn.Module):
         base = self.base_layer
         with torch.no_grad():
             dw, db = self.delta_weight_bias()
-            out = nn.Linear(base.in_features, base.out_features, bias=db is not None,
-                            device=base.weight.device, dtype=base.weight.dtype)
+            out = nn.Linear(
+                base.in_features,
+                base.out_features,
+                bias=db is not None,
+                device=base.weight.device,
+                dtype=base.weight.dtype,
+            )
             out.weight.copy_(base.weight.float() + dw)
             if db is not None:
                 out.bias.copy_(base.bias.float() + db)
@@ -146,21 +162,32 @@ def peft_lora_config(model: nn.Module, config: PaceConfig):
     """The peft.LoraConfig apply_pace's lora_add builds: the same targets, rank, alpha,
     dropout and task heads (modules_to_save); plain PEFT LoRA with it is PACE without noise."""
     import peft
+
     heads = head_names(model) if config.train_head else []
-    return peft.LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-                           target_modules=peft_target_spec(model, resolve_targets(model, config.target_modules)),
-                           modules_to_save=heads or None, bias="none")
+    return peft.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=peft_target_spec(model, resolve_targets(model, config.target_modules)),
+        modules_to_save=heads or None,
+        bias="none",
+    )
 
 
 def _sigma_by_name(model: nn.Module, adapted: list[str], config: PaceConfig):
     """name -> σ of that module's noise, by its block's depth (pace.sigma_for_block)."""
-    num_blocks = getattr(model.config, "num_hidden_layers", None) or \
-        1 + max((block_index(n) or 0) for n in adapted)
+    num_blocks = getattr(model.config, "num_hidden_layers", None) or 1 + max((block_index(n) or 0) for n in adapted)
 
     def sigma_of(name):
         block = block_index(name)
-        return sigma_for_block(config.noise_sigma, num_blocks if block is None else block, num_blocks,
-                               config.sigma_schedule, config.first_noisy_block)
+        return sigma_for_block(
+            config.noise_sigma,
+            num_blocks if block is None else block,
+            num_blocks,
+            config.sigma_schedule,
+            config.first_noisy_block,
+        )
+
     return sigma_of
 
 
@@ -168,6 +195,7 @@ def add_lora_noise(model, config: PaceConfig):
     """PACE's noise on every LoRA layer of a `peft.PeftModel`, whoever built its LoRA
     (apply_pace, or a user's / TRL's `peft_config`); σ from config's schedule by depth."""
     import peft
+
     inner = model.base_model.model
     layers = {n: m for n, m in inner.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     sigma_of = _sigma_by_name(inner, list(layers), config)
@@ -189,12 +217,12 @@ def apply_pace(model: nn.Module, config: PaceConfig) -> nn.Module:
     sigma_of = _sigma_by_name(model, chosen, config)
     if config.adapter == "lora_add":
         import peft
+
         model = add_lora_noise(peft.get_peft_model(model, peft_lora_config(model, config)), config)
     else:
         model.requires_grad_(False)
         for name in chosen:
-            _set_submodule(model, name, LoraMulVptLinear(model.get_submodule(name), config.rank,
-                                                          sigma_of(name)))
+            _set_submodule(model, name, LoraMulVptLinear(model.get_submodule(name), config.rank, sigma_of(name)))
         for head in heads:
             getattr(model, head).requires_grad_(True)
     if config.noise_head:
@@ -213,14 +241,16 @@ def add_head_noise(head: nn.Module, sigma: float) -> None:
 
 def head_noise(model: nn.Module) -> dict[str, NoiseHook]:
     """Head name -> its noise, for every task head that has head noise."""
-    return {n: m.pace_head_noise for n, m in model.named_modules()
-            if isinstance(getattr(m, "pace_head_noise", None), NoiseHook)}
+    return {
+        n: m.pace_head_noise
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "pace_head_noise", None), NoiseHook)
+    }
 
 
 def noise_layers(model: nn.Module) -> dict[str, NoiseHook]:
     """Module name -> its noise (read or change `.sigma`), for every adapted layer."""
-    return {n: m.pace_noise for n, m in model.named_modules()
-            if isinstance(getattr(m, "pace_noise", None), NoiseHook)}
+    return {n: m.pace_noise for n, m in model.named_modules() if isinstance(getattr(m, "pace_noise", None), NoiseHook)}
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -228,8 +258,11 @@ def base_model(model: nn.Module) -> nn.Module:
     while True:
         if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DeepSpeed engine
             model = model.module
-        elif hasattr(model, "base_model") and hasattr(model.base_model, "model") \
-                and type(model).__name__.startswith("Peft"):
+        elif (
+            hasattr(model, "base_model")
+            and hasattr(model.base_model, "model")
+            and type(model).__name__.startswith("Peft")
+        ):
             model = model.base_model.model
         else:
             return model
@@ -238,14 +271,20 @@ def base_model(model: nn.Module) -> nn.Module:
 def merge_pace(model: nn.Module) -> nn.Module:
     """A plain model of the original transformers class: adapters merged in fp32, cast back."""
     import peft
+
     if isinstance(model, peft.PeftModel):
         for module in model.modules():
             if isinstance(module, peft.tuners.lora.LoraLayer):
                 base = module.get_base_layer()
-                if not isinstance(getattr(base, "weight", None), nn.Parameter) \
-                        or base.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                    raise TypeError(f"cannot merge into a quantized {type(base).__name__}: "
-                                    "dequantize the base first (pace_llm.export.dequantize)")
+                if not isinstance(getattr(base, "weight", None), nn.Parameter) or base.weight.dtype not in (
+                    torch.float32,
+                    torch.bfloat16,
+                    torch.float16,
+                ):
+                    raise TypeError(
+                        f"cannot merge into a quantized {type(base).__name__}: "
+                        "dequantize the base first (pace_llm.export.dequantize)"
+                    )
                 dtype = base.weight.dtype
                 module.float()
                 module.merge()
@@ -268,6 +307,6 @@ def merge_pace(model: nn.Module) -> nn.Module:
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
     def numel(p):  # ZeRO-3 partitions leave p.numel() == 0; ds_numel is the full size
         return getattr(p, "ds_numel", p.numel())
+
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return trainable, sum(numel(p) for p in model.parameters())
-

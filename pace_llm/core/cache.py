@@ -13,6 +13,7 @@ Data parallelism: `ShardedEpochSampler` gives every rank a fixed shard of the sa
 and needs no communication. `state_dict` carries the ids, so a resume, even with another
 world size, restores every rank's entries from all saved shards.
 """
+
 from __future__ import annotations
 
 import errno
@@ -30,10 +31,17 @@ log = logging.getLogger(__name__)
 
 
 class OutputCache:
-    def __init__(self, row_counts: Sequence[int], dim: int, sample_ids: Optional[Sequence[int]] = None,
-                 memory_budget_bytes: int = 2 << 30, disk_dir: Optional[str] = None):
-        ids = torch.as_tensor(list(range(len(row_counts))) if sample_ids is None else list(sample_ids),
-                              dtype=torch.long)
+    def __init__(
+        self,
+        row_counts: Sequence[int],
+        dim: int,
+        sample_ids: Optional[Sequence[int]] = None,
+        memory_budget_bytes: int = 2 << 30,
+        disk_dir: Optional[str] = None,
+    ):
+        ids = torch.as_tensor(
+            list(range(len(row_counts))) if sample_ids is None else list(sample_ids), dtype=torch.long
+        )
         if len(ids) != len(row_counts):
             raise ValueError(f"{len(ids)} sample ids but {len(row_counts)} row counts")
         self.sample_ids = ids
@@ -88,32 +96,40 @@ class OutputCache:
             return self.values[:0].clone(), has
         # never-written entries are not read: on a memory-mapped file they are holes, and
         # touching them costs a page fault per 4 KiB
-        return torch.cat([self.values[o:o + n] if f else self.values.new_zeros(n, self.dim)
-                          for (o, n), f in zip(spans, filled)]), has
+        return torch.cat(
+            [self.values[o : o + n] if f else self.values.new_zeros(n, self.dim) for (o, n), f in zip(spans, filled)]
+        ), has
 
     def write(self, sample_ids, outputs: torch.Tensor) -> None:
         slots, spans = self._spans(sample_ids)
         total = sum(n for _, n in spans)
         if outputs.shape != (total, self.dim):
-            raise ValueError(f"cache write of shape {tuple(outputs.shape)}, expected {(total, self.dim)}: "
-                             "the rows per sample changed since the cache was sized (max_length? data?)")
+            raise ValueError(
+                f"cache write of shape {tuple(outputs.shape)}, expected {(total, self.dim)}: "
+                "the rows per sample changed since the cache was sized (max_length? data?)"
+            )
         outputs = outputs.detach().to("cpu", DTYPE).contiguous()
         start = 0
         raw = outputs.view(torch.int16).numpy() if self.path else None
         for o, n in spans:
             if raw is not None:  # the file: pwrite, not page faults through the mapping
-                data, offset = memoryview(raw[start:start + n]).cast("B"), o * self.dim * DTYPE.itemsize
+                data, offset = memoryview(raw[start : start + n]).cast("B"), o * self.dim * DTYPE.itemsize
                 while len(data):
                     written = os.pwrite(self._fd, data, offset)
                     data, offset = data[written:], offset + written
             else:
-                self.values[o:o + n].copy_(outputs[start:start + n])
+                self.values[o : o + n].copy_(outputs[start : start + n])
             start += n
         self.filled[slots] = True
 
     def state_dict(self) -> dict:
-        return {"sample_ids": self.sample_ids, "row_counts": self.row_counts, "dim": self.dim,
-                "filled": self.filled, "values": self.values.clone()}
+        return {
+            "sample_ids": self.sample_ids,
+            "row_counts": self.row_counts,
+            "dim": self.dim,
+            "filled": self.filled,
+            "values": self.values.clone(),
+        }
 
     def load_state_dict(self, state: dict) -> int:
         """Copy the entries of `state` (from any shard) whose ids this cache holds; returns how many."""
@@ -124,7 +140,7 @@ class OutputCache:
         for slot, sid in enumerate(state["sample_ids"].tolist()):
             if state["filled"][slot] and sid < len(self.slot_of) and self.slot_of[sid] >= 0:
                 start, count = offsets[slot], int(state["row_counts"][slot])
-                self.write([sid], state["values"][start:start + count])
+                self.write([sid], state["values"][start : start + count])
                 copied += 1
         return copied
 
@@ -136,8 +152,9 @@ class OutputCache:
             os.remove(self.path)
 
 
-def build_output_cache(outputs, samples: Iterable[tuple[int, dict]], model, rank: int, memory_gb: float,
-                       disk_dir: Optional[str] = None) -> OutputCache:
+def build_output_cache(
+    outputs, samples: Iterable[tuple[int, dict]], model, rank: int, memory_gb: float, disk_dir: Optional[str] = None
+) -> OutputCache:
     """The PACE_fast store of one rank's samples, as the Trainer and PaceTrainer both build it.
 
     `outputs`: the task's Outputs kind (TokenOutputs, SampleOutputs), which says how many
@@ -149,8 +166,9 @@ def build_output_cache(outputs, samples: Iterable[tuple[int, dict]], model, rank
     for sample_id, sample in samples:
         ids.append(int(sample_id))
         counts.append(outputs.output_count(sample))
-    cache = OutputCache(counts, outputs.cache_dim(model), sample_ids=ids, disk_dir=disk_dir,
-                        memory_budget_bytes=int(memory_gb * 2**30))
+    cache = OutputCache(
+        counts, outputs.cache_dim(model), sample_ids=ids, disk_dir=disk_dir, memory_budget_bytes=int(memory_gb * 2**30)
+    )
     log.info("PACE_fast cache: %d samples on rank %d, %.1f MiB", len(ids), rank, cache.nbytes / 2**20)
     return cache
 

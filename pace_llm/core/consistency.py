@@ -28,6 +28,7 @@ of d alone: its cached target goes through the head, o = W h_o.
 A form is one class with `name`, `__call__(f1, f2)` and, when `quadratic`, `of_difference`
 and `gram`; `FORMS` maps the recipe's `pace.consistency` to it.
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -6,6 +6,7 @@ module's own hooks (TokenOutputs runs the decoder directly). The core calls `gat
 and `start_of_forward`; they do nothing until a backend installs its functions
 (pace_llm.distributed.zero3 installs DeepSpeed ZeRO-3's when pace_llm is imported).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -12,6 +12,7 @@ row's width for every token, so padding and packing change the noise a sample ge
 they do not. Inside `sample_lengths(lengths)` the hook reads each token's L from `lengths`
 [B, T]; outside it (or for a batch of another shape) every token gets the row's width.
 """
+
 from __future__ import annotations
 
 import contextlib

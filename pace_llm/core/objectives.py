@@ -33,6 +33,7 @@ Shared dropout masks hold inside `scope(step)` on paired steps only. A call outs
 opens one for its forward alone: enough without activation checkpointing, whose recomputed
 forward runs during backward and needs the backward inside the scope too.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,10 +48,10 @@ from pace_llm.core.adapters import base_model
 from pace_llm.core.cache import OutputCache
 from pace_llm.core.consistency import get_form
 from pace_llm.core.neftune import sample_lengths, token_lengths
-from pace_llm.core.packing import duplicate_packed, is_packed, sample_count
+from pace_llm.core.outputs import Outputs, outputs_for_model, supervised_counts
 from pace_llm.core.pace import noise_segments, paired_dropout, reduce_outputs
 from pace_llm.core.pace_config import MODES, PaceConfig
-from pace_llm.core.outputs import Outputs, outputs_for_model, supervised_counts
+from pace_llm.core.packing import duplicate_packed, is_packed, sample_count
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,13 @@ def share_attention_dropout(model) -> None:
     rate = max((float(getattr(config, k, 0.0) or 0.0) for k in _ATTN_DROPOUT_KEYS), default=0.0)
     impl = getattr(config, "_attn_implementation", None)
     if rate > 0 and base.training and impl not in (None, "eager"):
-        log.warning("attention dropout %.3g under %r attention cannot share its mask between "
-                    "the two PACE views: switching %s to eager attention", rate, impl,
-                    type(base).__name__)
+        log.warning(
+            "attention dropout %.3g under %r attention cannot share its mask between "
+            "the two PACE views: switching %s to eager attention",
+            rate,
+            impl,
+            type(base).__name__,
+        )
         base.set_attn_implementation("eager")
 
 
@@ -91,9 +96,16 @@ def _duplicate(batch: dict, n: Optional[int] = None) -> dict:
 
 
 class PaceObjective:
-    def __init__(self, mode: str = "full", lam: float = 1.0, lazy_every: int = 2,
-                 cache: Optional[OutputCache] = None, outputs=None, head_gram: bool = True,
-                 consistency: str = "auto"):
+    def __init__(
+        self,
+        mode: str = "full",
+        lam: float = 1.0,
+        lazy_every: int = 2,
+        cache: Optional[OutputCache] = None,
+        outputs=None,
+        head_gram: bool = True,
+        consistency: str = "auto",
+    ):
         """outputs: TokenOutputs / SampleOutputs (None: chosen from the model on the first call).
         consistency: a form of pace_llm.core.consistency.FORMS, or "auto" for the outputs'
         `default_consistency`. head_gram=False computes PACE_fast's consistency through the
@@ -111,7 +123,7 @@ class PaceObjective:
         self._gram = None  # (lm_head, the form's Gram matrix), computed once
 
     @classmethod
-    def from_config(cls, config: PaceConfig, cache: Optional[OutputCache] = None, outputs=None) -> "PaceObjective":
+    def from_config(cls, config: PaceConfig, cache: Optional[OutputCache] = None, outputs=None) -> PaceObjective:
         return cls(config.mode, config.lam, config.lazy_every, cache, outputs, consistency=config.consistency)
 
     def is_paired(self, step: int) -> bool:
@@ -145,10 +157,11 @@ class PaceObjective:
     def task_outputs(self, batch: dict, step: int = 0) -> int:
         """The outputs the task loss of `batch` covers at `step` (LossOutput.n_outputs),
         from its labels, before any forward: what a step's denominator adds up."""
-        return int(supervised_counts(batch["labels"][:self._task_half(batch, step)]).sum())
+        return int(supervised_counts(batch["labels"][: self._task_half(batch, step)]).sum())
 
-    def __call__(self, model, batch: dict, step: int = 0, denominator: Optional[float] = None,
-                 write_cache: bool = True) -> LossOutput:
+    def __call__(
+        self, model, batch: dict, step: int = 0, denominator: Optional[float] = None, write_cache: bool = True
+    ) -> LossOutput:
         """denominator: None for means over the batch's outputs, else sums / denominator.
         write_cache=False leaves the PACE_fast cache as it was (a measurement, not a step)."""
         if self.outputs is None:
@@ -178,8 +191,9 @@ class PaceObjective:
         cons = self._reduce(self.form(r1.f, r2.f), denominator)
         return LossOutput(task + self.lam * cons, task, cons, len(r1.target))
 
-    def _fast(self, batch: dict, out: Outputs, task: torch.Tensor, denominator: Optional[float],
-              write_cache: bool = True) -> LossOutput:
+    def _fast(
+        self, batch: dict, out: Outputs, task: torch.Tensor, denominator: Optional[float], write_cache: bool = True
+    ) -> LossOutput:
         ids = batch["sample_id"]
         stored, has = self.cache.read(ids)
         stored, has = stored.to(out.stored.device), has.to(out.stored.device)
@@ -224,8 +238,12 @@ class PaceObjective:
         if self._gram is not None and self._gram[0] is head:
             return self._gram[1]
         w = head.weight
-        if head.bias is not None or w.dtype not in (torch.float32, torch.bfloat16, torch.float16) \
-                or hasattr(w, "quant_state") or head.in_features >= head.out_features:
+        if (
+            head.bias is not None
+            or w.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+            or hasattr(w, "quant_state")
+            or head.in_features >= head.out_features
+        ):
             self._gram = (head, None)
             return None
         with hooks.gathered([w]), torch.no_grad():  # ZeRO-3: whole on every rank, once

@@ -12,6 +12,7 @@ A task kind (pace_llm/tasks/) says which one it uses; the objectives and the tra
 only call `forward`, `loss`, `output_count` and `cache_dim`. `outputs_for_model` picks one
 from a model's class for callers of the bare library API who pass no task.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,17 +33,18 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class Outputs:
     """A forward pass's outputs, one per sample (classifier) or supervised token (LM): row i of each tensor."""
-    f: torch.Tensor          # [N, C] logits PACE regularises
-    stored: torch.Tensor     # [N, D] what the PACE_fast cache keeps (hidden states or logits)
-    target: torch.Tensor     # [N] labels
-    counts: torch.Tensor     # [B] outputs per sample
+
+    f: torch.Tensor  # [N, C] logits PACE regularises
+    stored: torch.Tensor  # [N, D] what the PACE_fast cache keeps (hidden states or logits)
+    target: torch.Tensor  # [N] labels
+    counts: torch.Tensor  # [B] outputs per sample
     head: Optional[nn.Module] = None  # maps `stored` to `f` when they differ (a frozen lm_head)
 
-    def first(self, n_samples: int) -> "Outputs":
+    def first(self, n_samples: int) -> Outputs:
         n = int(self.counts[:n_samples].sum())
         return Outputs(self.f[:n], self.stored[:n], self.target[:n], self.counts[:n_samples], self.head)
 
-    def last(self, n_samples: int) -> "Outputs":
+    def last(self, n_samples: int) -> Outputs:
         n = int(self.counts[-n_samples:].sum())
         return Outputs(self.f[-n:], self.stored[-n:], self.target[-n:], self.counts[-n_samples:], self.head)
 
@@ -68,6 +70,7 @@ def lm_head_trainable(model) -> bool:
 
 class TokenOutputs:
     """Causal LM: f = next-token logits at the supervised positions."""
+
     default_consistency = "raw_sum"
 
     def forward(self, model, batch: dict) -> Outputs:
@@ -81,8 +84,9 @@ class TokenOutputs:
         logits = head(h)
         counts = mask.sum(1)
         if is_packed(batch):  # outputs come grouped by sample (packing.py): count them per sample
-            counts = torch.bincount(batch["segment_index"][:, 1:].to(mask.device)[mask],
-                                    minlength=len(batch["sample_id"]))
+            counts = torch.bincount(
+                batch["segment_index"][:, 1:].to(mask.device)[mask], minlength=len(batch["sample_id"])
+            )
         if lm_head_trainable(base):
             return Outputs(logits, logits, labels[:, 1:][mask], counts)
         return Outputs(logits, h, labels[:, 1:][mask], counts, head)
@@ -98,14 +102,17 @@ class TokenOutputs:
         """A PACE_fast cache row (one per output): the hidden state when the lm_head is frozen, else logits."""
         head = base_model(model).get_output_embeddings()
         if lm_head_trainable(model):
-            log.warning("lm_head is trainable: the PACE_fast cache stores full logits "
-                        "(%d per token) instead of hidden states", head.out_features)
+            log.warning(
+                "lm_head is trainable: the PACE_fast cache stores full logits (%d per token) instead of hidden states",
+                head.out_features,
+            )
             return head.out_features
         return head.in_features
 
 
 class SampleOutputs:
     """Classifier: f = the head's logits; a one-output head is regression (MSE)."""
+
     default_consistency = "raw_sum"  # the paper's definition, summed over classes
 
     def __init__(self, regression: bool = False):

@@ -38,6 +38,7 @@ recomputation runs during backward and must pair too); outside it torch is untou
 Both the noise and the masks come from torch's global RNG, which activation
 checkpointing restores for the recomputed forward: the recomputation sees the same draws.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,8 +50,9 @@ import torch.nn.functional as F
 from pace_llm.core.pace_config import SCHEDULES
 
 
-def sigma_for_block(sigma: float, block: int, num_blocks: int, schedule: str = "linear",
-                    first_noisy_block: int = 0) -> float:
+def sigma_for_block(
+    sigma: float, block: int, num_blocks: int, schedule: str = "linear", first_noisy_block: int = 0
+) -> float:
     """σ for block `block` (0-based; `num_blocks` means the head, after the last block)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"sigma_schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -87,8 +89,7 @@ def multiplicative_noise(delta: torch.Tensor, sigma: float) -> torch.Tensor:
     (S, d_out), S samples, each token its sample's row."""
     if _segments is not None and delta.dim() == 3 and tuple(delta.shape[:2]) == tuple(_segments[0].shape):
         segments = _segments[0].to(delta.device)
-        z = torch.randn((_segments[1], delta.shape[-1]), device=delta.device,
-                        dtype=torch.float32).mul_(sigma).add_(1.0)
+        z = torch.randn((_segments[1], delta.shape[-1]), device=delta.device, dtype=torch.float32).mul_(sigma).add_(1.0)
         return delta * z[segments.clamp(min=0)].to(delta.dtype)  # the tail's Z (sample 0's) meets no loss
     shape = (delta.shape[0],) + (1,) * (delta.dim() - 2) + (delta.shape[-1],)
     z = torch.randn(shape, device=delta.device, dtype=torch.float32).mul_(sigma).add_(1.0)

@@ -5,6 +5,7 @@ turns a ValueError into an error naming `pace.<field>`), `apply_pace` reads its 
 fields, `PaceObjective.from_config` its objective fields, and the saved adapter's
 pace_config.json is `dataclasses.asdict` of it. Fields, defaults and checks live here only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,6 +38,7 @@ class PaceConfig:
     cache_memory_gb: PACE_fast's per-rank store stays in memory up to this size, else it is
         a memory-mapped file in the output folder.
     """
+
     mode: Literal[MODES] = "full"
     lam: float = 0.1
     sigma: float = 1.0
@@ -49,16 +51,21 @@ class PaceConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: Optional[Union[str, list[str]]] = None
-    train_head: bool = True            # a task head (classifier / score) is trained in full
-    noise_head: bool = True            # ...and its logits get noise too (σ_head), as the authors
+    train_head: bool = True  # a task head (classifier / score) is trained in full
+    noise_head: bool = True  # ...and its logits get noise too (σ_head), as the authors
     cache_memory_gb: float = 2.0
 
     def __post_init__(self):
         def need(ok: bool, field: str, what: str):
             if not ok:
                 raise ValueError(f"{field}: expected {what}, got {getattr(self, field)!r}")
-        for field, choices in (("mode", MODES), ("adapter", ADAPTERS), ("sigma_schedule", SCHEDULES),
-                               ("consistency", CONSISTENCIES)):
+
+        for field, choices in (
+            ("mode", MODES),
+            ("adapter", ADAPTERS),
+            ("sigma_schedule", SCHEDULES),
+            ("consistency", CONSISTENCIES),
+        ):
             if getattr(self, field) not in choices:  # (a recipe's type check names these first)
                 raise ValueError(f"{field} must be one of {list(choices)}, got {getattr(self, field)!r}")
         need(self.sigma >= 0, "sigma", "a value >= 0")

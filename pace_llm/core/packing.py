@@ -22,6 +22,7 @@ consistency, and hence the gradients, are the same; only the padding goes.
 
 `from_position_ids` reads a padding-free batch another collator built (TRL's) into this layout.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -75,16 +76,21 @@ def pack(samples: list[dict], capacity: int, pad_id: int) -> dict:
         start = 0
         for i in row:
             s, n = samples[i], len(samples[i]["input_ids"])
-            ids[r, start:start + n] = torch.tensor(s["input_ids"])
-            labels[r, start:start + len(s["labels"])] = torch.tensor(s["labels"])
+            ids[r, start : start + n] = torch.tensor(s["input_ids"])
+            labels[r, start : start + len(s["labels"])] = torch.tensor(s["labels"])
             labels[r, start] = -100  # no target predicted across the boundary
-            segment[r, start:start + n] = order.index(i)
-            positions[r, start:start + n] = torch.arange(n)
+            segment[r, start : start + n] = order.index(i)
+            positions[r, start : start + n] = torch.arange(n)
             start += n
         positions[r, start:] = torch.arange(width - start)  # the tail: a block of its own
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "segment_index": segment,
-            "sample_id": torch.tensor([samples[i]["sample_id"] for i in order]),
-            "sample_order": torch.tensor(order)}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": positions,
+        "segment_index": segment,
+        "sample_id": torch.tensor([samples[i]["sample_id"] for i in order]),
+        "sample_order": torch.tensor(order),
+    }
 
 
 def from_position_ids(batch: dict, sample_ids: Optional[torch.Tensor] = None) -> dict:
@@ -103,8 +109,10 @@ def from_position_ids(batch: dict, sample_ids: Optional[torch.Tensor] = None) ->
     if sample_ids is None:
         sample_ids = torch.arange(found, device=positions.device)
     elif found < len(sample_ids) or (labels[segment >= len(sample_ids)] != -100).any():
-        raise ValueError(f"{len(sample_ids)} sample ids for a batch whose position_ids start {found} samples "
-                         "(the ones after the named samples must be unlabelled padding)")
+        raise ValueError(
+            f"{len(sample_ids)} sample ids for a batch whose position_ids start {found} samples "
+            "(the ones after the named samples must be unlabelled padding)"
+        )
     segment = segment.masked_fill(segment >= len(sample_ids), -1)
     return {**batch, "labels": labels, "segment_index": segment, "sample_id": sample_ids}
 
@@ -115,8 +123,7 @@ def duplicate_packed(batch: dict, rows: Optional[int] = None) -> dict:
     rows = len(batch["input_ids"]) if rows is None else rows
     segment = batch["segment_index"][:rows]
     m = int(segment.max()) + 1
-    out = {k: torch.cat([v[:rows], v[:rows]]) for k, v in batch.items()
-           if k in ("input_ids", "labels", "position_ids")}
+    out = {k: torch.cat([v[:rows], v[:rows]]) for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")}
     out["segment_index"] = torch.cat([segment, torch.where(segment >= 0, segment + m, segment)])
     out["sample_id"] = torch.cat([batch["sample_id"][:m], batch["sample_id"][:m]])
     return out

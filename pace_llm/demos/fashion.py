@@ -15,6 +15,7 @@ Fashion-MNIST, small ViT, CPU. Its base model and data are bench/study.py's too.
    `pace-llm eval vision` top-1 on the 1,000 test images; a table of PACE vs baseline.
 Outputs: outputs/demo-fashion/{lora,pace}-s{seed}/ (adapter, merged, metrics, eval.json), results.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,15 +38,26 @@ PRETRAIN_STEPS, PRETRAIN_BATCH, PRETRAIN_LR = 600, 64, 1e-3
 
 def vit_config(num_labels: int):
     import transformers
-    return transformers.ViTConfig(hidden_size=96, num_hidden_layers=4, num_attention_heads=4, intermediate_size=384,
-                                  image_size=28, patch_size=4, num_channels=3, num_labels=num_labels,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+    return transformers.ViTConfig(
+        hidden_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=384,
+        image_size=28,
+        patch_size=4,
+        num_channels=3,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 
 
 def to_pixels(images):
     """uint8 [N, 28, 28] -> float [N, 3, 28, 28] in [-1, 1]: pace_llm.data.pixel_values at 28x28
     (its resize to the same size is the identity), vectorised."""
     import torch
+
     x = torch.from_numpy(images).float().div(255).sub(0.5).div(0.5)
     return x[:, None].expand(-1, 3, -1, -1).contiguous()
 
@@ -53,6 +65,7 @@ def to_pixels(images):
 def prepare_base(folder: Path) -> Path:
     """The pre-trained base (ViTModel, no head), built once; a marker file says it is complete."""
     from pace_llm.files import prepare_once
+
     return prepare_once(folder, _pretrain_base, BASE_VERSION)
 
 
@@ -62,6 +75,7 @@ def _pretrain_base(out: Path) -> dict:
     import transformers
 
     from pace_llm import assets
+
     print(f"[demo] pre-training the base ViT on {len(SOURCE_CLASSES)} source classes (once, ~1-3 min)", flush=True)
     started = time.time()
     images, labels = assets.fashion_mnist("train")
@@ -71,14 +85,16 @@ def _pretrain_base(out: Path) -> dict:
     model = transformers.ViTForImageClassification(vit_config(len(SOURCE_CLASSES)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.05)
     warmup = 30
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / PRETRAIN_STEPS))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / PRETRAIN_STEPS)))
+    )
     g = torch.Generator().manual_seed(0)
-    order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(math.ceil(
-        PRETRAIN_STEPS * PRETRAIN_BATCH / len(x)))])
+    order = torch.cat(
+        [torch.randperm(len(x), generator=g) for _ in range(math.ceil(PRETRAIN_STEPS * PRETRAIN_BATCH / len(x)))]
+    )
     model.train()
     for step in range(PRETRAIN_STEPS):
-        idx = order[step * PRETRAIN_BATCH:(step + 1) * PRETRAIN_BATCH]
+        idx = order[step * PRETRAIN_BATCH : (step + 1) * PRETRAIN_BATCH]
         loss = torch.nn.functional.cross_entropy(model(pixel_values=x[idx]).logits, y[idx])
         optimizer.zero_grad()
         loss.backward()
@@ -90,21 +106,30 @@ def _pretrain_base(out: Path) -> dict:
     keep = np.isin(test_labels, SOURCE_CLASSES)
     model.eval()
     with torch.no_grad():
-        preds = torch.cat([model(pixel_values=chunk).logits.argmax(-1) for chunk in to_pixels(test_images[keep]).split(500)])
+        preds = torch.cat(
+            [model(pixel_values=chunk).logits.argmax(-1) for chunk in to_pixels(test_images[keep]).split(500)]
+        )
     source_acc = (preds == torch.from_numpy(test_labels[keep] // 2)).float().mean().item()
     model.vit.save_pretrained(out)  # no head: each fine-tuning run initialises its own
-    print(f"[demo]   base ready: source-class test accuracy {source_acc:.3f} ({time.time() - started:.0f} s)",
-          flush=True)
-    return {"source_classes": [CLASS_NAMES[c] for c in SOURCE_CLASSES], "steps": PRETRAIN_STEPS,
-            "batch": PRETRAIN_BATCH, "source_test_accuracy": round(source_acc, 4)}
+    print(
+        f"[demo]   base ready: source-class test accuracy {source_acc:.3f} ({time.time() - started:.0f} s)", flush=True
+    )
+    return {
+        "source_classes": [CLASS_NAMES[c] for c in SOURCE_CLASSES],
+        "steps": PRETRAIN_STEPS,
+        "batch": PRETRAIN_BATCH,
+        "source_test_accuracy": round(source_acc, 4),
+    }
 
 
 def write_parquet(path: Path, images, labels) -> Path:
     import datasets
     from PIL import Image
+
     features = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
-    rows = datasets.Dataset.from_dict({"image": [Image.fromarray(im) for im in images],
-                                       "label": [int(v) for v in labels]}, features=features)
+    rows = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(im) for im in images], "label": [int(v) for v in labels]}, features=features
+    )
     tmp = path.with_name(path.name + ".tmp")
     rows.to_parquet(str(tmp))
     tmp.replace(path)
@@ -115,6 +140,7 @@ def prepare_data(folder: Path, seeds: list[int], shots: int, test_per_class: int
     import numpy as np
 
     from pace_llm import assets
+
     images, labels = assets.fashion_mnist("train")
     test_path = prepare_test(folder, test_per_class)
     train_paths = {}
@@ -122,7 +148,9 @@ def prepare_data(folder: Path, seeds: list[int], shots: int, test_per_class: int
         path = folder / f"train-k{shots}-s{seed}.parquet"
         if not path.exists():
             rng = np.random.default_rng(seed)
-            idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False) for c in TARGET_CLASSES])
+            idx = np.concatenate(
+                [rng.choice(np.flatnonzero(labels == c), shots, replace=False) for c in TARGET_CLASSES]
+            )
             idx = rng.permutation(idx)
             write_parquet(path, images[idx], [REMAP[v] for v in labels[idx]])
         train_paths[seed] = path
@@ -134,6 +162,7 @@ def prepare_test(folder: Path, test_per_class: int) -> Path:
     import numpy as np
 
     from pace_llm import assets
+
     folder.mkdir(parents=True, exist_ok=True)
     test_images, test_labels = assets.fashion_mnist("test")
     test_idx = np.concatenate([np.flatnonzero(test_labels == c)[:test_per_class] for c in TARGET_CLASSES])
@@ -143,24 +172,30 @@ def prepare_test(folder: Path, test_per_class: int) -> Path:
     return test_path
 
 
-def prepare_splits(folder: Path, pool_per_class: int = 1000, val_per_class: int = 100,
-                   test_per_class: int = 200) -> tuple[Path, Path, Path]:
+def prepare_splits(
+    folder: Path, pool_per_class: int = 1000, val_per_class: int = 100, test_per_class: int = 200
+) -> tuple[Path, Path, Path]:
     """(pool, val, test) parquet files for selecting hyperparameters (bench/study.py): val and
     pool are disjoint random draws per target class from the training split (seed 0), test is
     the demo's. A recipe's data.sample draws its few-shot set from the pool per train.seed."""
     import numpy as np
 
     from pace_llm import assets
+
     test_path = prepare_test(folder, test_per_class)
     pool_path = folder / f"pool-k{pool_per_class}.parquet"
     val_path = folder / f"val-k{val_per_class}.parquet"
     if not (pool_path.exists() and val_path.exists()):
         images, labels = assets.fashion_mnist("train")
         rng = np.random.default_rng(0)
-        drawn = [rng.choice(np.flatnonzero(labels == c), val_per_class + pool_per_class, replace=False)
-                 for c in TARGET_CLASSES]
-        for path, part in ((val_path, [d[:val_per_class] for d in drawn]),
-                           (pool_path, [d[val_per_class:] for d in drawn])):
+        drawn = [
+            rng.choice(np.flatnonzero(labels == c), val_per_class + pool_per_class, replace=False)
+            for c in TARGET_CLASSES
+        ]
+        for path, part in (
+            (val_path, [d[:val_per_class] for d in drawn]),
+            (pool_path, [d[val_per_class:] for d in drawn]),
+        ):
             idx = rng.permutation(np.concatenate(part))
             write_parquet(path, images[idx], [REMAP[v] for v in labels[idx]])
     return pool_path, val_path, test_path
@@ -172,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from pace_llm import assets
+
     torch.set_num_threads(1)  # robust on a shared 2-core machine (see pace_llm/demos/pace_vs_lora.py)
     started = time.time()
     out = REPO / args.output_dir
@@ -181,12 +217,31 @@ def run(args: argparse.Namespace) -> int:
     test_path, train_paths = prepare_data(cache, args.seeds, args.shots, args.test_per_class)
     batch = min(25, args.shots * len(TARGET_CLASSES))
     eval_cmd = ["-m", "pace_llm.cli", "eval", "vision", "--data", str(test_path), "--batch-size", "250"]
-    jobs = seed_jobs(args, RECIPE, out, {seed: [f"model.name={base}", f"data.train={train_paths[seed]}",
-                                                f"train.seed={seed}", f"train.micro_batch_size={batch}"]
-                                         for seed in args.seeds}, eval_cmd)
-    run_and_report(jobs, args, out, "top1", "top-1", "nll",
-                   f"ViT (0.46M, pre-trained on 5 Fashion-MNIST classes) + LoRA_mul/VPT_add + head, "
-                   f"{args.shots}-shot on the other 5: top-1 x100 on {5 * args.test_per_class} test images "
-                   f"(LoRA = pace.mode=off)", started)
+    jobs = seed_jobs(
+        args,
+        RECIPE,
+        out,
+        {
+            seed: [
+                f"model.name={base}",
+                f"data.train={train_paths[seed]}",
+                f"train.seed={seed}",
+                f"train.micro_batch_size={batch}",
+            ]
+            for seed in args.seeds
+        },
+        eval_cmd,
+    )
+    run_and_report(
+        jobs,
+        args,
+        out,
+        "top1",
+        "top-1",
+        "nll",
+        f"ViT (0.46M, pre-trained on 5 Fashion-MNIST classes) + LoRA_mul/VPT_add + head, "
+        f"{args.shots}-shot on the other 5: top-1 x100 on {5 * args.test_per_class} test images "
+        f"(LoRA = pace.mode=off)",
+        started,
+    )
     return 0
-

@@ -6,6 +6,7 @@
 3. trains PACE-LoRA under DeepSpeed (2 ranks) with recipes/demo_gsm8k.yaml, merges;
 4. evaluates the merged model the same way and prints both accuracies.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ from pace_llm.logs import route_logs
 MODES = ("off", "full", "fast", "lazy_half")
 
 
-def run(limit: int = 50, steps: int = 24, mode: str = "full", max_new_tokens: int = 256,
-        output_dir: str | os.PathLike = "outputs/demo-gsm8k") -> int:
+def run(
+    limit: int = 50,
+    steps: int = 24,
+    mode: str = "full",
+    max_new_tokens: int = 256,
+    output_dir: str | os.PathLike = "outputs/demo-gsm8k",
+) -> int:
     """The four steps above; output_dir is relative to the checkout (REPO) and starts empty.
     Returns the exit status: 0, or 1 when training failed (its log is named)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -44,11 +50,21 @@ def run(limit: int = 50, steps: int = 24, mode: str = "full", max_new_tokens: in
     base = evaluate_gsm8k(model_dir, test_rows, backend="vllm", max_new_tokens=max_new_tokens)
     save_eval(base, out / "eval_base.json")
 
-    print(f"[demo] 3/4 training PACE ({mode}) under DeepSpeed, 2 ranks, {steps} steps "
-          f"(full log: {log})", flush=True)
-    cmd = train_command("deepspeed", REPO / "recipes" / "demo_gsm8k.yaml", [
-        f"output_dir={out}", f"model.name={model_dir}", f"data.train={train_file}", f"data.eval={test_file}",
-        f"data.eval_limit={limit}", f"train.max_steps={steps}", f"pace.mode={mode}"], nproc=2)
+    print(f"[demo] 3/4 training PACE ({mode}) under DeepSpeed, 2 ranks, {steps} steps (full log: {log})", flush=True)
+    cmd = train_command(
+        "deepspeed",
+        REPO / "recipes" / "demo_gsm8k.yaml",
+        [
+            f"output_dir={out}",
+            f"model.name={model_dir}",
+            f"data.train={train_file}",
+            f"data.eval={test_file}",
+            f"data.eval_limit={limit}",
+            f"train.max_steps={steps}",
+            f"pace.mode={mode}",
+        ],
+        nproc=2,
+    )
     if run_logged(cmd, log, launch_env(threads=1, **cpu_accelerator()), echo=True) != 0:
         print(f"[demo] training failed (log: {log})", file=sys.stderr)
         return 1
@@ -58,20 +74,28 @@ def run(limit: int = 50, steps: int = 24, mode: str = "full", max_new_tokens: in
     save_eval(tuned, out / "eval_pace.json")
 
     minutes = (time.time() - started) / 60
-    losses = [json.loads(line)["eval_loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-              if "eval_loss" in line]
+    losses = [
+        json.loads(line)["eval_loss"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if "eval_loss" in line
+    ]
     print(f"\n{'model':<28}{'accuracy':>10}{'strict':>10}{'#### N':>8}{'n':>6}{'held-out loss':>15}")
-    for name, r, loss in (("SmolLM2-135M-Instruct", base, losses[0]),
-                          (f"+ PACE-LoRA ({mode})", tuned, losses[-1])):
-        print(f"{name:<28}{r['accuracy']:>10.3f}{r['accuracy_strict']:>10.3f}{r['strict_format_rate']:>8.0%}"
-              f"{r['n']:>6}{loss:>15.4f}")
-    print("(#### N: completions that end with a GSM-8K style final answer; held-out loss: teacher-forced\n"
-          " answer-token loss on the same test problems. A 135M model solves ~1-2% of GSM-8K at best:\n"
-          " the demo shows the pipeline and what the fine-tune changes, not the paper's accuracy.)")
-    print(f"\ntraining curves: {out / 'training_curves.png'}\nmetrics: {out / 'metrics.jsonl'}\n"
-          f"adapter: {out / 'adapter'}\nmerged model: {out / 'merged'}\n"
-          f"evaluations: {out / 'eval_base.json'}, {out / 'eval_pace.json'} (+ .samples.jsonl)\n"
-          f"wall time: {minutes:.1f} min")
+    for name, r, loss in (("SmolLM2-135M-Instruct", base, losses[0]), (f"+ PACE-LoRA ({mode})", tuned, losses[-1])):
+        print(
+            f"{name:<28}{r['accuracy']:>10.3f}{r['accuracy_strict']:>10.3f}{r['strict_format_rate']:>8.0%}"
+            f"{r['n']:>6}{loss:>15.4f}"
+        )
+    print(
+        "(#### N: completions that end with a GSM-8K style final answer; held-out loss: teacher-forced\n"
+        " answer-token loss on the same test problems. A 135M model solves ~1-2% of GSM-8K at best:\n"
+        " the demo shows the pipeline and what the fine-tune changes, not the paper's accuracy.)"
+    )
+    print(
+        f"\ntraining curves: {out / 'training_curves.png'}\nmetrics: {out / 'metrics.jsonl'}\n"
+        f"adapter: {out / 'adapter'}\nmerged model: {out / 'merged'}\n"
+        f"evaluations: {out / 'eval_base.json'}, {out / 'eval_pace.json'} (+ .samples.jsonl)\n"
+        f"wall time: {minutes:.1f} min"
+    )
     return 0
 
 
@@ -79,11 +103,12 @@ def cpu_accelerator() -> dict:
     """DS_ACCELERATOR=cpu where torch sees no GPU: what DeepSpeed would pick anyway, but
     named, so it says so at INFO (into the log) instead of warning in every process."""
     import torch
+
     return {} if torch.cuda.is_available() or "DS_ACCELERATOR" in os.environ else {"DS_ACCELERATOR": "cpu"}
 
 
 def save_eval(result: dict, path: Path) -> None:
     from pace_llm.benchmarks.evaluation import write_results
+
     samples = result.pop("samples")
     write_results(path, result, samples)
-

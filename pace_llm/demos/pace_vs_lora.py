@@ -12,6 +12,7 @@ small, 2 DeepSpeed ranks spend more on start-up (a second process importing torc
 transformers and DeepSpeed) and on gradient all-reduces than they save, and 2 OpenMP
 threads in one process slow down badly (4-6x measured) whenever the other core is busy.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,9 @@ def _run(cmd: list[str], log: Path, launcher: str = "python") -> float:
     return time.time() - started
 
 
-def train_and_evaluate(recipe: Path, out: Path, overrides: list[str], eval_cmd: list[str],
-                       launcher: str = "python") -> dict:
+def train_and_evaluate(
+    recipe: Path, out: Path, overrides: list[str], eval_cmd: list[str], launcher: str = "python"
+) -> dict:
     """A fresh run of launch/train.py, then `python eval_cmd... --model OUT/merged --output OUT/eval.json`.
     Returns the eval JSON with train_seconds / eval_seconds added. Log: OUT.log."""
     shutil.rmtree(out, ignore_errors=True)
@@ -49,8 +51,9 @@ def train_and_evaluate(recipe: Path, out: Path, overrides: list[str], eval_cmd: 
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = train_command(launcher, recipe, [f"output_dir={out}", *overrides], nproc=2)
     train_seconds = _run(cmd, log, launcher)
-    eval_seconds = _run([sys.executable, *eval_cmd, "--model", str(out / "merged"),
-                         "--output", str(out / "eval.json")], log)
+    eval_seconds = _run(
+        [sys.executable, *eval_cmd, "--model", str(out / "merged"), "--output", str(out / "eval.json")], log
+    )
     result = json.loads((out / "eval.json").read_text())
     return {**result, "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1)}
 
@@ -58,14 +61,21 @@ def train_and_evaluate(recipe: Path, out: Path, overrides: list[str], eval_cmd: 
 def run_all(jobs: list[dict], workers: int, on_done=None) -> list[dict]:
     """jobs: dicts with the train_and_evaluate arguments plus any labels (seed, method);
     returns them with the results merged in, in the order given."""
+
     def one(job):
         labels = {k: v for k, v in job.items() if k not in ("recipe", "out", "overrides", "eval_cmd", "launcher")}
         print(f"[demo] training {labels} -> {job['out']}", flush=True)
-        result = {**labels, **train_and_evaluate(job["recipe"], job["out"], job["overrides"], job["eval_cmd"],
-                                                 job.get("launcher", "python")), "output_dir": str(job["out"])}
+        result = {
+            **labels,
+            **train_and_evaluate(
+                job["recipe"], job["out"], job["overrides"], job["eval_cmd"], job.get("launcher", "python")
+            ),
+            "output_dir": str(job["out"]),
+        }
         if on_done is not None:
             on_done(result)
         return result
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         return list(pool.map(one, jobs))
 
@@ -81,14 +91,32 @@ def add_common_args(parser, output_dir: str) -> None:
 
 def seed_jobs(args, recipe: Path, out: Path, overrides: dict, eval_cmd: list[str]) -> list[dict]:
     """One job per (seed, method); `overrides[seed]` comes before the method's and the user's."""
-    return [{"seed": seed, "method": method, "recipe": recipe, "out": out / f"{method.lower()}-s{seed}",
-             "overrides": [*overrides[seed], *extra, *args.overrides], "eval_cmd": eval_cmd,
-             "launcher": args.launcher}
-            for seed in args.seeds for method, extra in METHODS.items()]
+    return [
+        {
+            "seed": seed,
+            "method": method,
+            "recipe": recipe,
+            "out": out / f"{method.lower()}-s{seed}",
+            "overrides": [*overrides[seed], *extra, *args.overrides],
+            "eval_cmd": eval_cmd,
+            "launcher": args.launcher,
+        }
+        for seed in args.seeds
+        for method, extra in METHODS.items()
+    ]
 
 
-def run_and_report(jobs: list[dict], args, out: Path, metric: str, metric_label: str, nll_key: str,
-                   title: str, started: float, complete=None) -> list[dict]:
+def run_and_report(
+    jobs: list[dict],
+    args,
+    out: Path,
+    metric: str,
+    metric_label: str,
+    nll_key: str,
+    title: str,
+    started: float,
+    complete=None,
+) -> list[dict]:
     """Runs the jobs, saving and printing each result as it lands (`complete(result)` first
     adds derived fields), then prints the PACE vs LoRA table, mean NLL and wall time."""
     done: list[dict] = []
@@ -98,16 +126,21 @@ def run_and_report(jobs: list[dict], args, out: Path, metric: str, metric_label:
             complete(result)
         done.append(result)
         save(done, out / "results.json")
-        print(f"[demo] {result['method']} seed {result['seed']}: {metric_label} {result[metric]:.3f}, test NLL "
-              f"{result[nll_key]:.3f} (trained in {result['train_seconds']:.0f} s)", flush=True)
+        print(
+            f"[demo] {result['method']} seed {result['seed']}: {metric_label} {result[metric]:.3f}, test NLL "
+            f"{result[nll_key]:.3f} (trained in {result['train_seconds']:.0f} s)",
+            flush=True,
+        )
 
     results = run_all(jobs, args.jobs, finished)
     print()
     print(table(results, metric, title))
     nll = {m: sum(r[nll_key] for r in results if r["method"] == m) / len(args.seeds) for m in METHODS}
     print(f"mean test NLL: LoRA {nll['LoRA']:.3f}, PACE {nll['PACE']:.3f}")
-    print(f"overrides: {' '.join(args.overrides) or 'none'}; {args.jobs} run(s) side by side; "
-          f"results: {out / 'results.json'}; wall time {(time.time() - started) / 60:.1f} min")
+    print(
+        f"overrides: {' '.join(args.overrides) or 'none'}; {args.jobs} run(s) side by side; "
+        f"results: {out / 'results.json'}; wall time {(time.time() - started) / 60:.1f} min"
+    )
     return results
 
 
@@ -120,22 +153,30 @@ def table(results: list[dict], metric: str, title: str) -> str:
     """Per seed: LoRA, PACE, PACE − LoRA (x100) and training wall times; then mean ± std."""
     seeds = sorted({r["seed"] for r in results})
     get = {(r["seed"], r["method"]): r for r in results}
-    head = f"{'seed':>6} | {'LoRA':>11} | {'PACE':>11} | {'PACE - LoRA':>11} | {'LoRA train s':>12} | {'PACE train s':>12}"
+    head = (
+        f"{'seed':>6} | {'LoRA':>11} | {'PACE':>11} | {'PACE - LoRA':>11} | {'LoRA train s':>12} | {'PACE train s':>12}"
+    )
     lines = [title, head, "-" * len(head)]
     deltas = []
     for s in seeds:
         lora, pace = get[s, "LoRA"], get[s, "PACE"]
         deltas.append(100 * (pace[metric] - lora[metric]))
-        lines.append(f"{s:>6} | {100 * lora[metric]:>11.1f} | {100 * pace[metric]:>11.1f} | {deltas[-1]:>+11.1f} | "
-                     f"{lora['train_seconds']:>12.0f} | {pace['train_seconds']:>12.0f}")
+        lines.append(
+            f"{s:>6} | {100 * lora[metric]:>11.1f} | {100 * pace[metric]:>11.1f} | {deltas[-1]:>+11.1f} | "
+            f"{lora['train_seconds']:>12.0f} | {pace['train_seconds']:>12.0f}"
+        )
     lines.append("-" * len(head))
     (ml, sl), (mp, sp) = (mean_std([100 * get[s, m][metric] for s in seeds]) for m in ("LoRA", "PACE"))
     md, sd = mean_std(deltas)
     tl, tp = (sum(get[s, m]["train_seconds"] for s in seeds) / len(seeds) for m in ("LoRA", "PACE"))
-    lines.append(f"{'mean':>6} | {ml:>5.1f} ± {sl:<3.1f} | {mp:>5.1f} ± {sp:<3.1f} | {md:>+5.1f} ± {sd:<3.1f} | "
-                 f"{tl:>12.0f} | {tp:>12.0f}")
-    lines.append(f"PACE better on {sum(d > 0 for d in deltas)} of {len(seeds)} seeds, worse on "
-                 f"{sum(d < 0 for d in deltas)} (± is the standard deviation over seeds)")
+    lines.append(
+        f"{'mean':>6} | {ml:>5.1f} ± {sl:<3.1f} | {mp:>5.1f} ± {sp:<3.1f} | {md:>+5.1f} ± {sd:<3.1f} | "
+        f"{tl:>12.0f} | {tp:>12.0f}"
+    )
+    lines.append(
+        f"PACE better on {sum(d > 0 for d in deltas)} of {len(seeds)} seeds, worse on "
+        f"{sum(d < 0 for d in deltas)} (± is the standard deviation over seeds)"
+    )
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ all-MiniLM-L6-v2, on a CPU.
    says why runs are single-process, one thread each, two side by side).
 Outputs: outputs/demo-polarity/{lora,pace}-s{seed}/ (adapter, merged, metrics, eval.json), results.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ RECIPE = REPO / "recipes" / "demo_polarity.yaml"
 def prepare_data(folder: Path, seeds: list[int], train_size: int, test_size: int) -> tuple[Path, dict]:
     """test-n{size}.csv and train-n{size}-s{seed}.csv (balanced), from pace_llm.assets.polarity_csv()."""
     from pace_llm import assets
+
     with open(assets.polarity_csv(), encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh))  # shuffled once with a fixed seed by pace_llm.assets
     if not 0 < test_size < len(rows) or train_size // 2 > (len(rows) - test_size) // 2 - 100:
@@ -80,18 +82,49 @@ def run(args: argparse.Namespace) -> int:
     route_logs(out, "demo.log")  # library chatter to the file; the terminal shows [demo] lines
     print("[demo] preparing all-MiniLM-L6-v2 and the polarity sentences (.cache/)", flush=True)
     model_dir = assets.minilm_dir()
-    test_path, train_paths = prepare_data(assets.cache_dir() / "demo-polarity", args.seeds, args.train_size,
-                                          args.test_size)
-    eval_cmd = ["-m", "pace_llm.cli", "eval", "glue", "--task", "sst2", "--data", str(test_path),
-                "--batch-size", "64", "--max-length", "64", "--quiet", "--save-predictions"]
-    jobs = seed_jobs(args, RECIPE, out, {seed: [f"model.name={model_dir}", f"data.train={train_paths[seed]}",
-                                                f"train.seed={seed}"] for seed in args.seeds}, eval_cmd)
+    test_path, train_paths = prepare_data(
+        assets.cache_dir() / "demo-polarity", args.seeds, args.train_size, args.test_size
+    )
+    eval_cmd = [
+        "-m",
+        "pace_llm.cli",
+        "eval",
+        "glue",
+        "--task",
+        "sst2",
+        "--data",
+        str(test_path),
+        "--batch-size",
+        "64",
+        "--max-length",
+        "64",
+        "--quiet",
+        "--save-predictions",
+    ]
+    jobs = seed_jobs(
+        args,
+        RECIPE,
+        out,
+        {
+            seed: [f"model.name={model_dir}", f"data.train={train_paths[seed]}", f"train.seed={seed}"]
+            for seed in args.seeds
+        },
+        eval_cmd,
+    )
 
     def complete(result):
         result.update(accuracy=result["metrics"]["accuracy"], test_nll=test_nll(Path(result["output_dir"])))
 
-    run_and_report(jobs, args, out, "accuracy", "accuracy", "test_nll",
-                   f"all-MiniLM-L6-v2 + LoRA(query, value) + head, Pang & Lee polarity: "
-                   f"{args.train_size} training / {args.test_size} test sentences, accuracy x100", started, complete)
+    run_and_report(
+        jobs,
+        args,
+        out,
+        "accuracy",
+        "accuracy",
+        "test_nll",
+        f"all-MiniLM-L6-v2 + LoRA(query, value) + head, Pang & Lee polarity: "
+        f"{args.train_size} training / {args.test_size} test sentences, accuracy x100",
+        started,
+        complete,
+    )
     return 0
-

@@ -11,6 +11,7 @@ checkpoint and `latest` untouched. `before_commit(step)`, when given, runs on ev
 after the files are written and before the rename: the crash-safety test kills the
 process there.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,17 +35,21 @@ log = logging.getLogger("pace_llm.deepspeed")
 def build_config(recipe, world: int) -> dict:
     """The DeepSpeed config from the recipe, or the recipe's JSON with batch sizes filled in."""
     t, d = recipe.train, recipe.deepspeed
-    batch = {"train_micro_batch_size_per_gpu": t.micro_batch_size,
-             "gradient_accumulation_steps": t.gradient_accumulation,
-             "train_batch_size": t.micro_batch_size * t.gradient_accumulation * world}
+    batch = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation * world,
+    }
     if d.config:
         config = json.loads(Path(d.config).read_text())
         for key, value in batch.items():
             if config.get(key, "auto") == "auto":
                 config[key] = value
             elif config[key] != value:
-                raise RecipeError(f"deepspeed.config {d.config}: {key}={config[key]} but the recipe and world size "
-                                 f"({world}) give {value}")
+                raise RecipeError(
+                    f"deepspeed.config {d.config}: {key}={config[key]} but the recipe and world size "
+                    f"({world}) give {value}"
+                )
         return config
     zero: dict = {"stage": d.zero_stage}
     if d.offload_optimizer:
@@ -56,9 +61,15 @@ def build_config(recipe, world: int) -> dict:
     if d.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     dtype = recipe.model.dtype
-    return {**batch, "gradient_clipping": t.grad_clip, "steps_per_print": 10**9,
-            "zero_optimization": zero, "zero_allow_untested_optimizer": True,
-            "bf16": {"enabled": dtype == "bf16"}, "fp16": {"enabled": dtype == "fp16"}}
+    return {
+        **batch,
+        "gradient_clipping": t.grad_clip,
+        "steps_per_print": 10**9,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16"},
+    }
 
 
 def is_zero3(config: dict) -> bool:
@@ -71,26 +82,29 @@ def zero3_context(config: dict):
     if not is_zero3(config):
         return None
     from transformers.integrations import HfDeepSpeedConfig
+
     return HfDeepSpeedConfig(config)
 
 
 def unset_zero3() -> None:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
     unset_hf_deepspeed_config()
 
 
 def initialize(model, config: dict, recipe, lr_lambda):
     import deepspeed
+
     params = [p for p in model.parameters() if p.requires_grad]
     t = recipe.train
     if recipe.deepspeed.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
+
         optimizer = DeepSpeedCPUAdam(params, lr=t.lr, weight_decay=t.weight_decay)
     else:
         optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine
 
 
@@ -102,6 +116,7 @@ def grad_norm(engine) -> float | None:
 def _gathered(params, engine):
     if engine.zero_optimization_stage() == 3:
         import deepspeed
+
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
 
@@ -109,6 +124,7 @@ def _gathered(params, engine):
 def save_adapter(engine, path: Path) -> None:
     """The adapter, gathered from all ranks under ZeRO-3 (never an empty file)."""
     from pace_llm.export import save_adapter as save
+
     model = engine.module
     params = [p for p in model.parameters() if p.requires_grad]
     with _gathered(params, engine):
@@ -144,8 +160,15 @@ def saved_recipe(out: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if tag and path.exists() else None
 
 
-def save_checkpoint(engine, out: Path, state: dict, cache, keep: int, recipe: dict,
-                    before_commit: Optional[Callable[[int], None]] = None) -> None:
+def save_checkpoint(
+    engine,
+    out: Path,
+    state: dict,
+    cache,
+    keep: int,
+    recipe: dict,
+    before_commit: Optional[Callable[[int], None]] = None,
+) -> None:
     root = out / "checkpoints"
     tag = f"step-{state['step']:08d}"
     tmp = root / f"{tag}.tmp"
@@ -154,8 +177,9 @@ def save_checkpoint(engine, out: Path, state: dict, cache, keep: int, recipe: di
         shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"pace_state": state},
-                           save_latest=False, exclude_frozen_parameters=True)
+    engine.save_checkpoint(
+        str(root), tag=tmp.name, client_state={"pace_state": state}, save_latest=False, exclude_frozen_parameters=True
+    )
     extra = {"rng": _rng_state(), "cache": cache.state_dict() if cache is not None else None}
     torch.save(extra, tmp / f"pace_rank{rank}.pt")
     if rank == 0:
@@ -169,8 +193,9 @@ def save_checkpoint(engine, out: Path, state: dict, cache, keep: int, recipe: di
         tmp.rename(final)
         (root / "latest.tmp").write_text(tag)
         os.replace(root / "latest.tmp", root / "latest")
-        tags = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
-                      and not p.name.endswith(".tmp"))
+        tags = sorted(
+            p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
+        )
         for old in tags[:-keep] if keep > 0 else []:
             shutil.rmtree(root / old, ignore_errors=True)
         log.info("checkpoint %s", final)
@@ -183,8 +208,9 @@ def load_checkpoint(engine, out: Path, cache) -> dict | None:
     if tag is None:
         log.info("resume: no checkpoint in %s, starting from scratch", root)
         return None
-    _, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False,
-                                       load_optimizer_states=True, load_lr_scheduler_states=True)
+    _, client = engine.load_checkpoint(
+        str(root), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if client is None:
         raise RuntimeError(f"could not load checkpoint {root / tag}")
     rank, files = dist.get_rank(), sorted((root / tag).glob("pace_rank*.pt"))
@@ -196,8 +222,6 @@ def load_checkpoint(engine, out: Path, cache) -> dict | None:
     _set_rng_state(extra["rng"])
     log.info("resumed from %s at step %d", root / tag, client["pace_state"]["step"])
     return client["pace_state"]
-
-
 
 
 def stage0_grad_norm(engine) -> float | None:

@@ -9,6 +9,7 @@ are decided in one place.
 Paths assume the checkout this package was installed from (`pip install -e .`, as
 scripts/setup.sh does): launch/, recipes/ and .cache/ sit beside pace_llm/.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -60,9 +61,16 @@ def _tool(name: str) -> str:
     return str(path) if path.exists() else name
 
 
-def script_command(launcher: str, script: str | os.PathLike, args: Iterable[str] = (), nproc: int = 2,
-                   nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
-                   master_port: Optional[int] = None) -> list[str]:
+def script_command(
+    launcher: str,
+    script: str | os.PathLike,
+    args: Iterable[str] = (),
+    nproc: int = 2,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: Optional[int] = None,
+) -> list[str]:
     """argv that runs `script args` as one process (python; nproc is not used), as nproc
     local ranks (deepspeed, one node) or as nproc ranks on each of nnodes nodes (torchrun,
     rendezvous at master_addr). master_port defaults to a free local port."""
@@ -76,13 +84,25 @@ def script_command(launcher: str, script: str | os.PathLike, args: Iterable[str]
         if nnodes != 1:
             raise ValueError("several nodes: use torchrun (deepspeed would need a hostfile)")
         return [_tool("deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port), *tail]
-    return [_tool("torchrun"), f"--nnodes={nnodes}", f"--nproc_per_node={nproc}", f"--node_rank={node_rank}",
-            f"--master_addr={master_addr}", f"--master_port={port}", f"--signals-to-handle={TORCHRUN_SIGNALS}",
-            *tail]
+    return [
+        _tool("torchrun"),
+        f"--nnodes={nnodes}",
+        f"--nproc_per_node={nproc}",
+        f"--node_rank={node_rank}",
+        f"--master_addr={master_addr}",
+        f"--master_port={port}",
+        f"--signals-to-handle={TORCHRUN_SIGNALS}",
+        *tail,
+    ]
 
 
-def train_command(launcher: str, recipe: str | os.PathLike, overrides: Iterable[str] = (),
-                  script: str | os.PathLike = TRAIN_SCRIPT, **placement) -> list[str]:
+def train_command(
+    launcher: str,
+    recipe: str | os.PathLike,
+    overrides: Iterable[str] = (),
+    script: str | os.PathLike = TRAIN_SCRIPT,
+    **placement,
+) -> list[str]:
     """argv for `launch/train.py RECIPE overrides...` under `launcher`; `placement` as
     script_command's (nproc, nnodes, node_rank, master_addr, master_port)."""
     return script_command(launcher, script, [str(recipe), *overrides], **placement)

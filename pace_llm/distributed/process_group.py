@@ -4,6 +4,7 @@ torchrun, deepspeed and Slurm launches set RANK / WORLD_SIZE / MASTER_ADDR; a pl
 `python launch/train.py` becomes a one-process group on a free local port. DeepSpeed
 initialises the group (NCCL on GPUs, gloo on CPU).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,13 @@ from pace_llm.distributed.launcher import free_port
 def init_distributed() -> tuple[int, int]:
     """(rank, world size); one local process when no launcher set RANK."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
+        )
     deepspeed = import_deepspeed()
     if not torch.cuda.is_available():
         skip_deepspeed_shm_allreduce()
@@ -31,10 +37,12 @@ def init_distributed() -> tuple[int, int]:
 def import_deepspeed():
     """`import deepspeed`, without the mlflow import its autotuner makes when mlflow is
     installed (our `trackers` extra): a large share of its import time, in every process of
-    every run, for autotuning logs we never use (BENCHMARKS.md, start-up costs). A None entry in sys.modules makes that `import mlflow` fail
-    (the autotuner then runs without it); removed right after, so mlflow imports normally later."""
+    every run, for autotuning logs we never use (BENCHMARKS.md, start-up costs). A None entry
+    in sys.modules makes that `import mlflow` fail (the autotuner then runs without it);
+    removed right after, so mlflow imports normally later."""
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         import deepspeed
+
         return deepspeed
     sys.modules["mlflow"] = None
     try:

@@ -5,6 +5,7 @@ Reads SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_JOB_ID and the GPUs per node (SLUR
 SLURM_GPUS_PER_NODE or PACE_GPUS_PER_NODE). torchrun forwards SIGUSR1 (sent by
 `#SBATCH --signal=USR1@...`) to the trainers, which checkpoint and exit.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ from pace_llm.distributed.launcher import TRAIN_SCRIPT, train_command
 def expand_nodelist(nodelist: str) -> list[str]:
     """`gpu[01-02,05],login1` -> gpu01 gpu02 gpu05 login1 (as `scontrol show hostnames`)."""
     if shutil.which("scontrol"):
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True, text=True
+        ).stdout
         return out.split()
     hosts = []
     for prefix, ranges, plain in re.findall(r"([^,\[]+)\[([^\]]+)\]|([^,\[\]]+)", nodelist):
@@ -51,14 +53,25 @@ def node_commands(env, recipe_args: list[str], script: str | os.PathLike = TRAIN
     nnodes = int(env.get("SLURM_NNODES", len(hosts)))
     port = 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000
     gpus = gpus_per_node(env)
-    return [train_command("torchrun", recipe_args[0], [*recipe_args[1:], "resume=true"],
-                          script=script, nproc=gpus, nnodes=nnodes, node_rank=rank,
-                          master_addr=hosts[0], master_port=port)
-            for rank in range(nnodes)]
+    return [
+        train_command(
+            "torchrun",
+            recipe_args[0],
+            [*recipe_args[1:], "resume=true"],
+            script=script,
+            nproc=gpus,
+            nnodes=nnodes,
+            node_rank=rank,
+            master_addr=hosts[0],
+            master_port=port,
+        )
+        for rank in range(nnodes)
+    ]
 
 
 def run_status(recipe_args: list[str]) -> str:
     """done | stopped | none: what the recipe's run last wrote to run_status.json."""
     from pace_llm.config import load_recipe
+
     status = Path(load_recipe(recipe_args[0], recipe_args[1:]).output_dir) / "run_status.json"
     return json.loads(status.read_text())["status"] if status.exists() else "none"

@@ -9,6 +9,7 @@
                     without prefetching (BENCHMARKS.md, ZeRO-3).
 DeepSpeed itself is imported only when a partitioned parameter is met.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,6 +22,7 @@ def gather(params: list):
     if not partitioned:
         return contextlib.nullcontext()
     import deepspeed
+
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 

@@ -6,6 +6,7 @@
 their parent takes (as keywords) plus `pace=PaceArguments(...)`, the recipe's `pace`
 section. PaceSFTTrainer is imported on first use, so PaceTrainer needs no trl.
 """
+
 from pace_llm.integrations.arguments import PaceArguments
 from pace_llm.integrations.trainer import PaceTrainer, cpu_distributed_state
 
@@ -15,5 +16,6 @@ __all__ = ["PaceArguments", "PaceTrainer", "PaceSFTTrainer", "cpu_distributed_st
 def __getattr__(name):
     if name == "PaceSFTTrainer":
         from pace_llm.integrations.sft import PaceSFTTrainer
+
         return PaceSFTTrainer
     raise AttributeError(name)

@@ -9,6 +9,7 @@ cannot read `target_modules: Optional[Union[str, list[str]]]` (one type per argu
 here it is a list of module-name suffixes, and a single "all-linear" becomes that string.
 A regex (a str) can still be passed from Python.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,9 +20,12 @@ from pace_llm.core.pace_config import PaceConfig
 
 @dataclasses.dataclass
 class PaceArguments(PaceConfig):
-    target_modules: Optional[list[str]] = dataclasses.field(default=None, metadata={
-        "help": "module-name suffixes to adapt (q_proj v_proj), or all-linear; none: the "
-                "architecture's default"})
+    target_modules: Optional[list[str]] = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "module-name suffixes to adapt (q_proj v_proj), or all-linear; none: the architecture's default"
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.target_modules, list) and self.target_modules == ["all-linear"]:

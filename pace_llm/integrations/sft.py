@@ -20,6 +20,7 @@ and PACE_fast keys its cache by sample (trainer.first_sample_keys). Two conseque
     so there a row is PACE's sample (noise per row, as TRL's model sees it).
 Evaluation is TRL's own forward, in eval mode: no noise.
 """
+
 from __future__ import annotations
 
 from typing import Optional

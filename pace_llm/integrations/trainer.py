@@ -31,6 +31,7 @@ through its own hooks and needs nothing.
 CPU: with DeepSpeed, create accelerate's state with the gloo backend before the
 Trainer (`cpu_distributed_state()`), else DeepSpeed miscounts the processes.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,12 +49,12 @@ from torch.utils.data import Dataset
 
 from pace_llm.core.adapters import add_lora_noise, apply_pace, merge_pace
 from pace_llm.core.cache import OutputCache, ShardedEpochSampler, build_output_cache
-from pace_llm.distributed.process_group import skip_deepspeed_shm_allreduce
-from pace_llm.export import PACE_CONFIG
 from pace_llm.core.objectives import PaceObjective
+from pace_llm.core.outputs import TokenOutputs, outputs_for_model
 from pace_llm.core.pace_config import PaceConfig
 from pace_llm.core.packing import from_position_ids, is_packed
-from pace_llm.core.outputs import TokenOutputs, outputs_for_model
+from pace_llm.distributed.process_group import skip_deepspeed_shm_allreduce
+from pace_llm.export import PACE_CONFIG
 from pace_llm.integrations.arguments import PaceArguments
 
 log = logging.getLogger("pace_llm.integrations")
@@ -67,6 +68,7 @@ def cpu_distributed_state():
     (process_group.skip_deepspeed_shm_allreduce)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         from accelerate import PartialState
+
         skip_deepspeed_shm_allreduce()
         return PartialState(backend="gloo")
     return None
@@ -136,8 +138,12 @@ class PaceMixin:
         self.pace = pace if pace is not None else PaceArguments()
         if not isinstance(self.pace, PaceConfig):
             raise TypeError(f"pace= takes a PaceArguments / PaceConfig, got {type(self.pace).__name__}")
-        if isinstance(model, torch.nn.Module) and not _is_peft(model) and kwargs.get("peft_config") is None \
-                and not hasattr(model, "pace_config"):
+        if (
+            isinstance(model, torch.nn.Module)
+            and not _is_peft(model)
+            and kwargs.get("peft_config") is None
+            and not hasattr(model, "pace_config")
+        ):
             model = apply_pace(model, self.pace)
         parent_init(model=model, args=args, **kwargs)
         if not hasattr(self.model, "pace_config"):  # a LoRA someone else built, or a model id TRL loaded
@@ -160,8 +166,9 @@ class PaceMixin:
 
     # --- data ----------------------------------------------------------------------------
     def _shard(self) -> ShardedEpochSampler:
-        return ShardedEpochSampler(len(self.train_dataset), self.args.process_index, self.args.world_size,
-                                   seed=self.args.seed)
+        return ShardedEpochSampler(
+            len(self.train_dataset), self.args.process_index, self.args.world_size, seed=self.args.seed
+        )
 
     def _samples(self, i: int, example: dict):
         """(cache key, labels) of each sample in dataset item i: the item, or each sample of a row
@@ -180,9 +187,15 @@ class PaceMixin:
                 example = self.train_dataset[i]
                 for key, labels in self._samples(i, example):
                     yield key, {**example, "labels": labels}
-        return build_output_cache(self._pace_outputs, samples(), self.model, self.args.process_index,
-                                  self.pace.cache_memory_gb,
-                                  disk_dir=self.args.output_dir if os.path.isdir(self.args.output_dir) else None)
+
+        return build_output_cache(
+            self._pace_outputs,
+            samples(),
+            self.model,
+            self.args.process_index,
+            self.pace.cache_memory_gb,
+            disk_dir=self.args.output_dir if os.path.isdir(self.args.output_dir) else None,
+        )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -226,8 +239,11 @@ class PaceMixin:
         # paired dropout and per-sample noise of packed rows, through the (checkpointed) backward
         with self.pace_objective.scope(self.state.global_step, inputs):
             loss = super().training_step(model, inputs, num_items_in_batch)
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel) and self.accelerator.sync_gradients \
-                and isinstance(self._pace_outputs, TokenOutputs):
+        if (
+            isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            and self.accelerator.sync_gradients
+            and isinstance(self._pace_outputs, TokenOutputs)
+        ):
             self._average_gradients()
         return loss
 
@@ -238,7 +254,7 @@ class PaceMixin:
         flat /= dist.get_world_size()
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -265,8 +281,9 @@ class PaceMixin:
         if self.pace_cache is not None:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            torch.save(self.pace_cache.state_dict(),
-                       os.path.join(folder, CACHE_FILE.format(rank=self.args.process_index)))
+            torch.save(
+                self.pace_cache.state_dict(), os.path.join(folder, CACHE_FILE.format(rank=self.args.process_index))
+            )
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is True:
@@ -283,8 +300,10 @@ class PaceMixin:
         """Every rank reads every saved shard and keeps its own samples (any world size)."""
         files = sorted(glob.glob(os.path.join(checkpoint, CACHE_FILE.format(rank="*"))))
         if not files:
-            raise FileNotFoundError(f"{checkpoint} holds no PACE_fast cache ({CACHE_FILE.format(rank='*')}): "
-                                    "was it written by a PaceTrainer in mode fast?")
+            raise FileNotFoundError(
+                f"{checkpoint} holds no PACE_fast cache ({CACHE_FILE.format(rank='*')}): "
+                "was it written by a PaceTrainer in mode fast?"
+            )
         copied = sum(self.pace_cache.load_state_dict(torch.load(f, weights_only=True)) for f in files)
         log.info("PACE_fast cache: %d entries restored from %s", copied, checkpoint)
 
@@ -297,10 +316,14 @@ class PaceMixin:
     def merge_pace(self):
         """The trained model with its adapters merged (fp32 merge, cast back): a plain
         transformers model. Modifies the trainer's model: call it after training and saving."""
-        if getattr(self.accelerator.state, "deepspeed_plugin", None) is not None \
-                and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise RuntimeError("merge_pace under ZeRO-3: save_model, then merge from the saved adapter "
-                               "(pace_llm.export.load_adapter + merge_pace) on an unpartitioned base")
+        if (
+            getattr(self.accelerator.state, "deepspeed_plugin", None) is not None
+            and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        ):
+            raise RuntimeError(
+                "merge_pace under ZeRO-3: save_model, then merge from the saved adapter "
+                "(pace_llm.export.load_adapter + merge_pace) on an unpartitioned base"
+            )
         return merge_pace(self.accelerator.unwrap_model(self.model))
 
     def close_pace(self) -> None:

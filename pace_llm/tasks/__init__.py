@@ -1,5 +1,6 @@
 """Task kinds, by the recipe's `model.task`. Adding one: a module with a `Task` subclass
 (tasks/base.py says what it defines), a line below, and a recipe; see CONTRIBUTING.md."""
+
 from __future__ import annotations
 
 from pace_llm.tasks.base import Task

@@ -6,6 +6,7 @@ pace_llm/core/outputs.py). The trainer, the objectives and the cache only call t
 and the recipe checks (config.validate) read its capability flags, so a new task is one
 module with a subclass, a line in tasks/__init__.py and a recipe.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,9 +23,9 @@ from pace_llm.models import load_base
 
 class Task:
     name: ClassVar[str]
-    auto_class: ClassVar[type]           # e.g. transformers.AutoModelForCausalLM
+    auto_class: ClassVar[type]  # e.g. transformers.AutoModelForCausalLM
     # capabilities, read by the trainer and the recipe checks instead of tests of the kind's name
-    uses_tokenizer: ClassVar[bool] = True     # False: the model takes no text (no tokenizer is loaded)
+    uses_tokenizer: ClassVar[bool] = True  # False: the model takes no text (no tokenizer is loaded)
     supports_packing: ClassVar[bool] = False  # data.packing may be set (collate packs samples into rows)
     needs_num_labels: ClassVar[bool] = False  # model.num_labels is required (a classification head)
 
@@ -76,8 +77,9 @@ class Task:
         examples = load_examples(source.path, source.split, data.hub_config, source.limit, seed=self.seed)
         n_examples = len(examples)
         if sample is not None:
-            examples = examples.select(sample_indices(examples, sample, self.seed, self.sample_field(data),
-                                                      source.path))
+            examples = examples.select(
+                sample_indices(examples, sample, self.seed, self.sample_field(data), source.path)
+            )
         return self.encode(examples, source.path, data), n_examples
 
     def load_mixture(self, which: str) -> datasets.Dataset | None:
@@ -102,7 +104,7 @@ class Task:
                 part = samples.select(picked) if len(picked) < len(samples) else samples
                 if offset or c:
                     shift = offset + c * n_examples
-                    part = part.map(lambda s: {"sample_id": s["sample_id"] + shift}, desc="sample ids")
+                    part = part.map(lambda s: {"sample_id": s["sample_id"] + shift}, desc="sample ids")  # noqa: B023 (runs now)
                 parts.append(part)
             self.sources_by_id.append((offset, offset + len(copies) * n_examples, source.path))
             offset += math.ceil(source.weight) * n_examples
@@ -116,13 +118,14 @@ class Task:
         self.sources_by_id = []
         train = self.load_mixture("train")
         if len(train) == 0:
-            raise DataError(f"no training samples left in {self.data.train} (all answers truncated by "
-                            f"data.max_length={self.data.max_length}?)")
+            raise DataError(
+                f"no training samples left in {self.data.train} (all answers truncated by "
+                f"data.max_length={self.data.max_length}?)"
+            )
         return train, self.load_mixture("eval")
 
 
-def sample_indices(examples: datasets.Dataset, n: int, seed: int, by: str | None = None,
-                   source: str = "") -> list[int]:
+def sample_indices(examples: datasets.Dataset, n: int, seed: int, by: str | None = None, source: str = "") -> list[int]:
     """`n` example indices drawn without replacement with `seed` (sorted); with `by`, n / k
     examples from each of the k values of that column (a class-balanced few-shot set)."""
     rng = np.random.default_rng(seed)
@@ -135,8 +138,10 @@ def sample_indices(examples: datasets.Dataset, n: int, seed: int, by: str | None
     classes = np.unique(labels)
     per, left = divmod(n, len(classes))
     if left:
-        raise DataError(f"data.sample={n} does not split evenly over the {len(classes)} classes of "
-                        f"{by!r} in {source}: use a multiple of {len(classes)}")
+        raise DataError(
+            f"data.sample={n} does not split evenly over the {len(classes)} classes of "
+            f"{by!r} in {source}: use a multiple of {len(classes)}"
+        )
     picked = []
     for c in classes:
         of_class = np.flatnonzero(labels == c)
@@ -149,8 +154,9 @@ def sample_indices(examples: datasets.Dataset, n: int, seed: int, by: str | None
 def require_fields(examples: datasets.Dataset, fields, source: str) -> None:
     missing = [f for f in fields if f not in examples.column_names]
     if missing:
-        raise DataError(f"field {missing[0]!r} is missing from the data {source} "
-                        f"(it has: {', '.join(examples.column_names)})")
+        raise DataError(
+            f"field {missing[0]!r} is missing from the data {source} (it has: {', '.join(examples.column_names)})"
+        )
 
 
 def encoded_columns(examples: datasets.Dataset) -> list[str]:
@@ -166,5 +172,4 @@ def pad_tokens(samples: list[dict], pad_id: int) -> dict:
     for i, s in enumerate(samples):
         ids[i, : len(s["input_ids"])] = torch.tensor(s["input_ids"])
         mask[i, : len(s["input_ids"])] = 1
-    return {"sample_id": torch.tensor([s["sample_id"] for s in samples]), "input_ids": ids,
-            "attention_mask": mask}
+    return {"sample_id": torch.tensor([s["sample_id"] for s in samples]), "input_ids": ids, "attention_mask": mask}

@@ -2,6 +2,7 @@
 of tasks/data_formats.py); the loss and PACE's consistency cover the supervised tokens
 only (TokenOutputs): by default every assistant turn with its end-of-turn token. With
 `data.packing` a micro-batch's samples are packed into rows (pace_llm/core/packing.py)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,15 +12,16 @@ import datasets
 import torch
 import transformers
 
-from pace_llm.data import DataError
-from pace_llm.core.packing import is_packed, pack
 from pace_llm.core.outputs import TokenOutputs
+from pace_llm.core.packing import is_packed, pack
+from pace_llm.data import DataError
 from pace_llm.tasks.base import Task, pad_tokens
 from pace_llm.tasks.data_formats import Conversation, PromptAnswer, choose_format, encode_examples
 
 
-def tokenize_sft(examples: datasets.Dataset, tokenizer, prompt_template: str, answer_field: str,
-                 max_length: int, source: str = "") -> datasets.Dataset:
+def tokenize_sft(
+    examples: datasets.Dataset, tokenizer, prompt_template: str, answer_field: str, max_length: int, source: str = ""
+) -> datasets.Dataset:
     """input_ids = prompt + answer; labels = -100 on the prompt (loss on the answer only)."""
     data = SimpleNamespace(prompt_template=prompt_template, answer_field=answer_field)
     return encode_examples(examples, PromptAnswer(data, tokenizer), max_length, source)[0]
@@ -52,10 +54,13 @@ class CausalLMTask(Task):
         d = data or self.data
         fmt = choose_format(d, examples.column_names, source)
         if issubclass(fmt, Conversation) and not getattr(self.tokenizer, "chat_template", None):
-            raise DataError(f"data {source}: format {fmt.name} needs a chat template, and the tokenizer of "
-                            f"{self.model_section.name} has none: set data.chat_template to a Jinja file")
-        samples, self.encode_stats[source] = encode_examples(examples, fmt(d, self.tokenizer), d.max_length,
-                                                             source, skip_invalid=d.skip_invalid)
+            raise DataError(
+                f"data {source}: format {fmt.name} needs a chat template, and the tokenizer of "
+                f"{self.model_section.name} has none: set data.chat_template to a Jinja file"
+            )
+        samples, self.encode_stats[source] = encode_examples(
+            examples, fmt(d, self.tokenizer), d.max_length, source, skip_invalid=d.skip_invalid
+        )
         return samples
 
     def collate(self, samples, train=False):

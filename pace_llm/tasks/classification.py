@@ -1,6 +1,7 @@
 """Sequence classification (GLUE-style): one text or a pair (`data.text_fields`) and a
 label (`data.label_field`); PACE regularises the head's logits (SampleOutputs). A
 one-output head (`model.num_labels: 1`) is regression with an MSE loss (STS-B)."""
+
 from __future__ import annotations
 
 import datasets
@@ -11,8 +12,9 @@ from pace_llm.core.outputs import SampleOutputs
 from pace_llm.tasks.base import Task, encoded_columns, pad_tokens, require_fields
 
 
-def tokenize_classification(examples: datasets.Dataset, tokenizer, text_fields: list[str], label_field: str,
-                            max_length: int, source: str = "") -> datasets.Dataset:
+def tokenize_classification(
+    examples: datasets.Dataset, tokenizer, text_fields: list[str], label_field: str, max_length: int, source: str = ""
+) -> datasets.Dataset:
     require_fields(examples, list(text_fields) + [label_field], source)
 
     def encode(batch):

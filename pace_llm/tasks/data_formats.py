@@ -19,6 +19,7 @@ turn is its content up to and including the first special token after it (its en
 token: `<|end|>`, `<|im_end|>`, `<|eot_id|>`, eos), so the model learns to stop; what the
 template writes after that (a newline) belongs to the next turn.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,6 +59,7 @@ class Format:
 
     A subclass sets `name` and defines `columns` and `segments`; the others have defaults
     (a conversation format subclasses `Conversation` instead, which defines `segments`)."""
+
     name: ClassVar[str]
 
     def __init__(self, data, tokenizer):
@@ -72,8 +74,7 @@ class Format:
     def segments(self, example: dict) -> Segments:
         """One raw example -> its text as (text, supervised) pieces; an ExampleError for an
         example it cannot read."""
-        raise NotImplementedError(f"{type(self).__name__}.segments(example): the example's (text, supervised) "
-                                  "pieces")
+        raise NotImplementedError(f"{type(self).__name__}.segments(example): the example's (text, supervised) pieces")
 
     def fields(self) -> list[str]:
         """Columns every example must have (checked once, by name, before encoding)."""
@@ -93,6 +94,7 @@ class Format:
 class PromptAnswer(Format):
     """One user turn from a template, one answer. Without a chat template: plain prompt
     (with the tokenizer's bos) and answer + eos, as generation.encode_prompts sees it."""
+
     name = "prompt_answer"
 
     @classmethod
@@ -109,11 +111,13 @@ class PromptAnswer(Format):
         if not getattr(self.tokenizer, "chat_template", None):
             return [(prompt, False), (answer + (self.tokenizer.eos_token or ""), True)]
         full = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False)
+            [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], tokenize=False
+        )
         if not full.startswith(prompt):
-            raise DataError("the chat template's prompt is not a prefix of prompt+answer; "
-                            "cannot mask the prompt tokens")
-        return [(prompt, False), (full[len(prompt):], True)]
+            raise DataError(
+                "the chat template's prompt is not a prefix of prompt+answer; cannot mask the prompt tokens"
+            )
+        return [(prompt, False), (full[len(prompt) :], True)]
 
     def first_special_tokens(self) -> bool:
         return not getattr(self.tokenizer, "chat_template", None)
@@ -121,6 +125,7 @@ class PromptAnswer(Format):
 
 class Conversation(Format):
     """A format whose examples are conversations: `messages(example)` -> [{role, content}]."""
+
     ROLES: ClassVar[dict[str, str]] = {"system": "system", "user": "user", "assistant": "assistant"}
 
     field_key: ClassVar[str]  # the data-section key naming the column of turns
@@ -145,8 +150,10 @@ class Conversation(Format):
                 raise ExampleError(f"{where}[{i}].{role_key}", "is missing")
             role = turn[role_key]
             if role not in self.ROLES:
-                raise ExampleError(f"{where}[{i}].{role_key}", f"has an unknown role {role!r} "
-                               f"(expected one of {', '.join(self.ROLES)})")
+                raise ExampleError(
+                    f"{where}[{i}].{role_key}",
+                    f"has an unknown role {role!r} (expected one of {', '.join(self.ROLES)})",
+                )
             if content_key not in turn:
                 raise ExampleError(f"{where}[{i}].{content_key}", "is missing")
             out.append({"role": self.ROLES[role], "content": _text(turn[content_key], f"{where}[{i}].{content_key}")})
@@ -186,8 +193,10 @@ class Alpaca(Conversation):
         extra = example.get(d.input_field)
         if extra is not None:
             extra = _text(extra, d.input_field)
-        messages = [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user},
-                    {"role": "assistant", "content": _text(example[d.output_field], d.output_field)}]
+        messages = [
+            {"role": "user", "content": f"{user}\n\n{extra}" if extra else user},
+            {"role": "assistant", "content": _text(example[d.output_field], d.output_field)},
+        ]
         system = example.get(d.system_field)
         if system is not None:
             messages.insert(0, {"role": "system", "content": _text(system, d.system_field)})
@@ -208,8 +217,9 @@ def choose_format(data, columns: list[str], source: str) -> type[Format]:
 # --- assistant spans by incremental rendering ---------------------------------------------
 def _special_tokens(tokenizer) -> list[str]:
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    return sorted({*tokenizer.all_special_tokens, *(t.content for t in added.values() if t.special)},
-                  key=len, reverse=True)
+    return sorted(
+        {*tokenizer.all_special_tokens, *(t.content for t in added.values() if t.special)}, key=len, reverse=True
+    )
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -222,6 +232,7 @@ def _common_prefix(a: str, b: str) -> int:
 
 def conversation_segments(tokenizer, messages: list[dict], train_on: str) -> Segments:
     """The rendered conversation as (text, supervised) pieces, by `train_on`."""
+
     def render(msgs, prompt):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
 
@@ -235,19 +246,22 @@ def conversation_segments(tokenizer, messages: list[dict], train_on: str) -> Seg
     for k in trained:
         before = render(messages[:k], True) if k else ""
         if not full.startswith(before) or len(before) < pos:
-            raise ExampleError(f"turn {k}", "cannot be masked: the chat template's render of the conversation "
-                           "before it (with the generation prompt) is not a prefix of the whole conversation")
+            raise ExampleError(
+                f"turn {k}",
+                "cannot be masked: the chat template's render of the conversation "
+                "before it (with the generation prompt) is not a prefix of the whole conversation",
+            )
         # The turn ends where the render up to it stops agreeing with the whole: templates
         # such as Phi-3's append eos to a conversation's last message.
-        end = _common_prefix(render(messages[:k + 1], False), full)
-        turn = full[len(before):end]
+        end = _common_prefix(render(messages[: k + 1], False), full)
+        turn = full[len(before) : end]
         content = messages[k]["content"].strip()
         after = turn.find(content) + len(content) if content and content in turn else 0
         stops = [turn.find(s, after) + len(s) for s in specials if turn.find(s, after) >= 0]
         cut = min(stops) if stops else len(turn)
         if not turn[:cut].strip():
             raise ExampleError(f"turn {k}", "cannot be masked: the chat template renders it empty")
-        pieces += [(full[pos:len(before)], False), (turn[:cut], True)]
+        pieces += [(full[pos : len(before)], False), (turn[:cut], True)]
         pos = len(before) + cut
     return pieces + [(full[pos:], False)]
 
@@ -258,30 +272,36 @@ class EncodeStats:
     examples: int = 0
     samples: int = 0
     truncated: int = 0
-    dropped: int = 0            # no supervised token left after truncation
+    dropped: int = 0  # no supervised token left after truncation
     supervised_tokens: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> examples
     first_skipped: list = field(default_factory=list)  # row numbers (1-based, a JSONL file's line)
 
     def summary(self) -> str:
-        text = (f"{self.samples} samples from {self.examples} rows, {self.supervised_tokens} supervised tokens; "
-                f"{self.truncated} truncated by data.max_length, {self.dropped} dropped (no supervised "
-                f"token left)")
+        text = (
+            f"{self.samples} samples from {self.examples} rows, {self.supervised_tokens} supervised tokens; "
+            f"{self.truncated} truncated by data.max_length, {self.dropped} dropped (no supervised "
+            f"token left)"
+        )
         if self.skipped:
             reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
-            text += (f"; {sum(self.skipped.values())} invalid rows skipped ({reasons}; first rows: "
-                     f"{', '.join(map(str, self.first_skipped))})")
+            text += (
+                f"; {sum(self.skipped.values())} invalid rows skipped ({reasons}; first rows: "
+                f"{', '.join(map(str, self.first_skipped))})"
+            )
         return text
 
 
-def encode_examples(examples: datasets.Dataset, fmt: Format, max_length: int, source: str,
-                    skip_invalid: bool = False) -> tuple[datasets.Dataset, EncodeStats]:
+def encode_examples(
+    examples: datasets.Dataset, fmt: Format, max_length: int, source: str, skip_invalid: bool = False
+) -> tuple[datasets.Dataset, EncodeStats]:
     """Raw examples -> samples {sample_id, input_ids, labels (-100: not trained on)}.
 
     Truncation keeps the first `max_length` tokens and their labels; a sample left with no
     supervised token is dropped (its id is unused). An example the format cannot read is an
     error naming the source, its row (a file's line) and the field, unless `skip_invalid`."""
     from pace_llm.tasks.base import encoded_columns, require_fields
+
     require_fields(examples, fmt.fields(), source)
     tokenizer, special = fmt.tokenizer, fmt.first_special_tokens()
 
@@ -290,14 +310,16 @@ def encode_examples(examples: datasets.Dataset, fmt: Format, max_length: int, so
             pieces = fmt.segments(example)
         except ExampleError as err:
             if not skip_invalid:
-                raise DataError(f"data {source}, row {example['sample_id'] + 1}: {err} (data.skip_invalid: "
-                                f"true skips such rows)") from None
+                raise DataError(
+                    f"data {source}, row {example['sample_id'] + 1}: {err} (data.skip_invalid: true skips such rows)"
+                ) from None
             return {"input_ids": [], "labels": [], "_status": err.reason}
         merged: Segments = []
         for text, sup in pieces:  # same-label neighbours tokenized together, as one text
             if text:
-                merged[-1:] = [(merged[-1][0] + text, sup)] if merged and merged[-1][1] == sup else \
-                    merged[-1:] + [(text, sup)]
+                merged[-1:] = (
+                    [(merged[-1][0] + text, sup)] if merged and merged[-1][1] == sup else merged[-1:] + [(text, sup)]
+                )
         ids, labels = [], []
         for i, (text, sup) in enumerate(merged):
             piece = tokenizer(text, add_special_tokens=special and i == 0)["input_ids"]

@@ -10,6 +10,7 @@ sample's crop and flip come from (seed, epoch, sample id) alone, so they differ 
 to epoch, are the same on any rank and world size, and replay exactly on resume; the two
 halves of a paired PACE forward are copies of one batch, so they see the same image.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,15 +20,16 @@ import numpy as np
 import torch
 import transformers
 
-from pace_llm.data import pixel_values
 from pace_llm.core.outputs import SampleOutputs
+from pace_llm.data import pixel_values
 from pace_llm.tasks.base import Task, require_fields
 
 AUGMENTATIONS = ("none", "crop_flip")
 
 
-def prepare_images(examples: datasets.Dataset, image_field: str, label_field: str,
-                   source: str = "") -> datasets.Dataset:
+def prepare_images(
+    examples: datasets.Dataset, image_field: str, label_field: str, source: str = ""
+) -> datasets.Dataset:
     """The images as they are (read as numpy arrays) and their labels, fields checked by name."""
     require_fields(examples, [image_field, label_field], source)
     out = examples.select_columns([image_field, label_field, "sample_id"])
@@ -53,7 +55,7 @@ def image_pixels(image, size: int, augment: str = "none", generator: torch.Gener
     else:
         top, left = torch.randint(0, big - size + 1, (2,), generator=generator).tolist()
         flip = bool(torch.rand((), generator=generator) < 0.5)
-    x = x[:, top:top + size, left:left + size]
+    x = x[:, top : top + size, left : left + size]
     return np.ascontiguousarray(x[:, :, ::-1] if flip else x)
 
 
@@ -86,9 +88,18 @@ class ImageClassificationTask(Task):
 
         def generator(sample_id):  # this sample's draws in this epoch, nothing else's
             return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_033 + int(sample_id))
-        pixels = [image_pixels(s["image"], d.image_size, d.augment,
-                               generator(s["sample_id"]) if train and d.augment != "none" else None)
-                  for s in samples]
-        return {"sample_id": torch.tensor([int(s["sample_id"]) for s in samples]),
-                "pixel_values": torch.from_numpy(np.stack(pixels)),
-                "labels": torch.tensor([s["labels"] for s in samples])}
+
+        pixels = [
+            image_pixels(
+                s["image"],
+                d.image_size,
+                d.augment,
+                generator(s["sample_id"]) if train and d.augment != "none" else None,
+            )
+            for s in samples
+        ]
+        return {
+            "sample_id": torch.tensor([int(s["sample_id"]) for s in samples]),
+            "pixel_values": torch.from_numpy(np.stack(pixels)),
+            "labels": torch.tensor([s["labels"] for s in samples]),
+        }

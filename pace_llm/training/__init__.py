@@ -7,6 +7,7 @@
 One loop for every launcher: torchrun, deepspeed and Slurm all set RANK / WORLD_SIZE /
 MASTER_ADDR; plain `python` gets single-process defaults.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from pace_llm.core.adapters import TargetError
 from pace_llm.config import Recipe, RecipeError, load_recipe, to_dict
+from pace_llm.core.adapters import TargetError
 from pace_llm.data import DataError
 from pace_llm.logs import route_logs
 from pace_llm.training.schedule import lr_lambda, warmup_steps
@@ -30,8 +31,10 @@ def run(recipe: Recipe, trainer_class: type[Trainer] = Trainer) -> str:
     """Train, and export when training is done; returns "done" or "stopped"."""
     out = Path(recipe.output_dir)
     if not recipe.resume and (out / "checkpoints" / "latest").exists():
-        raise RecipeError(f"output_dir {out} holds checkpoints of an earlier run: pass resume=true to "
-                          "continue it, or choose another output_dir (nothing was overwritten)")
+        raise RecipeError(
+            f"output_dir {out} holds checkpoints of an earlier run: pass resume=true to "
+            "continue it, or choose another output_dir (nothing was overwritten)"
+        )
     trainer = trainer_class(recipe)
     if trainer.rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@
 
 One writer per run, owned by the trainer, on rank 0 only, closed at the end.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,13 +28,19 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow")  # train.report_to (config.valida
 
 
 def _numbers(row: dict) -> dict:
-    return {k: float(v) for k, v in row.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 class MetricWriter:
-    def __init__(self, out: Path, enabled: bool = True, report_to: Sequence[str] = ("tensorboard",),
-                 config: Optional[dict] = None):
+    def __init__(
+        self,
+        out: Path,
+        enabled: bool = True,
+        report_to: Sequence[str] = ("tensorboard",),
+        config: Optional[dict] = None,
+    ):
         self.out, self.enabled = Path(out), enabled
         self.path = self.out / "metrics.jsonl"
         self.tensorboard = self.wandb = self.mlflow = None
@@ -45,20 +52,28 @@ class MetricWriter:
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
             except ImportError:
                 pass
         if "wandb" in report_to:
             import wandb
+
             (self.out / "wandb").mkdir(parents=True, exist_ok=True)
-            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "pace-llm"), dir=str(self.out),
-                                    name=self.out.name, config=config or {}, reinit="create_new")
+            self.wandb = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "pace-llm"),
+                dir=str(self.out),
+                name=self.out.name,
+                config=config or {},
+                reinit="create_new",
+            )
         if "mlflow" in report_to:
             self._start_mlflow(config or {})
 
     def _start_mlflow(self, config: dict) -> None:
         import mlflow
         from mlflow.entities import Param
+
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -70,7 +85,7 @@ class MetricWriter:
         run = client.create_run(experiment_id, run_name=self.out.name)
         params = [Param(k, json.dumps(v)[:6000]) for k, v in flatten(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-            client.log_batch(run.info.run_id, params=params[i:i + 100])
+            client.log_batch(run.info.run_id, params=params[i : i + 100])
         self.mlflow = (client, run.info.run_id)
 
     def write(self, row: dict) -> None:
@@ -87,6 +102,7 @@ class MetricWriter:
             self.wandb.log(numbers, step=step)
         if self.mlflow is not None:
             from mlflow.entities import Metric
+
             client, run_id = self.mlflow
             now = int(time.time() * 1000)
             client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v in numbers.items()])

@@ -7,6 +7,7 @@ the length of the run (train.max_steps / train.epochs) is allowed with a warning
 schedule is recomputed, so it differs from the resume point on. Logging, evaluation and
 checkpoint frequencies, and where the run stops, may change freely.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,9 +16,24 @@ from pace_llm.config import RecipeError
 
 log = logging.getLogger("pace_llm.resume")
 
-FREE = {"output_dir", "resume", "resume_force", "train.stop_after", "train.log_every", "train.eval_every",
-        "train.eval_at_start", "train.save_every", "train.keep_checkpoints", "train.report_to", "train.fp_distance", "train.grad_ratio_every",
-        "train.export_check", "data.eval", "data.eval_split", "data.eval_limit"}
+FREE = {
+    "output_dir",
+    "resume",
+    "resume_force",
+    "train.stop_after",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_at_start",
+    "train.save_every",
+    "train.keep_checkpoints",
+    "train.report_to",
+    "train.fp_distance",
+    "train.grad_ratio_every",
+    "train.export_check",
+    "data.eval",
+    "data.eval_split",
+    "data.eval_limit",
+}
 SCHEDULE = {"train.max_steps", "train.epochs"}
 
 
@@ -40,21 +56,19 @@ def changed_keys(saved: dict, now: dict) -> dict[str, tuple]:
 def check_resume(saved: dict | None, recipe: dict, world_size: int, force: bool) -> None:
     """saved: the checkpoint's {"recipe", "world_size"} (None: written before this check)."""
     if saved is None:
-        log.warning("resume: the checkpoint does not record its recipe; cannot check that this "
-                    "recipe matches it")
+        log.warning("resume: the checkpoint does not record its recipe; cannot check that this recipe matches it")
         return
-    changes = changed_keys({**saved["recipe"], "world_size": saved["world_size"]},
-                           {**recipe, "world_size": world_size})
+    changes = changed_keys({**saved["recipe"], "world_size": saved["world_size"]}, {**recipe, "world_size": world_size})
     breaking = {k: v for k, v in changes.items() if k not in FREE | SCHEDULE}
     for key in changes.keys() & SCHEDULE:
-        log.warning("resume: %s changed %r -> %r: the LR schedule changes from the resume point on",
-                    key, *changes[key])
+        log.warning("resume: %s changed %r -> %r: the LR schedule changes from the resume point on", key, *changes[key])
     if not breaking:
         return
     listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in breaking.items())
     if force:
-        log.warning("resume_force=true: resuming although the recipe changed (%s); the run is no "
-                    "longer exact", listing)
+        log.warning("resume_force=true: resuming although the recipe changed (%s); the run is no longer exact", listing)
         return
-    raise RecipeError(f"resume: the recipe differs from the checkpoint's in ways that break an exact "
-                      f"resume: {listing}. Restore them, or pass resume_force=true to continue anyway")
+    raise RecipeError(
+        f"resume: the recipe differs from the checkpoint's in ways that break an exact "
+        f"resume: {listing}. Restore them, or pass resume_force=true to continue anyway"
+    )

@@ -1,4 +1,5 @@
 """The learning-rate schedule: linear warmup, then cosine or linear decay to train.min_lr."""
+
 from __future__ import annotations
 
 import math
@@ -21,4 +22,5 @@ def lr_lambda(recipe, total_steps: int):
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         shape = 1 - progress if t.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
         return floor + (1 - floor) * shape
+
     return factor

@@ -1,4 +1,5 @@
 """The trainer's typed state: where the run is, and the micro-steps of the current step."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,7 @@ import dataclasses
 class Progress:
     """Optimizer steps done, the epoch, and how many of its batches are consumed: what a
     checkpoint stores (as `pace_state`) so a resume continues with the next batch."""
+
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
@@ -50,8 +52,14 @@ class StepStats:
         losses are averaged over the micro-steps, or summed when each is a share of the step's
         mean (train.loss_normalization=step)."""
         per = 1 if sum_losses else len(self.micro)
-        total = {f: sum(getattr(m, f) for m in self.micro)
-                 for f in ("loss", "task_loss", "consistency_loss", "tokens", "seconds")}
+        total = {
+            f: sum(getattr(m, f) for m in self.micro)
+            for f in ("loss", "task_loss", "consistency_loss", "tokens", "seconds")
+        }
         self.clear()
-        return (total["loss"] / per, total["task_loss"] / per, total["consistency_loss"] / per,
-                total["tokens"] / total["seconds"])
+        return (
+            total["loss"] / per,
+            total["task_loss"] / per,
+            total["consistency_loss"] / per,
+            total["tokens"] / total["seconds"],
+        )

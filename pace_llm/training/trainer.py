@@ -7,6 +7,7 @@
 Task specifics (data, batches, model class, what PACE regularises) come from
 `recipe.model.task` (pace_llm/tasks/); DeepSpeed specifics from deepspeed_engine.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,21 +25,21 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from pace_llm.distributed import deepspeed_engine
+from pace_llm.config import Recipe, loss_normalization, to_dict
 from pace_llm.core.adapters import apply_pace, trainable_parameter_count
 from pace_llm.core.cache import OutputCache, ShardedEpochSampler, build_output_cache
-from pace_llm.config import Recipe, loss_normalization, to_dict
+from pace_llm.core.neftune import add_neftune
+from pace_llm.core.objectives import PaceObjective, consistency_grad_ratio
+from pace_llm.core.outputs import SampleOutputs
+from pace_llm.core.pace import mean_squared_norm
+from pace_llm.distributed import deepspeed_engine
 from pace_llm.distributed.process_group import all_ranks, all_reduce_scalars, any_rank, init_distributed, rank0_first
 from pace_llm.export import export_merged
 from pace_llm.logs import route_logs
 from pace_llm.models import load_tokenizer, model_source
-from pace_llm.core.neftune import add_neftune
-from pace_llm.core.objectives import PaceObjective, consistency_grad_ratio
-from pace_llm.core.pace import mean_squared_norm
-from pace_llm.training.plots import plot_metrics
-from pace_llm.core.outputs import SampleOutputs
 from pace_llm.tasks import TASKS, Task
 from pace_llm.training.metrics import MetricWriter
+from pace_llm.training.plots import plot_metrics
 from pace_llm.training.resume import check_resume
 from pace_llm.training.schedule import lr_lambda
 from pace_llm.training.state import MicroStep, Progress, StepStats
@@ -64,12 +65,12 @@ class Trainer:
     world: int
     out: Path
     task: Task
-    engine: "deepspeed.DeepSpeedEngine"  # noqa: F821
+    engine: deepspeed.DeepSpeedEngine  # noqa: F821
     loader: DataLoader
     sampler: ShardedEpochSampler
     objective: PaceObjective
     cache: OutputCache | None
-    eval_set: "datasets.Dataset | None"  # noqa: F821
+    eval_set: datasets.Dataset | None  # noqa: F821
     total_steps: int
 
     def __init__(self, recipe: Recipe):
@@ -104,27 +105,44 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # before any forward: bitsandbytes' CPU 4-bit layers repack in eval mode
         t = r.train
-        steps_per_epoch = math.ceil(math.ceil(len(train_set) / self.world) / t.micro_batch_size
-                                    / t.gradient_accumulation)
+        steps_per_epoch = math.ceil(
+            math.ceil(len(train_set) / self.world) / t.micro_batch_size / t.gradient_accumulation
+        )
         self.total_steps = t.max_steps or steps_per_epoch * t.epochs
         self.engine = deepspeed_engine.initialize(model, ds_config, r, lr_lambda(r, self.total_steps))
         self.sampler = ShardedEpochSampler(len(train_set), self.rank, self.world, seed=t.seed)
-        self.loader = DataLoader(train_set, batch_size=t.micro_batch_size, sampler=self.sampler,
-                                 collate_fn=functools.partial(self.task.collate, train=True),
-                                 generator=torch.Generator())  # not the global RNG: resumes replay it exactly
+        self.loader = DataLoader(
+            train_set,
+            batch_size=t.micro_batch_size,
+            sampler=self.sampler,
+            collate_fn=functools.partial(self.task.collate, train=True),
+            generator=torch.Generator(),
+        )  # not the global RNG: resumes replay it exactly
         self.cache = self._build_cache(train_set) if r.pace.mode == "fast" else None
         self.objective = PaceObjective.from_config(r.pace, self.cache, self.task.outputs)
         self.step_normalised = loss_normalization(r) == "step"
         trainable, total = trainable_parameter_count(model)
         if self.rank == 0:
-            log.info("trainable parameters: %s of %s (%.3f%%); %d train samples, %d steps; losses are means "
-                     "per %s", f"{trainable:,}", f"{total:,}", 100 * trainable / max(1, total), len(train_set),
-                     self.total_steps, "supervised row of the step" if self.step_normalised else "micro-batch")
+            log.info(
+                "trainable parameters: %s of %s (%.3f%%); %d train samples, %d steps; losses are means per %s",
+                f"{trainable:,}",
+                f"{total:,}",
+                100 * trainable / max(1, total),
+                len(train_set),
+                self.total_steps,
+                "supervised row of the step" if self.step_normalised else "micro-batch",
+            )
 
     def _build_cache(self, train_set) -> OutputCache:
         shard = (train_set[i] for i in self.sampler.shard)
-        return build_output_cache(self.task.outputs, ((s["sample_id"], s) for s in shard), self.engine, self.rank,
-                                  self.recipe.pace.cache_memory_gb, disk_dir=str(self.out))
+        return build_output_cache(
+            self.task.outputs,
+            ((s["sample_id"], s) for s in shard),
+            self.engine,
+            self.rank,
+            self.recipe.pace.cache_memory_gb,
+            disk_dir=str(self.out),
+        )
 
     # --- fit -----------------------------------------------------------------------------
     def fit(self) -> str:
@@ -132,22 +150,25 @@ class Trainer:
         t = self.recipe.train
         progress = self.resume() if self.recipe.resume else Progress()
         stop = StopRequested()
-        self.writer = MetricWriter(self.out, enabled=self.rank == 0, report_to=t.report_to,
-                                   config=to_dict(self.recipe))  # open until close(): save_outputs adds the PNG
+        self.writer = MetricWriter(
+            self.out, enabled=self.rank == 0, report_to=t.report_to, config=to_dict(self.recipe)
+        )  # open until close(): save_outputs adds the PNG
         self.grad_ratio = None  # the last consistency_grad_ratio measured, until a row logs it
         self.fixed_batch = self.first_batch(t.micro_batch_size)
         self.reference = self.fixed_outputs(self.fixed_batch) if t.fp_distance else None
         if self.eval_set is not None and progress.step == 0 and t.eval_at_start:  # the baseline point
             self.log_eval(0)
-        bar = tqdm(total=self.total_steps, initial=progress.step, disable=self.rank != 0, desc="train",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps, initial=progress.step, disable=self.rank != 0, desc="train", dynamic_ncols=True
+        )
         try:
             for micro_batches in self.steps(progress):
                 if self.grad_ratio_due(progress.step + 1):  # before the step: PACE_fast's targets are last epoch's
                     # the module, not the engine: DeepSpeed's hooks on the engine's outputs take
                     # any backward through them for a training step's
-                    self.grad_ratio = consistency_grad_ratio(self.objective, self.engine.module, micro_batches[0][1],
-                                                             progress.step)
+                    self.grad_ratio = consistency_grad_ratio(
+                        self.objective, self.engine.module, micro_batches[0][1], progress.step
+                    )
                 self.train_step(micro_batches, progress.step)
                 batch_index = micro_batches[-1][0]
                 progress.finish_step(batch_index)
@@ -225,12 +246,18 @@ class Trainer:
                 raise FloatingPointError(
                     f"non-finite loss at step {step + 1} (task {result.task_loss.item():.4g}, consistency "
                     f"{result.consistency_loss.item():.4g}): stopping; the last good checkpoint in "
-                    f"{self.out / 'checkpoints'} is intact (lower train.lr or pace.lam?)")
+                    f"{self.out / 'checkpoints'} is intact (lower train.lr or pace.lam?)"
+                )
             self.engine.backward(result.loss if scale == 1 else result.loss * scale)
         self.stage0_norm = deepspeed_engine.stage0_grad_norm(self.engine)
         self.engine.step()
-        return MicroStep(result.loss.item(), result.task_loss.item(), result.consistency_loss.item(),
-                         self.task.count_tokens(batch), time.perf_counter() - started)
+        return MicroStep(
+            result.loss.item(),
+            result.task_loss.item(),
+            result.consistency_loss.item(),
+            self.task.count_tokens(batch),
+            time.perf_counter() - started,
+        )
 
     def log_step(self, progress: Progress, batch_index: int, bar) -> None:
         # step normalisation: each micro-step's losses are its share of the step's mean, so they add up
@@ -242,9 +269,16 @@ class Trainer:
         if not (step % t.log_every == 0 or step == self.total_steps):
             return
         norm = deepspeed_engine.grad_norm(self.engine) if self.stage0_norm is None else self.stage0_norm
-        row = {"step": step, "epoch": progress.epoch + (batch_index + 1) / len(self.loader), "loss": loss,
-               "task_loss": task, "consistency_loss": cons, "grad_norm": norm,
-               "lr": self.engine.get_lr()[0], "tokens_per_s": tokens_per_s * self.world}
+        row = {
+            "step": step,
+            "epoch": progress.epoch + (batch_index + 1) / len(self.loader),
+            "loss": loss,
+            "task_loss": task,
+            "consistency_loss": cons,
+            "grad_norm": norm,
+            "lr": self.engine.get_lr()[0],
+            "tokens_per_s": tokens_per_s * self.world,
+        }
         if torch.cuda.is_available():  # this rank's peak since the start
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if self.grad_ratio is not None:  # measured at this step or since the last row
@@ -281,9 +315,9 @@ class Trainer:
         loss_sum, rows_sum, correct_sum = 0.0, 0.0, 0.0
         with eval_mode(self.engine):
             for i in range(0, per_rank, size):
-                batch = self.task.collate([eval_set[j] for j in mine[i:i + size]])
+                batch = self.task.collate([eval_set[j] for j in mine[i : i + size]])
                 out = rows.forward(self.engine, batch)
-                w = torch.tensor(weights[i:i + size])
+                w = torch.tensor(weights[i : i + size])
                 if "sample_order" in batch:  # packed: rows come in the packer's sample order
                     w = w[batch["sample_order"]]
                 w = w.repeat_interleave(out.counts.cpu())
@@ -312,9 +346,15 @@ class Trainer:
         return Progress(**state) if state else Progress()
 
     def save_checkpoint(self, progress: Progress) -> None:
-        deepspeed_engine.save_checkpoint(self.engine, self.out, progress.to_dict(), self.cache,
-                             self.recipe.train.keep_checkpoints, to_dict(self.recipe),
-                             before_commit=self.before_checkpoint_commit)
+        deepspeed_engine.save_checkpoint(
+            self.engine,
+            self.out,
+            progress.to_dict(),
+            self.cache,
+            self.recipe.train.keep_checkpoints,
+            to_dict(self.recipe),
+            before_commit=self.before_checkpoint_commit,
+        )
 
     def before_checkpoint_commit(self, step: int) -> None:
         """Runs on every rank once a checkpoint's files are written, before it is committed.
@@ -328,8 +368,13 @@ class Trainer:
         deepspeed_engine.save_adapter(self.engine, out / "adapter")
         if self.rank == 0:
             deepspeed_engine.unset_zero3()  # the base for merging is a plain, unpartitioned model
-            merged = export_merged(self.task.load_model(self.base_source), out / "adapter", out / "merged",
-                                   self.task.tokenizer, quantized=bool(r.model.quantization))
+            merged = export_merged(
+                self.task.load_model(self.base_source),
+                out / "adapter",
+                out / "merged",
+                self.task.tokenizer,
+                quantized=bool(r.model.quantization),
+            )
             if r.train.export_check:
                 self.check_export(merged, check_batch, trained)
             plot_metrics(out / "metrics.jsonl", out / "training_curves.png")
@@ -347,8 +392,9 @@ class Trainer:
         scale = trained.abs().max().item()
         exact = self.recipe.model.dtype == "fp32" and not self.recipe.model.quantization
         tol = max(1e-4, 1e-5 * scale) if exact else max(5e-2, 5e-3 * scale)
-        (self.out / "export_check.json").write_text(json.dumps(
-            {"max_abs_logit_diff": diff, "max_abs_logit": scale, "tolerance": tol, "rows": len(trained)}))
+        (self.out / "export_check.json").write_text(
+            json.dumps({"max_abs_logit_diff": diff, "max_abs_logit": scale, "tolerance": tol, "rows": len(trained)})
+        )
         if diff > tol:
             raise RuntimeError(f"merged model differs from the trained model by {diff:.3g} (> {tol})")
         log.info("merged model matches the trained model (max |Δlogit| %.2e)", diff)
