@@ -91,12 +91,13 @@ def test_launch_env(monkeypatch):
 DEEPSPEED_LINES = [
     "[2026-12-02 01:00:39,701] [INFO] [launch.py:152:main] WORLD INFO DICT: {'localhost': [0, 1]}",
     "[2026-12-02 01:00:37,406] [INFO] [runner.py:618:main] cmd = python -u -m deepspeed.launcher.launch",
+    "[2026-12-02 01:00:37,405] [WARNING] [runner.py:214:fetch_hostfile] Unable to find hostfile",
 ]
 
 
-def test_deepspeed_info_lines_stay_off_the_terminal():
+def test_deepspeed_info_and_warning_lines_stay_off_the_terminal():
     assert not any(for_terminal(line) for line in DEEPSPEED_LINES)
-    assert for_terminal("[2026-12-02 01:00:37,405] [WARNING] [runner.py:214:fetch_hostfile] Unable to find hostfile")
+    assert for_terminal("[2026-12-02 01:00:37,405] [ERROR] [launch.py:325:sigkill_handler] exits with return code = 1")
     assert for_terminal("2026-12-02 01:00:52,566 pace_llm.train: trainable parameters: 14,336 of 109,632")
     assert for_terminal("error: data.train: no such file")
 

@@ -29,8 +29,9 @@ LAUNCHERS = ("python", "deepspeed", "torchrun")
 # Slurm sends before the time limit; launch/slurm/) as on SIGTERM.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGUSR1"
 # DeepSpeed's console format, "[2026-01-01 10:00:00,000] [INFO] [launch.py:152:main] ...":
-# its launcher's INFO lines, which a person watching a run does not need.
-_DEEPSPEED_INFO = re.compile(r"^\[[^\]]*\] \[(DEBUG|INFO)\] ")
+# its launcher's INFO lines and warnings (no hostfile: local resources), which a person
+# watching a run does not need; as with pace_llm.logs, only its errors reach the terminal.
+_DEEPSPEED_CHATTER = re.compile(r"^\[[^\]]*\] \[(DEBUG|INFO|WARNING)\] ")
 
 
 def free_port() -> int:
@@ -126,8 +127,9 @@ def exit_now(code: int) -> NoReturn:
 
 def for_terminal(line: str) -> bool:
     """Whether a console line of a launched run is for the person watching: everything but
-    DeepSpeed's own DEBUG/INFO lines (the launcher's world info, spawned commands, exits)."""
-    return not _DEEPSPEED_INFO.match(line)
+    DeepSpeed's own DEBUG/INFO/WARNING lines (the launcher's world info, spawned commands,
+    exits, the missing hostfile); run_logged keeps them in the log."""
+    return not _DEEPSPEED_CHATTER.match(line)
 
 
 def run_logged(cmd: list[str], log: Path, env: Optional[dict] = None, echo: bool = False) -> int:
