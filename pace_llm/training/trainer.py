@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from pace_llm.config import Recipe, loss_normalization, to_dict
+from pace_llm.core import hooks
 from pace_llm.core.adapters import apply_pace, trainable_parameter_count
 from pace_llm.core.cache import OutputCache, ShardedEpochSampler, build_output_cache
 from pace_llm.core.neftune import add_neftune
@@ -166,6 +167,7 @@ class Trainer:
                 if self.grad_ratio_due(progress.step + 1):  # before the step: PACE_fast's targets are last epoch's
                     # the module, not the engine: DeepSpeed's hooks on the engine's outputs take
                     # any backward through them for a training step's
+                    hooks.start_of_forward(self.engine)  # ZeRO-3: a forward of its own, a fresh trace
                     self.grad_ratio = consistency_grad_ratio(
                         self.objective, self.engine.module, micro_batches[0][1], progress.step
                     )
