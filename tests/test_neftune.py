@@ -78,3 +78,26 @@ def test_a_packed_sample_gets_the_scale_it_gets_padded():
         bound = ALPHA / math.sqrt(length * d)
         assert values.abs().max() <= bound * (1 + 1e-5) and values.abs().max() > 0.9 * bound
     assert sorted(lengths[index >= 0].unique().tolist()) == [30, 90]
+
+
+def test_a_paired_step_gives_both_copies_their_samples_lengths():
+    """Full PACE runs on [x; x] (lazy_half on the first half twice): inside the objective's
+    scope each row of the doubled batch gets its sample's length, padded and packed."""
+    from pace_llm import PaceObjective
+    from pace_llm.core import neftune
+
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    batch = {
+        "input_ids": torch.ones(4, 4, dtype=torch.long),
+        "attention_mask": mask,
+        "labels": torch.ones(4, 4, dtype=torch.long),
+        "sample_id": torch.arange(4),
+    }
+    for mode, step, rows in (("full", 0, [0, 1, 2, 3]), ("lazy_half", 0, [0, 1]), ("lazy_half", 1, None)):
+        objective = PaceObjective(mode)
+        with objective.scope(step, batch):
+            seen = neftune._lengths
+        expected = token_lengths(batch) if rows is None else token_lengths(batch)[rows].repeat(2, 1)
+        assert torch.equal(seen, expected), (mode, step)
+        doubled = objective.forward_batch(batch, step)
+        assert torch.equal(token_lengths(doubled), expected)  # what the forward really runs on

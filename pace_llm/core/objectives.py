@@ -135,9 +135,11 @@ class PaceObjective:
         """Shared dropout masks for this step's forward and backward when it is paired; for a
         packed `batch`, noise per sample of the batch the forward runs on (pace.noise_segments);
         each token's sample length for NEFTune (neftune.sample_lengths)."""
-        forward = self.forward_batch(batch, step) if batch else None
-        segments = forward["segment_index"] if forward is not None and is_packed(forward) else None
-        lengths = token_lengths(forward) if forward is not None else None
+        segments = self.forward_batch(batch, step)["segment_index"] if batch and is_packed(batch) else None
+        lengths = token_lengths(batch) if batch else None
+        if lengths is not None and self.is_paired(step):  # the rows [x; x] repeats, as forward_batch does
+            half = self._task_half(batch, step)
+            lengths = torch.cat([lengths[:half], lengths[:half]])
         with paired_dropout(self.is_paired(step)), noise_segments(segments), sample_lengths(lengths):
             yield
 
