@@ -187,14 +187,18 @@ class Trainer:
         finally:
             bar.close()
 
+    def eval_due(self, step: int) -> bool:
+        """Whether step `step` evaluates: every train.eval_every steps and the last, with data.eval."""
+        t = self.recipe.train
+        return self.eval_set is not None and bool(t.eval_every and step % t.eval_every == 0 or step == self.total_steps)
+
     def grad_ratio_due(self, step: int) -> bool:
         """consistency_grad_ratio is measured for the rows of evaluation steps and every
         train.grad_ratio_every steps, in modes with a consistency term."""
-        t = self.recipe.train
+        every = self.recipe.train.grad_ratio_every
         if self.objective.mode in ("off", "noise"):
             return False
-        at_eval = self.eval_set is not None and (t.eval_every and step % t.eval_every == 0 or step == self.total_steps)
-        return bool(at_eval or t.grad_ratio_every and step % t.grad_ratio_every == 0)
+        return self.eval_due(step) or bool(every and step % every == 0)
 
     def steps(self, progress: Progress):
         """Each optimizer step's micro-batches, [(index in epoch, batch), ...], until the last
@@ -287,7 +291,7 @@ class Trainer:
             row["consistency_grad_ratio"], self.grad_ratio = self.grad_ratio, None
         if self.reference is not None:
             row["fp_distance"] = mean_squared_norm(self.fixed_outputs(self.fixed_batch) - self.reference).item()
-        if self.eval_set is not None and (t.eval_every and step % t.eval_every == 0 or step == self.total_steps):
+        if self.eval_due(step):
             row.update(self.evaluate())
             if self.rank == 0:
                 log.info("step %d: eval loss %.4f", step, row["eval_loss"])
