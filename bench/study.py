@@ -53,7 +53,28 @@ from pace_llm.sweep import SEED_KEY, Sweep, run_done
 
 ROOT = common.ROOT
 
-ARMS = ("lora", "noise", "full", "fast")
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One arm: its fixed overrides and the grid its sweep selects from (one point: no choice)."""
+
+    name: str
+    overrides: tuple[str, ...]
+    grid: dict[str, tuple[str, ...]]
+
+    def runs(self, d: Dataset) -> int:
+        """Training runs: grid points x sweep seeds, plus the final seeds."""
+        return math.prod(len(v) for v in self.grid.values()) * len(d.sweep_seeds) + len(d.final_seeds)
+
+
+def paper_arms(lams: tuple[str, ...], sigmas: tuple[str, ...]) -> tuple[Arm, ...]:
+    """LoRA, noise over σ, PACE full and fast over λ x σ (the consistency: the recipe's)."""
+    return (
+        Arm("lora", (), {"pace.mode": ("off",)}),
+        Arm("noise", ("pace.mode=noise",), {"pace.sigma": sigmas}),
+        Arm("full", ("pace.mode=full",), {"pace.lam": lams, "pace.sigma": sigmas}),
+        Arm("fast", ("pace.mode=fast",), {"pace.lam": lams, "pace.sigma": sigmas}),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +87,17 @@ class Dataset:
     recipe: str
     metric: str  # selected on (validation split); also the test table's first metric
     direction: str  # max | min
-    lams: tuple[str, ...]
-    sigmas: tuple[str, ...]
+    arms: tuple[Arm, ...]  # the first is the baseline the others are paired with
     sweep_seeds: tuple[int, ...]
     final_seeds: tuple[int, ...]
     prepare: Callable[[], tuple[list[str], Path]]
     run_seconds: dict[str, float]
     smoke: tuple[str, ...] = ()  # overrides of --smoke runs
     gsm_eval: bool = False  # `#### N` rate of the final runs (vLLM)
+    probes: bool = False  # bench/forgetting.py on the final runs (forgetting, FP-distance)
+
+    def arm(self, name: str) -> Arm:
+        return next(a for a in self.arms if a.name == name)
 
 
 def prepare_polarity() -> tuple[list[str], Path]:
@@ -103,7 +127,7 @@ def prepare_gsm() -> tuple[list[str], Path]:
     return [f"model.name={rel(assets.smollm2_dir())}", f"data.train={rel(pool)}", f"data.eval={rel(val)}"], test
 
 
-CLASSIFIER_GRID = dict(lams=("0.05", "0.2", "1"), sigmas=("0.5", "1", "1.5"))
+CLASSIFIER_ARMS = paper_arms(lams=("0.05", "0.2", "1"), sigmas=("0.5", "1", "1.5"))
 PAIRED = dict(sweep_seeds=(0, 1), final_seeds=(100, 101, 102, 103, 104))
 # The budget: grids of at most 9 points x 2 seeds, then 5 (SmolLM2: 2) new paired seeds per arm;
 # the steps are the recipes'. run_seconds: one run as measured on the shared 2-core machine with
@@ -117,7 +141,7 @@ DATASETS = {
             "recipes/study/polarity_n64.yaml",
             "eval_accuracy",
             "max",
-            **CLASSIFIER_GRID,
+            CLASSIFIER_ARMS,
             **PAIRED,
             prepare=prepare_polarity,
             run_seconds=dict(lora=125, noise=130, fast=130, full=190),
@@ -128,7 +152,7 @@ DATASETS = {
             "recipes/study/polarity_n256.yaml",
             "eval_accuracy",
             "max",
-            **CLASSIFIER_GRID,
+            CLASSIFIER_ARMS,
             **PAIRED,
             prepare=prepare_polarity,
             run_seconds=dict(lora=215, noise=225, fast=225, full=330),
@@ -139,7 +163,7 @@ DATASETS = {
             "recipes/study/fashion.yaml",
             "eval_accuracy",
             "max",
-            **CLASSIFIER_GRID,
+            CLASSIFIER_ARMS,
             **PAIRED,
             prepare=prepare_fashion,
             run_seconds=dict(lora=85, noise=90, fast=90, full=160),
@@ -150,14 +174,50 @@ DATASETS = {
             "recipes/study/smollm2_gsm.yaml",
             "eval_loss",
             "min",
-            lams=("0.003", "0.03"),
-            sigmas=("0.5", "1"),
+            paper_arms(lams=("0.003", "0.03"), sigmas=("0.5", "1")),
             sweep_seeds=(0, 1),
             final_seeds=(100, 101),
             prepare=prepare_gsm,
             run_seconds=dict(lora=420, noise=440, fast=450, full=900, gsm_eval=270),
             smoke=("train.max_steps=2", "data.sample=4", "data.eval_limit=4"),
             gsm_eval=True,
+        ),
+        Dataset(  # #23: the calibrated forms, NEFTune, overfitting LoRA, forgetting (recipe header)
+            "smollm2_gsm_forms",
+            "recipes/study/smollm2_gsm_forms.yaml",
+            "eval_loss",
+            "min",
+            (
+                Arm("lora", (), {"pace.mode": ("off",)}),
+                Arm("neftune", ("pace.mode=off",), {"train.neftune_alpha": ("5", "15")}),
+                Arm("noise", ("pace.mode=noise",), {"pace.sigma": ("0.5", "1")}),
+                *(
+                    Arm(
+                        f"{mode}_{form.split('_')[0]}",
+                        (f"pace.mode={mode}", f"pace.consistency={form}"),
+                        {"pace.lam": lams},
+                    )
+                    for mode in ("full", "fast")
+                    for form, lams in (("centred_mse", ("0.3", "3", "30")), ("kl", ("2", "20", "200")))
+                ),
+            ),
+            sweep_seeds=(0,),
+            final_seeds=(100, 101, 102),
+            prepare=prepare_gsm,
+            run_seconds=dict(
+                lora=480,
+                neftune=480,
+                noise=500,
+                fast_centred=540,
+                fast_kl=560,
+                full_centred=1000,
+                full_kl=1000,
+                gsm_eval=270,
+                probe=60,
+            ),
+            smoke=("train.max_steps=2", "data.sample=4", "data.eval_limit=4", "train.eval_every=0"),
+            gsm_eval=True,
+            probes=True,
         ),
     ]
 }
@@ -170,17 +230,11 @@ def rel(path) -> str:
 
 
 def smoke_budget(d: Dataset) -> Dataset:
-    return dataclasses.replace(d, lams=d.lams[:1], sigmas=d.sigmas[:1], sweep_seeds=(0,), final_seeds=(100, 101))
+    arms = tuple(dataclasses.replace(a, grid={k: v[:1] for k, v in a.grid.items()}) for a in d.arms)
+    return dataclasses.replace(d, arms=arms, sweep_seeds=(0,), final_seeds=(100, 101))
 
 
 # --- the plan --------------------------------------------------------------------------------
-def arm_grid(d: Dataset, arm: str) -> tuple[list[str], dict[str, list[str]]]:
-    """(overrides, swept keys) of an arm's sweep."""
-    if arm == "lora":
-        return [], {"pace.mode": ["off"]}
-    if arm == "noise":
-        return ["pace.mode=noise"], {"pace.sigma": list(d.sigmas)}
-    return [f"pace.mode={arm}"], {"pace.lam": list(d.lams), "pace.sigma": list(d.sigmas)}
 
 
 @dataclasses.dataclass
@@ -201,7 +255,7 @@ class Plan:
 
     def sweep(self, d: Dataset, phase: str, arm: str) -> tuple[Sweep, list[str]]:
         """(the pace_llm Sweep, for its run folders; the launch/sweep.py command) of a phase."""
-        extra, grid = arm_grid(d, arm)
+        extra, grid = list(d.arm(arm).overrides), {k: list(v) for k, v in d.arm(arm).grid.items()}
         seeds = d.sweep_seeds
         if phase == "final":
             grid = {k: [v] for k, v in self.selected(d, arm).items()}
@@ -418,17 +472,47 @@ class Study:
 
         return run
 
+    def probe_task(self, d: Dataset, arm: str) -> Callable[[int], bool]:
+        def run(worker: int) -> bool:
+            sweep, _ = self.plan.sweep(d, "final", arm)
+            for point in sweep.points():
+                out = sweep.run_dir(point)
+                if (out / "probe.json").exists() or not (out / "merged").exists():
+                    continue
+                completions = self.plan.out / d.name / "generic_completions.json"
+                cmd = [sys.executable, "bench/forgetting.py", "--run", rel(out), "--completions", rel(completions)]
+                with open(out / "probe.log", "a") as fh:
+                    rc = subprocess.run(cmd, cwd=ROOT, env=self.env(), stdout=fh, stderr=subprocess.STDOUT).returncode
+                if rc != 0:
+                    self.say(f"{d.name}/final-{arm}: bench/forgetting.py exited {rc} (see {out / 'probe.log'})")
+                    return False
+                probe = json.loads((out / "probe.json").read_text())
+                self.say(
+                    f"{d.name}/final-{arm}: {out.name}: polarity NLL {probe['polarity_nll']:.4f}, "
+                    f"KL to base {probe['kl_to_base']:.4g}, FP-distance {probe['fp_distance']:.4g}"
+                )
+            return True
+
+        return run
+
     def tasks(self) -> list[Task]:
-        """Per dataset, in this order (longest first, so the two jobs end together): the sweeps,
-        the paired seeds (each after its arm's sweep), the `#### N` evaluations."""
+        """Per dataset, in this order: the sweeps, the paired seeds (each after its arm's sweep),
+        the probes, the `#### N` evaluations; each the baseline arm first (every comparison
+        needs it), then the longest first (so that the jobs end together)."""
         tasks = []
         for d in self.datasets:
-            order = ("full", "fast", "noise", "lora")
+            rest = sorted(d.arms[1:], key=lambda a: -d.run_seconds[a.name])
+            order = [d.arms[0].name, *(a.name for a in rest)]
             sweeps = {arm: Task(f"{d.name}/sweep-{arm}", self.sweep_task(d, "sweep", arm)) for arm in order}
             finals = {
                 arm: Task(f"{d.name}/final-{arm}", self.sweep_task(d, "final", arm), [sweeps[arm]]) for arm in order
             }
             tasks += [*sweeps.values(), *finals.values()]
+            if d.probes:
+                tasks += [
+                    Task(f"{d.name}/probe-{arm}", self.probe_task(d, arm), [finals[arm]], max_workers=1)
+                    for arm in order
+                ]
             if d.gsm_eval:
                 tasks += [
                     Task(f"{d.name}/gsm8k-{arm}", self.gsm_eval_task(d, arm), [finals[arm]], max_workers=1)
@@ -447,16 +531,14 @@ class Study:
         self.say("all tasks done" if not failed else f"failed or skipped: {', '.join(failed)}")
 
 
-def runs_of(d: Dataset, arm: str | None = None) -> int:
-    """Training runs of one arm (or all): its grid points x sweep seeds, plus the final seeds."""
-    if arm is None:
-        return sum(runs_of(d, a) for a in ARMS)
-    return math.prod(len(v) for v in arm_grid(d, arm)[1].values()) * len(d.sweep_seeds) + len(d.final_seeds)
+def runs_of(d: Dataset) -> int:
+    return sum(a.runs(d) for a in d.arms)
 
 
 def estimate_hours(d: Dataset, jobs: int) -> float:
-    evals = len(ARMS) * len(d.final_seeds) * d.run_seconds.get("gsm_eval", 0) if d.gsm_eval else 0
-    return (sum(runs_of(d, arm) * d.run_seconds[arm] for arm in ARMS) + evals) / jobs / 3600
+    per_final = d.run_seconds.get("gsm_eval", 0) * d.gsm_eval + d.run_seconds.get("probe", 0) * d.probes
+    evals = len(d.arms) * len(d.final_seeds) * per_final
+    return (sum(a.runs(d) * d.run_seconds[a.name] for a in d.arms) + evals) / jobs / 3600
 
 
 # --- statistics ------------------------------------------------------------------------------
@@ -520,18 +602,32 @@ def paired(arm: dict[int, float], base: dict[int, float], higher_better: bool) -
 
 
 # --- tables ----------------------------------------------------------------------------------
-METRICS = {  # per dataset kind: (key in a final run's results, label, higher is better, scale)
-    "classifier": [("eval_accuracy", "test accuracy %", True, 100), ("eval_loss", "test NLL", False, 1)],
+METRICS = {  # per dataset kind: (key in a final run's results, label, better: "higher" | "lower" | None, scale)
+    "classifier": [
+        ("eval_accuracy", "test accuracy %", "higher", 100),
+        ("eval_loss", "test NLL", "lower", 1),
+        ("train_loss_end", "train loss at end", None, 1),
+    ],
     "gsm": [
-        ("eval_loss", "held-out answer loss", False, 1),
-        ("strict_format_rate", "#### N rate %", True, 100),
-        ("accuracy", "accuracy %", True, 100),
+        ("eval_loss", "held-out answer loss", "lower", 1),
+        ("eval_loss_min", "its minimum", "lower", 1),
+        ("train_loss_end", "train loss at end", None, 1),
+        ("gap", "held-out − train", "lower", 1),
+        ("strict_format_rate", "#### N rate %", "higher", 100),
+        ("accuracy", "accuracy %", "higher", 100),
+        ("polarity_nll", "polarity NLL", "lower", 1),
+        ("kl_to_base", "KL to base", "lower", 1),
+        ("fp_distance", "FP-distance", "lower", 1),
+        ("grad_norm", "grad norm", None, 1),
+        ("consistency_grad_ratio", "grad ratio", None, 1),
     ],
 }
 
 
 def final_results(plan: Plan, d: Dataset, arm: str) -> dict[int, dict]:
-    """seed -> {metric: value} of the arm's finished paired-seed runs."""
+    """seed -> {metric: value} of the arm's finished paired-seed runs: the held-out metrics at
+    the end (and the loss's minimum over the evaluations), train loss over the last 10% of steps,
+    means of the logged gradient norm and consistency/task gradient ratio, the probes."""
     try:
         sweep, _ = plan.sweep(d, "final", arm)
     except RuntimeError:
@@ -541,21 +637,38 @@ def final_results(plan: Plan, d: Dataset, arm: str) -> dict[int, dict]:
         out = sweep.run_dir(point)
         if not run_done(out):
             continue
-        row = {k: last(out, k) for k in (("eval_loss",) if d.gsm_eval else ("eval_loss", "eval_accuracy"))}
-        steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        train = [r["task_loss"] for r in steps if "task_loss" in r]
-        row["train_loss_end"] = statistics.fmean(train[-max(1, len(train) // 10) :])  # the last 10% of steps
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        series = {k: [r[k] for r in rows if k in r] for k in ("eval_loss", "eval_accuracy", "task_loss", "grad_norm")}
+        series["consistency_grad_ratio"] = [r["consistency_grad_ratio"] for r in rows if "consistency_grad_ratio" in r]
+        row = {"eval_loss": series["eval_loss"][-1], "eval_loss_min": min(series["eval_loss"])}
+        if series["eval_accuracy"]:
+            row["eval_accuracy"] = series["eval_accuracy"][-1]
+        train = series["task_loss"]
+        row["train_loss_end"] = statistics.fmean(train[-max(1, len(train) // 10) :])
+        row["gap"] = row["eval_loss"] - row["train_loss_end"]
+        for key in ("grad_norm", "consistency_grad_ratio"):
+            if series[key]:
+                row[key] = statistics.fmean(series[key])
         if (out / "gsm8k.json").exists():
             scores = json.loads((out / "gsm8k.json").read_text())
             row.update(strict_format_rate=scores["strict_format_rate"], accuracy=scores["accuracy"])
+        if (out / "probe.json").exists():
+            row.update(json.loads((out / "probe.json").read_text()))
         results[int(point[SEED_KEY])] = row
     return results
+
+
+def mean_std(values) -> str:
+    values = list(values)
+    if not values:
+        return "–"
+    return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values) if len(values) > 1 else 0:.2g}"
 
 
 def summarize(plan: Plan, d: Dataset) -> tuple[dict, str]:
     """(everything, markdown) of one dataset."""
     arms = {}
-    for arm in ARMS:
+    for arm in (a.name for a in d.arms):
         try:
             selected = plan.selected(d, arm)
             sweep_summary = json.loads((plan.sweep_dir(d, "sweep", arm) / "sweep.json").read_text())
@@ -568,52 +681,58 @@ def summarize(plan: Plan, d: Dataset) -> tuple[dict, str]:
             "sweep_command": " ".join(plan.sweep(d, "sweep", arm)[1][1:]),
         }
     metrics = METRICS["gsm" if d.gsm_eval else "classifier"]
+    metrics = [m for m in metrics if any(m[0] in r for a in arms.values() for r in a["final"].values())]
+    grids = "; ".join(
+        f"{a.name}: {' '.join(a.overrides) or 'the recipe'}"
+        + "".join(f", {k} ∈ {{{', '.join(v)}}}" for k, v in a.grid.items() if len(v) > 1)
+        for a in d.arms
+    )
+    baseline = d.arms[0].name
     lines = [
         f"### {d.name}: `{d.recipe}`",
         "",
-        f"Budget: λ ∈ {{{', '.join(d.lams)}}} x σ ∈ {{{', '.join(d.sigmas)}}} (noise: σ only; LoRA: none) "
-        f"x seeds {{{', '.join(map(str, d.sweep_seeds))}}}, selected on the validation split by {d.metric} "
-        f"({d.direction}); then seeds {{{', '.join(map(str, d.final_seeds))}}} at each arm's selected point, "
-        f"tested on the held-out test split.",
+        f"Arms ({grids}) x sweep seeds {{{', '.join(map(str, d.sweep_seeds))}}}, selected on the validation "
+        f"split by {d.metric} ({d.direction}); then seeds {{{', '.join(map(str, d.final_seeds))}}} at each arm's "
+        "selected point, tested on the held-out test split.",
         "",
+        "**Paired seeds** (mean ± std over seeds)",
+        "",
+        f"| arm | selected | val {d.metric} | seeds | " + " | ".join(m[1] for m in metrics) + " |",
+        "|---|---|---|---|" + "---|" * len(metrics),
     ]
-    base = arms["lora"]["final"]
-    for key, title, higher, scale in metrics:
-        if not any(key in r for a in arms.values() for r in a["final"].values()):
+    for arm, a in arms.items():
+        point = next((p for p in (a["sweep"] or {}).get("points", []) if p["params"] == a["selected"]), None)
+        val = "–" if point is None else f"{point['mean']:.4g} ± {point['std']:.2g}"
+        sel = "–" if a["selected"] is None else label(a["selected"], short=True)
+        cells = [mean_std(r[key] * scale for r in a["final"].values() if key in r) for key, _, _, scale in metrics]
+        lines.append(f"| {arm} | {sel} | {val} | {len(a['final'])} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"**Against {baseline} on the same seed** (Δ = arm − {baseline}, mean ± std; [better / worse / tie, "
+        "paired t-test p] where better is defined)",
+        "",
+        "| arm | " + " | ".join(m[1] for m in metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    for arm, a in arms.items():
+        if arm == baseline:
             continue
-        lines += [
-            f"**{title}** (Δ = arm - LoRA on the same seed; better = {'higher' if higher else 'lower'})",
-            "",
-            "| arm | selected | val " + d.metric + " | seeds | " + title + " mean ± std | Δ mean ± std | "
-            "better / worse / tie | paired t p | sign p | train loss at end |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for arm, a in arms.items():
+        cells = []
+        for key, _, better, scale in metrics:
             vals = {s: r[key] * scale for s, r in a["final"].items() if key in r}
-            ref = {s: r[key] * scale for s, r in base.items() if key in r}
-            point = next((p for p in (a["sweep"] or {}).get("points", []) if p["params"] == a["selected"]), None)
-            val = "–" if point is None else f"{point['mean']:.4g} ± {point['std']:.2g}"
-            sel = "–" if a["selected"] is None else label(a["selected"], short=True)
-            mean = (
-                "–"
-                if not vals
-                else f"{statistics.fmean(vals.values()):.4g} ± "
-                f"{statistics.stdev(vals.values()) if len(vals) > 1 else 0:.2g}"
-            )
-            trains = [r["train_loss_end"] for r in a["final"].values()]
-            train = "–" if not trains else f"{statistics.fmean(trains):.3g}"
-            if arm == "lora" or not vals:
-                lines.append(f"| {arm} | {sel} | {val} | {len(vals)} | {mean} | – | – | – | – | {train} |")
-                continue
-            p = paired(vals, ref, higher)
+            ref = {s: r[key] * scale for s, r in arms[baseline]["final"].items() if key in r}
+            p = paired(vals, ref, better == "higher")
             a.setdefault("paired", {})[key] = p
-            delta = "–" if p["mean"] is None else f"{p['mean']:+.3g} ± {p['std'] or 0:.2g}"
-            tp = "–" if p["t_p"] is None else f"{p['t_p']:.3g}"
-            lines.append(
-                f"| {arm} | {sel} | {val} | {len(vals)} | {mean} | {delta} | {p['better']} / {p['worse']} / "
-                f"{p['ties']} | {tp} | {p['sign_p']:.3g} | {train} |"
-            )
-        lines.append("")
+            if p["mean"] is None:
+                cells.append("–")
+                continue
+            cell = f"{p['mean']:+.3g} ± {p['std'] or 0:.2g}"
+            if better:
+                tp = "–" if p["t_p"] is None else f"{p['t_p']:.2g}"
+                cell += f" [{p['better']}/{p['worse']}/{p['ties']}, {tp}]"
+            cells.append(cell)
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines.append("")
     lines += ["Sweeps (validation split; heatmaps: `study_" + d.name + "_<arm>_heatmap.png`):", ""]
     for arm, a in arms.items():
         table = plan.sweep_dir(d, "sweep", arm) / "sweep.md"
@@ -680,7 +799,7 @@ def main(argv=None) -> int:
     for d in args.datasets:
         hours = "" if args.smoke else f", ~{estimate_hours(d, args.jobs):.1f} h at {args.jobs} side by side"
         print(
-            f"[study] {d.name}: {runs_of(d)} runs{hours} (grid {len(d.lams)}x{len(d.sigmas)}, sweep seeds "
+            f"[study] {d.name}: {runs_of(d)} runs{hours} ({len(d.arms)} arms, sweep seeds "
             f"{list(d.sweep_seeds)}, final seeds {list(d.final_seeds)})",
             flush=True,
         )
@@ -691,7 +810,7 @@ def main(argv=None) -> int:
         plan.inputs[d.name] = d.prepare()
     if args.dry_run:
         for d in args.datasets:
-            for arm in ARMS:
+            for arm in (a.name for a in d.arms):
                 print(f"  {d.name}/{arm}: {' '.join(plan.sweep(d, 'sweep', arm)[1])}")
         return 0
     if not args.summary:
