@@ -79,24 +79,38 @@ def measure(model, batch, form: str, seed: int) -> dict:
     torch.manual_seed(seed)
     ratio_full = consistency_grad_ratio(full, model, batch, step=0)
 
-    counts = TokenOutputs().forward(model, batch).counts
-    cache = OutputCache(counts.tolist(), cache_dim(model), sample_ids=batch["sample_id"].tolist())
-    fast = PaceObjective("fast", lam=1.0, cache=cache, consistency=form)
-    torch.manual_seed(seed + 1000)
-    with torch.no_grad():
-        fast(model, batch, 0)  # the target: this sample's output under another draw
-    torch.manual_seed(seed)
-    with torch.no_grad(), fast.scope(0, batch):
-        fast_values = fast(model, batch, 0, write_cache=False)
+    fast, value_fast = fast_value(model, batch, form, target_seed=seed + 1000, seed=seed)
     torch.manual_seed(seed)
     ratio_fast = consistency_grad_ratio(fast, model, batch, step=0)
+    value_fast_fp32 = fast_value(model, batch, form, seed + 1000, seed, dtype=torch.float32)[1]
     return {
         "task_loss": values.task_loss.item(),
         "value_full": values.consistency_loss.item(),
         "ratio_full": ratio_full,
-        "value_fast": fast_values.consistency_loss.item(),
+        "value_fast": value_fast,
         "ratio_fast": ratio_fast,
+        # the cache's bf16 rounding: the term with an fp32 target, and the term's floor (the
+        # target is the very output it is compared with, so only the rounding is left)
+        "value_fast_fp32": value_fast_fp32,
+        "bf16_error": abs(value_fast - value_fast_fp32) / value_fast_fp32,
+        "bf16_floor": fast_value(model, batch, form, seed, seed)[1],
     }
+
+
+def fast_value(model, batch, form: str, target_seed: int, seed: int, dtype=None) -> tuple[PaceObjective, float]:
+    """(PACE_fast objective, its consistency per output) with the cache holding this batch's
+    output under the noise draw of `target_seed`, stored in `dtype` (default: the cache's bf16)."""
+    counts = TokenOutputs().forward(model, batch).counts
+    options = {} if dtype is None else {"dtype": dtype}
+    cache = OutputCache(counts.tolist(), cache_dim(model), sample_ids=batch["sample_id"].tolist(), **options)
+    fast = PaceObjective("fast", lam=1.0, cache=cache, consistency=form)
+    torch.manual_seed(target_seed)
+    with torch.no_grad():
+        fast(model, batch, 0)  # writes the target
+    torch.manual_seed(seed)
+    with torch.no_grad(), fast.scope(0, batch):
+        value = fast(model, batch, 0, write_cache=False).consistency_loss.item()
+    return fast, value
 
 
 def main():
@@ -129,6 +143,8 @@ def main():
                 1 / summary["ratio_full"],
                 summary["value_fast"],
                 summary["ratio_fast"],
+                summary["bf16_error"],
+                summary["bf16_floor"] / summary["value_fast"],
             ]
         )
         print(f"{form}: {rows[-1][1:]}", flush=True)
@@ -140,6 +156,8 @@ def main():
         "λ for ratio 1",
         "value / output (fast)",
         "grad ratio at λ=1 (fast)",
+        "bf16 cache: error of the fast value",
+        "bf16 floor / fast value",
     ]
     table = common.markdown_table(headers, rows)
     note = (

@@ -175,6 +175,7 @@ class TrainSection:
     # NEFTune: uniform noise α / sqrt(L·d) on the input embeddings, L each sample's length
     # (pace_llm/core/neftune.py); 0 = off. Its paper's values: 5, 10, 15
     neftune_alpha: float = 0.0
+    dist_timeout_minutes: float = 30.0  # a collective's wait for the slowest rank before the run fails
     export_check: bool = True  # compare merged-model logits with the trained model's
     # trackers besides metrics.jsonl (always): tensorboard, wandb, mlflow (training/metrics.py)
     report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
@@ -191,7 +192,7 @@ class DeepSpeedSection:
 @dataclasses.dataclass
 class Recipe:
     output_dir: str = "outputs/run"
-    resume: bool = False
+    resume: Union[bool, Literal["auto"]] = False  # auto: resume when output_dir has a checkpoint, else start
     resume_force: bool = False  # resume even though the recipe changed in ways that break exactness
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     pace: PaceConfig = dataclasses.field(default_factory=PaceConfig)  # pace_llm/core/pace_config.py
@@ -284,7 +285,13 @@ def _set_override(tree: dict, override: str) -> None:
     if "=" not in override:
         raise RecipeError(f"override {override!r} is not of the form section.key=value")
     path, raw = override.split("=", 1)
-    value = _yaml(raw) if raw != "" else None
+    try:
+        value = _yaml(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise RecipeError(
+            f"override {override!r}: the value is not valid YAML ({problem}); quote it as a string"
+        ) from None
     node = tree
     parts = path.split(".")
     for part in parts[:-1]:
@@ -331,7 +338,12 @@ def validate(r: Recipe) -> None:
     need(0 <= r.deepspeed.zero_stage <= 3, "deepspeed.zero_stage", "0, 1, 2 or 3")
     need(r.train.micro_batch_size >= 1, "train.micro_batch_size", "an integer >= 1")
     need(r.train.gradient_accumulation >= 1, "train.gradient_accumulation", "an integer >= 1")
-    need(r.train.lr > 0, "train.lr", "a value > 0")
+    need(0 < r.train.lr < float("inf"), "train.lr", "a finite value > 0")  # also false for nan
+    need(r.train.epochs >= 1, "train.epochs", "an integer >= 1")
+    need(r.train.log_every >= 1, "train.log_every", "an integer >= 1")
+    need(r.train.eval_every >= 0, "train.eval_every", "an integer >= 0 (0: at the end only)")
+    need(r.train.save_every >= 0, "train.save_every", "an integer >= 0 (0: at the end only)")
+    need(r.train.keep_checkpoints >= 0, "train.keep_checkpoints", "an integer >= 0 (0: keep all)")
     need(
         r.train.warmup_ratio is None or 0 <= r.train.warmup_ratio < 1,
         "train.warmup_ratio",
@@ -346,6 +358,7 @@ def validate(r: Recipe) -> None:
     need(r.train.stop_after is None or r.train.stop_after >= 1, "train.stop_after", "an integer >= 1")
     need(r.train.grad_ratio_every >= 0, "train.grad_ratio_every", "an integer >= 0")
     need(r.train.neftune_alpha >= 0, "train.neftune_alpha", "a value >= 0")
+    need(0 < r.train.dist_timeout_minutes < float("inf"), "train.dist_timeout_minutes", "minutes > 0")
     need(
         not r.train.neftune_alpha or kind.uses_tokenizer,
         "train.neftune_alpha",

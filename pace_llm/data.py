@@ -22,6 +22,18 @@ import torch
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # datasets reads these compressed files as they are
+
+
+def file_format(source: str) -> str | None:
+    """The datasets builder of a local data file by its suffix (any case, compressed too:
+    train.JSONL, train.jsonl.gz), or None for a hub id."""
+    suffixes = [s.lower() for s in Path(source).suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return _FILE_FORMATS.get(suffixes[-1]) if suffixes else None
+
+
 class DataError(ValueError):
     pass
 
@@ -56,20 +68,30 @@ def load_examples(
         examples = datasets.Dataset.from_list(
             generators[source](64 if split == "train" else 16, seed=seed + (split != "train"))
         )
-    elif Path(source).suffix in _FILE_FORMATS:
+    elif builder := file_format(source):
         if not Path(source).exists():
             raise DataError(f"data file {source} does not exist")
-        options = {"delimiter": "\t"} if Path(source).suffix == ".tsv" else {}
+        options = {"delimiter": "\t"} if ".tsv" in [s.lower() for s in Path(source).suffixes] else {}
         try:
-            examples = datasets.load_dataset(
-                _FILE_FORMATS[Path(source).suffix], data_files=source, split="train", **options
-            )
-        except datasets.exceptions.DatasetGenerationError:
-            if _FILE_FORMATS[Path(source).suffix] == "json":
+            examples = datasets.load_dataset(builder, data_files=source, split="train", **options)
+        except (datasets.exceptions.DatasetGenerationError, ValueError) as err:  # ValueError: pyarrow's
+            if builder == "json" and Path(source).suffix.lower() in (".json", ".jsonl"):
                 check_json_lines(source)  # names the line; datasets' error does not
-            raise
+            cause = err.__cause__ or err  # e.g. a column whose type changes between rows
+            raise DataError(f"data file {source} could not be read as {builder}: {cause}") from None
     else:
-        examples = datasets.load_dataset(source, hub_config, split=split)
+        try:
+            examples = datasets.load_dataset(source, hub_config, split=split)
+        except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+            raise DataError(
+                f"data {source!r} is neither a local file (.jsonl, .json, .csv, .tsv, .parquet, optionally "
+                f"{'/'.join(COMPRESSIONS)}) nor a hub dataset that can be loaded here: {err}"
+            ) from None
+    if "sample_id" in examples.column_names:
+        raise DataError(
+            f"data {source} has a column 'sample_id', the name pace-llm gives each example's index "
+            "(the PACE_fast cache key): rename that column"
+        )
     examples = examples.add_column("sample_id", list(range(len(examples))))
     return examples.select(range(min(limit, len(examples)))) if limit else examples
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -47,8 +48,26 @@ def model_source(model_section, out: Path) -> str | Path:
     return name
 
 
+def named_source(source, what: str):
+    """Turns transformers' OSError for a missing folder or an unreachable hub id into a
+    RecipeError that names model.name (exit 2, no traceback)."""
+    from pace_llm.config import RecipeError
+
+    @contextlib.contextmanager
+    def scope():
+        if str(source).startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
+            raise RecipeError(f"model.name={str(source)!r}: no such folder")
+        try:
+            yield
+        except OSError as err:
+            raise RecipeError(f"model.name={str(source)!r}: cannot load its {what}: {err}") from None
+
+    return scope()
+
+
 def load_tokenizer(source):
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    with named_source(source, "tokenizer"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -67,4 +86,5 @@ def load_base(model_section, source, auto_class, **task_kwargs) -> torch.nn.Modu
             bnb_4bit_quant_type="nf4",
             bnb_4bit_compute_dtype=DTYPES[m.dtype],
         )
-    return auto_class.from_pretrained(source, **kwargs)
+    with named_source(source, "weights"):
+        return auto_class.from_pretrained(source, **kwargs)

@@ -42,6 +42,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -50,7 +51,7 @@ from pathlib import Path
 
 from pace_llm.config import RecipeError, eval_key, load_recipe
 from pace_llm.distributed.launcher import LAUNCHERS, train_command
-from pace_llm.files import file_lock
+from pace_llm.files import file_lock, read_rows
 
 SEED_KEY = "train.seed"
 POINT_ATTR = "point"  # a trial's user attribute: its grid point, {key: value as given}
@@ -90,6 +91,9 @@ def parse_grid(specs: list[str]) -> dict[str, list[str]]:
     return grid
 
 
+METRICS = ("eval_loss", "eval_accuracy", "loss", "task_loss")  # what a run's metrics.jsonl logs to select on
+
+
 @dataclasses.dataclass
 class Sweep:
     recipe: str
@@ -108,6 +112,11 @@ class Sweep:
 
     def __post_init__(self):
         self.sweep_dir = Path(self.sweep_dir).resolve()
+        if any(o.split("=", 1)[0] in ("output_dir", "resume") for o in self.overrides):
+            raise SweepError(
+                "output_dir and resume are the sweep's: each run goes to SWEEP_DIR/runs/<point>/ and resumes "
+                "from its own checkpoint; choose the folder with --sweep-dir"
+            )
         if self.direction not in ("min", "max"):
             raise SweepError(f"--direction {self.direction!r}: expected min or max")
         if self.launcher not in LAUNCHERS:
@@ -168,9 +177,16 @@ class Sweep:
             raise SweepError(f"grid point {point}: {err}") from None
 
     def check(self) -> None:
-        """Every point's recipe loads (keys and types checked) before anything runs."""
+        """Every point's recipe loads (keys and types checked), and its runs will log the
+        metric, before anything runs."""
+        if self.metric not in METRICS:
+            raise SweepError(f"--metric {self.metric!r}: expected one of {', '.join(METRICS)}")
         for point in self.points():
-            self.load(point)
+            recipe = self.load(point)
+            if self.metric.startswith("eval_") and not recipe.data.eval:
+                raise SweepError(f"--metric {self.metric}: the runs evaluate nothing (set data.eval)")
+            if self.metric == "eval_accuracy" and recipe.model.task == "causal_lm":
+                raise SweepError("--metric eval_accuracy: a causal_lm run logs eval_loss, not accuracy")
         self.search_space()
 
     # --- one run -------------------------------------------------------------------------
@@ -187,7 +203,7 @@ class Sweep:
 def read_metric(run_dir: Path, metric: str) -> float:
     """The last logged value of `metric` in the run's metrics.jsonl (the end-of-training eval)."""
     path = run_dir / "metrics.jsonl"
-    values = [row[metric] for row in map(json.loads, path.read_text().splitlines()) if metric in row]
+    values = [row[metric] for row in read_rows(path) if metric in row]
     if not values:
         raise TrainingFailed(f"{path} logs no {metric} (eval_loss needs data.eval; eval_accuracy a classifier)")
     return float(values[-1])
@@ -247,6 +263,11 @@ def _lock_path(sweep: Sweep) -> Path:
     return sweep.sweep_dir / ".sweep.lock"
 
 
+def redact(url: str) -> str:
+    """A storage URL without its password: postgresql://user:***@host/db."""
+    return re.sub(r"(://[^:/@]+:)[^/]*@", r"\1***@", url)  # up to the last @ before the path
+
+
 def open_study(sweep: Sweep):
     """The sweep's study, created by the first worker and loaded by the others, on a storage
     that records heartbeats and queues a retry of every trial whose heartbeat went stale."""
@@ -257,14 +278,18 @@ def open_study(sweep: Sweep):
     sweep.sweep_dir.mkdir(parents=True, exist_ok=True)
     # Two workers creating the same SQLite file's tables at once can collide: one at a time.
     with file_lock(_lock_path(sweep)), _experimental_ok():
-        storage = optuna.storages.RDBStorage(
-            sweep.storage,
-            heartbeat_interval=sweep.heartbeat_interval,
-            grace_period=sweep.grace_period,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-            # a worker waits for another's write (SQLite locks the whole file) instead of failing
-            engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else None,
-        )
+        try:
+            storage = optuna.storages.RDBStorage(
+                sweep.storage,
+                heartbeat_interval=sweep.heartbeat_interval,
+                grace_period=sweep.grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+                # a worker waits for another's write (SQLite locks the whole file) instead of failing
+                engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else None,
+            )
+        except Exception as err:  # noqa: BLE001 (SQLAlchemy's URL, driver and connection errors, all named here)
+            message = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise SweepError(f"--storage {redact(sweep.storage)}: cannot open it ({message})") from None
         # The values come from the queue: the sampler is never asked for one (a trial created
         # outside the queue is failed before it suggests anything).
         study = optuna.create_study(
@@ -277,7 +302,7 @@ def open_study(sweep: Sweep):
     saved = study.user_attrs.get("grid")
     if saved is not None and saved != sweep.grid:
         raise SweepError(
-            f"study {sweep.study_name!r} in {sweep.storage} was started with the grid {saved}, "
+            f"study {sweep.study_name!r} in {redact(sweep.storage)} was started with the grid {saved}, "
             f"not {sweep.grid}: use another --sweep-dir or --study"
         )
     study.set_user_attr("grid", sweep.grid)  # the same value from every worker: no race to lose
@@ -488,7 +513,7 @@ def summarize(sweep: Sweep, study) -> dict:
         "metric": sweep.metric,
         "direction": sweep.direction,
         "grid": sweep.grid,
-        "storage": sweep.storage,
+        "storage": redact(sweep.storage),  # sweep.json is shared and committed: no password
         "study": sweep.study_name,
         "trials_complete": sum(r["n"] for r in rows),
         "trials_total": len(sweep.points()),

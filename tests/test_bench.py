@@ -104,4 +104,7 @@ def test_consistency_calibration_smoke(tmp_path):
         for key in ("value_full", "ratio_full", "value_fast", "ratio_fast"):
             assert 0 < summary[key] < float("inf"), (key, summary)
     assert forms["raw_sum"]["ratio_full"] > 10 * forms["centred_mse"]["ratio_full"]
+    for summary in forms.values():  # the bf16 cache: a rounding floor above 0, far below the term
+        assert 0 < summary["bf16_floor"] < 0.01 * summary["value_fast"], summary
+        assert summary["bf16_error"] < 0.01, summary
     assert (out / "consistency_calibration_smoke.md").read_text().count("|") > 20

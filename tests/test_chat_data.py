@@ -140,6 +140,11 @@ def test_a_mixture_has_unique_ids_and_weighted_counts(tmp_path, phi3):
     assert [s["sample_id"] for s in again] == ids
     single, _ = get_task(load_recipe(None, [f"data.train={a}"]), phi3).datasets()
     assert [s["sample_id"] for s in single] == list(range(10))
+    tiny_share = load_recipe(None, [f"data.train=[{{path: {a}}}, {{path: {b}, weight: 0.05}}]"])  # 0.05 x 6 -> 0
+    with pytest.raises(
+        DataError, match=r"data.train\[1\].weight=0.05 takes 0.05 x 6 samples of .*b.jsonl, which rounds"
+    ):
+        get_task(tiny_share, phi3).datasets()
 
 
 GOOD = example_in("messages")

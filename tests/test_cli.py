@@ -268,3 +268,14 @@ def test_serve_command_adds_the_defaults_the_user_did_not_set(tmp_path):
     assert plan_server([str(tmp_path)], cpu).added[:2] == ["--dtype", "bfloat16"]
     with pytest.raises(ServeError, match="config.json not found"):
         plan_server([str(tmp_path / "missing")], cpu)
+
+
+@pytest.mark.parametrize("demo", [[], ["polarity"], ["fashion"]])
+def test_a_demo_refuses_to_delete_a_folder_it_did_not_make(tmp_path, demo):
+    """Each demo starts by emptying its output folder: one holding someone else's files stops it
+    at once (exit 2, the folder named, nothing deleted, nothing prepared)."""
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = pace_llm("demo", *demo, "--output-dir", str(tmp_path))
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert f"{tmp_path} exists and was not made by a pace-llm demo" in proc.stderr and proc.stdout == ""
+    assert (tmp_path / "notes.txt").read_text() == "mine"

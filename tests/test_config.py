@@ -40,7 +40,7 @@ def test_overrides_and_yaml_1_2_scalars():
         ("trian.lr=1", "unknown recipe key 'trian' (did you mean train?)"),
         ("pace.mode=slow", "pace.mode: expected one of ['off', 'noise', 'full', 'fast', 'lazy_half'], got 'slow'"),
         ("train.epochs=1.5", "train.epochs: expected int, got 1.5"),
-        ("resume=yes", "resume: expected bool, got 'yes'"),
+        ("resume=yes", "resume: expected bool or one of ['auto'], got 'yes'"),
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage: expected 0, 1, 2 or 3, got 4"),
         ("pace.sigma=-1", "pace.sigma: expected a value >= 0, got -1.0"),
         ("model=phi3", "model: expected a section (mapping), got 'phi3'"),
@@ -48,6 +48,17 @@ def test_overrides_and_yaml_1_2_scalars():
         ("train.micro_batch_size=0", "train.micro_batch_size: expected an integer >= 1"),
         ("data.sample=0", "data.sample: expected an integer >= 1 or null"),
         ("train.loss_normalization=token", "train.loss_normalization: expected one of ['step', 'micro_batch'] or null"),
+        # non-finite or out-of-range values reached a traceback (or trained on nan) before #24
+        ("train.lr=.inf", "train.lr: expected a finite value > 0, got inf"),
+        ("train.lr=.nan", "train.lr: expected a finite value > 0, got nan"),
+        ("pace.lam=.inf", "pace.lam: expected a finite value >= 0, got inf"),
+        ("pace.sigma=.nan", "pace.sigma: expected a value >= 0, got nan"),
+        ("pace.dropout=1", "pace.dropout: expected a probability in [0, 1), got 1.0"),
+        ("train.log_every=0", "train.log_every: expected an integer >= 1, got 0"),
+        ("train.epochs=0", "train.epochs: expected an integer >= 1, got 0"),
+        ("train.keep_checkpoints=-1", "train.keep_checkpoints: expected an integer >= 0 (0: keep all), got -1"),
+        ('model.name="x', """override 'model.name="x': the value is not valid YAML (found unexpected end of stream)"""),
+        ("train.dist_timeout_minutes=0", "train.dist_timeout_minutes: expected minutes > 0, got 0.0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

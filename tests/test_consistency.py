@@ -148,10 +148,11 @@ def test_fast_pace_uses_the_cached_hidden_states_through_the_frozen_head(name, k
     assert logged > 0
 
 
-def test_the_raw_sum_is_the_default_of_both_output_kinds_for_now():
+def test_defaults_centred_mse_for_language_models_and_the_papers_sum_for_classifiers():
     from pace_llm.core.outputs import SampleOutputs
 
-    assert TokenOutputs.default_consistency == SampleOutputs.default_consistency == "raw_sum"
+    assert TokenOutputs.default_consistency == "centred_mse"
+    assert SampleOutputs.default_consistency == "raw_sum"
     assert PaceObjective.from_config(PaceConfig(consistency="kl")).form.name == "kl"
 
 

@@ -70,6 +70,40 @@ def test_missing_file_is_named(tmp_path):
         load_examples(str(tmp_path / "nope.jsonl"))
 
 
+def test_file_suffixes_in_any_case_and_compressed_are_files_not_hub_ids(tmp_path):
+    import gzip
+
+    rows = [{"question": "q", "answer": "a"}]
+    upper = write_jsonl(tmp_path / "train.JSONL", rows)
+    packed = tmp_path / "train.jsonl.gz"
+    packed.write_bytes(gzip.compress(json.dumps(rows[0]).encode() + b"\n"))
+    for path in (upper, str(packed)):
+        assert load_examples(path)[0] == {**rows[0], "sample_id": 0}
+    with pytest.raises(DataError, match="data file .*missing.jsonl.gz does not exist"):
+        load_examples(str(tmp_path / "missing.jsonl.gz"))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"question": "q", "sample_id": 7}\n', "has a column 'sample_id', the name pace-llm gives"),
+        ("a,b\n1,2\n3,4,5,6\n", "could not be read as csv: .*Expected 2 fields in line 3, saw 4"),
+        ("not parquet at all", "could not be read as parquet: Parquet magic bytes not found"),
+    ],
+)
+def test_unreadable_data_is_named(tmp_path, content, message):
+    suffix = {"a": ".csv", "n": ".parquet"}.get(content[0], ".jsonl")
+    path = tmp_path / f"train{suffix}"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_examples(str(path))
+
+
+def test_an_unknown_hub_id_is_named():
+    with pytest.raises(DataError, match="data 'no-such-user/no-such-dataset' is neither a local file"):
+        load_examples("no-such-user/no-such-dataset")
+
+
 def test_collator_pads_right_and_masks_labels():
     samples = [
         {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "sample_id": 3},
@@ -151,3 +185,21 @@ def test_deepspeed_config_from_recipe_and_from_json(tmp_path):
         deepspeed_engine.build_config(recipe, world=2)
     with pytest.raises(RecipeError, match="offload_params needs deepspeed.zero_stage=3"):
         deepspeed_engine.build_config(load_recipe(None, ["deepspeed.offload_params=true"]), world=1)
+
+
+@pytest.mark.parametrize("label, shown", [(2, "2"), (-1, "-1"), ("pos", "'pos'")])
+def test_a_class_label_outside_num_labels_is_named(tmp_path, label, shown):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"sentence": "good", "label": 1}, {"sentence": "x", "label": label}])
+    recipe = load_recipe("recipes/tiny_cls.yaml", [f"data.train={path}", "data.eval=null"])
+    with pytest.raises(DataError, match=rf"row 2, field 'label': label {shown} is not a class index in \[0, 2\)"):
+        get_task(recipe, tiny_tokenizer(chat_template=False)).datasets()
+
+
+def test_gsm8k_references_without_a_final_answer_are_named_before_generation(tmp_path):
+    from pace_llm.benchmarks.gsm8k import load_problems
+
+    path = write_jsonl(
+        tmp_path / "test.jsonl", [{"question": "q", "answer": "2 #### 2"}, {"question": "r", "answer": "4"}]
+    )
+    with pytest.raises(DataError, match="test.jsonl, row 2, field 'answer': GSM-8K answer without '####'"):
+        load_problems(path)

@@ -3,10 +3,21 @@
 import json
 import multiprocessing
 import time
+from pathlib import Path
 
 import pytest
 
-from pace_llm.files import MARKER, atomic_dir, prepare_once
+from pace_llm.files import (
+    DEMO_MARKER,
+    MARKER,
+    OutputFolderError,
+    atomic_dir,
+    check_deletable,
+    fresh_dir,
+    prepare_once,
+    read_rows,
+    truncate_rows,
+)
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):
@@ -86,3 +97,74 @@ def test_prepare_once_concurrent_callers_build_once(tmp_path):
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     assert log.read_text() == "built\n" and (folder / MARKER).exists()
+
+
+def test_a_demo_deletes_only_folders_it_made(tmp_path):
+    """fresh_dir empties a folder it marked before (or a new or empty one) and refuses a folder of
+    someone else's, the checkout, home, the root and their ancestors, naming the folder."""
+    out = fresh_dir(tmp_path / "demo")
+    (out / "old-result.json").write_text("{}")
+    assert fresh_dir(out) == out and sorted(p.name for p in out.iterdir()) == [DEMO_MARKER]
+    (tmp_path / "empty").mkdir()
+    fresh_dir(tmp_path / "empty")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputFolderError, match=f"{mine} exists and was not made by a pace-llm demo"):
+        fresh_dir(mine)
+    assert (mine / "thesis.tex").exists()
+    with pytest.raises(OutputFolderError, match="is a file, not a folder"):
+        fresh_dir(mine / "thesis.tex")
+    legacy = tmp_path / "demo-gsm8k"  # written by a demo before the marker existed
+    legacy.mkdir()
+    (legacy / "demo.log").write_text("...")
+    assert list(fresh_dir(legacy).iterdir()) == [legacy / DEMO_MARKER]
+    checkout = Path(__file__).resolve().parents[1]
+    for folder in (checkout, checkout.parent, Path.home(), Path("/")):  # the check alone: nothing here may be deleted
+        with pytest.raises(OutputFolderError, match="choose a folder of its own"):
+            check_deletable(folder)
+    assert (checkout / "README.md").exists()
+
+
+class _Planted:
+    def __reduce__(self):  # unpickling this would run code
+        return (Path("/tmp/pace-llm-planted").write_text, ("ran",))
+
+
+def test_checkpoint_rank_state_round_trips_as_data_and_runs_no_code(tmp_path):
+    """pace_rank*.pt holds the RNG states and the PACE_fast cache as tensors and numbers, read
+    back with weights_only=True; a file that needs code to unpickle is refused, unexecuted."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from pace_llm.core.cache import OutputCache
+    from pace_llm.distributed.deepspeed_engine import _rng_state, _set_rng_state, load_rank_state
+
+    cache = OutputCache([2, 1], dim=3)
+    cache.write([0, 1], torch.arange(9.0).view(3, 3))
+    torch.save({"rng": _rng_state(), "cache": cache.state_dict()}, tmp_path / "pace_rank0.pt")
+    drawn = (random.random(), np.random.randn(), torch.rand(1).item())
+    state = load_rank_state(tmp_path / "pace_rank0.pt")
+    _set_rng_state(state["rng"])
+    assert (random.random(), np.random.randn(), torch.rand(1).item()) == drawn
+    restored = OutputCache([2, 1], dim=3)
+    assert restored.load_state_dict(state["cache"]) == 2 and torch.equal(restored.values, cache.values)
+
+    Path("/tmp/pace-llm-planted").unlink(missing_ok=True)
+    torch.save({"rng": _Planted()}, tmp_path / "pace_rank1.pt")
+    with pytest.raises(RuntimeError, match="pace_rank1.pt holds more than tensors and numbers"):
+        load_rank_state(tmp_path / "pace_rank1.pt")
+    assert not Path("/tmp/pace-llm-planted").exists()
+
+
+def test_metrics_rows_survive_a_torn_line_and_a_resume_drops_what_it_logs_again(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-write
+    assert read_rows(path) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    assert truncate_rows(path, after_step=1) == 1  # resumed from step 1's checkpoint
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n'
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl, line 2: not a JSON row"):
+        read_rows(path)

@@ -66,6 +66,7 @@ def test_torchrun_command_places_the_node():
         "--master_addr=gpu07",
         "--master_port=29734",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGUSR1",
+        "--shutdown-timeout=280",  # Slurm's 300 s signal lead, less a margin (torchrun's own: 30 s)
         "bench/x.py",
         "--smoke",
     ]

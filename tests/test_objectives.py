@@ -145,7 +145,7 @@ def test_full_consistency_and_task_loss_by_hand(kind):
     model = adapted(kind, sigma=1.0)
     batch = lm_batch() if kind == "llama" else make_batch(kind)
     lam = 0.3
-    objective = pace_llm.PaceObjective("full", lam=lam)
+    objective = pace_llm.PaceObjective("full", lam=lam, consistency="raw_sum")  # the paper's definition, by hand
     objective(model, batch)  # first call: may switch attention to eager (RoBERTa)
     torch.manual_seed(7)
     out = objective(model, batch)
@@ -209,7 +209,7 @@ def test_fast_causal_lm_caches_hidden_states():
     assert counts.tolist() == [7, 6, 5, 4]
     cache = pace_llm.OutputCache(counts.tolist(), pace_llm.cache_dim(model))
     assert cache.nbytes == int(counts.sum()) * hidden * 2
-    objective = pace_llm.PaceObjective("fast", lam=0.1, cache=cache)
+    objective = pace_llm.PaceObjective("fast", lam=0.1, cache=cache, consistency="raw_sum")
 
     torch.manual_seed(20)
     out0 = objective(model, batch, 0)
@@ -240,7 +240,7 @@ def test_fast_samples_without_a_stored_output_get_no_term(kind):
     batch = lm_batch() if kind == "llama" else make_batch(kind)
     counts = pace_llm.supervised_counts(batch["labels"]).tolist()
     cache = pace_llm.OutputCache(counts, pace_llm.cache_dim(model))
-    objective = pace_llm.PaceObjective("fast", lam=1.0, cache=cache)
+    objective = pace_llm.PaceObjective("fast", lam=1.0, cache=cache, consistency="raw_sum")
     some = subset(batch, [2, 0])
     assert objective(model, some, 0).consistency_loss.item() == 0.0
     stored, has = cache.read(batch["sample_id"])
@@ -312,3 +312,13 @@ def test_dropout_is_unpaired_again_after_a_full_step():
     assert F.dropout is TORCH_DROPOUT
     y = torch.nn.Dropout(0.5).train()(torch.ones(4, 64))
     assert not torch.equal(y[:2], y[2:])  # independent masks for the two halves
+
+
+def test_pace_fast_warns_in_runs_too_short_for_its_target():
+    """One epoch: no step has a target (the run is noise-only); a few: the term is mostly the model's
+    movement between epochs; long runs: nothing to say."""
+    from pace_llm.core.objectives import FAST_MIN_EPOCHS, fast_epochs_warning
+
+    assert "noise-only" in fast_epochs_warning(1) and "pace.mode=full" in fast_epochs_warning(1)
+    assert "moved in an epoch" in fast_epochs_warning(3)
+    assert fast_epochs_warning(FAST_MIN_EPOCHS) is None

@@ -72,3 +72,44 @@ def test_progress_counts_only_this_runs_datasets(tmp_path):
         (run / "run_status.json").write_text(json.dumps({"status": status}))
     plan = study.Plan(tmp_path, tmp_path / "results", smoke=False, grace_period=120)
     assert study.Study(plan, [study.DATASETS["polarity_n256"]], jobs=2).runs_done() == 1
+
+
+def test_forms_study_arms_tables_and_metrics(tmp_path):
+    """The causal-LM study's arms reach launch/sweep.py as overrides + grid; a final run's
+    metrics (held-out loss at the end and its minimum, gap, gradient numbers, probes) reach
+    both tables, with Δ against LoRA on the same seed."""
+    d = study.DATASETS["smollm2_gsm_forms"]
+    assert [a.name for a in d.arms] == [
+        "lora", "neftune", "noise", "full_centred", "full_kl", "fast_centred", "fast_kl"
+    ]  # fmt: skip
+    plan = study.Plan(tmp_path, tmp_path / "results", smoke=False, grace_period=120, inputs={d.name: ([], "t.jsonl")})
+    _, cmd = plan.sweep(d, "sweep", "fast_kl")
+    assert "pace.consistency=kl" in cmd and "pace.mode=fast" in cmd
+    assert cmd[cmd.index("--grid") + 1 : cmd.index("--seeds")] == ["pace.lam=2,20,200"]
+    for arm, lam_key, loss in (("lora", "pace.mode", 1.0), ("full_centred", "pace.lam", 0.9)):
+        sweep, _ = plan.sweep(d, "sweep", arm)
+        value = d.arm(arm).grid[lam_key][0]
+        sweep.sweep_dir.mkdir(parents=True)
+        point = {"params": {lam_key: value}, "n": 1, "mean": loss, "std": 0.0}
+        (sweep.sweep_dir / "sweep.json").write_text(json.dumps({"grid": {"train.seed": ["0"]}, "points": [point]}))
+        sweep.run_dir({lam_key: value, "train.seed": "0"}).mkdir(parents=True)
+        (sweep.run_dir({lam_key: value, "train.seed": "0"}) / "metrics.jsonl").write_text(
+            json.dumps({"eval_loss": loss})
+        )
+        final, _ = plan.sweep(d, "final", arm)
+        for seed in d.final_seeds:
+            run = final.run_dir({lam_key: value, "train.seed": str(seed)})
+            run.mkdir(parents=True)
+            rows = [{"step": s, "task_loss": 0.5, "grad_norm": 1.0} for s in range(1, 7)]
+            rows[2]["eval_loss"], rows[5]["eval_loss"] = loss, loss + 0.2  # its minimum, then a rise
+            (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+            (run / "run_status.json").write_text('{"status": "done"}')
+            probe = {"polarity_nll": 5.0 + loss, "kl_to_base": 0.1, "fp_distance": 0.2, "base_polarity_nll": 5.0}
+            (run / "probe.json").write_text(json.dumps(probe))
+    results = study.final_results(plan, d, "full_centred")
+    assert results[100]["eval_loss"] == 1.1 and results[100]["eval_loss_min"] == 0.9
+    assert results[100]["gap"] == 1.1 - 0.5 and results[100]["polarity_nll"] == 5.9
+    _, table = study.summarize(plan, d)
+    overview, against = table.split("**Against lora")
+    assert "| full_centred | lam=0.3 | 0.9 ± 0 | 3 | 1.1 ± 0 | 0.9 ± 0 |" in overview
+    assert "| full_centred | -0.1 ± 0 [3/0/0, 0] | -0.1 ± 0 [3/0/0, 0] |" in against

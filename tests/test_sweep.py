@@ -249,3 +249,32 @@ def test_slurm_array_dry_run_prints_each_tasks_command():
             "launch/sweep.py --launcher torchrun --nproc 4 recipes/tiny.yaml --grid pace.lam=0.1,0.5 "
             "--storage postgresql://db/pace" in line
         )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--metric", "eval_acc"], "--metric 'eval_acc': expected one of eval_loss, eval_accuracy"),
+        (["--metric", "eval_accuracy"], "--metric eval_accuracy: a causal_lm run logs eval_loss, not accuracy"),
+        (["data.eval=null", "--metric", "eval_loss"], "--metric eval_loss: the runs evaluate nothing"),
+        (["--storage", "nosuchdb://user:secret@host/db"], "--storage nosuchdb://user:***@host/db: cannot open it"),
+        (["output_dir=/tmp/elsewhere"], "output_dir and resume are the sweep's: each run goes to SWEEP_DIR/runs/"),
+    ],
+)
+def test_a_sweep_that_cannot_work_stops_before_any_run(tmp_path, args, message):
+    """Named, exit 2, before training anything (a wrong metric used to surface after a full run),
+    and a storage password never printed."""
+    head = [a for a in args if not a.startswith("--") and "=" in a]
+    flags = [a for a in args if a not in head]
+    cmd = sweep_command(tmp_path / "s", "recipes/tiny.yaml", *head, "--grid", "pace.lam=0.1", *flags)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "secret" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "s" / "runs").exists()
+
+
+def test_storage_urls_lose_their_password():
+    from pace_llm.sweep import redact
+
+    assert redact("postgresql://me:p@ss:w0rd@db.example/pace") == "postgresql://me:***@db.example/pace"
+    assert redact("sqlite:////shared/sweep.db") == "sqlite:////shared/sweep.db"

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -44,13 +45,10 @@ def runs(tmp_path_factory):
                 for stage, mode in [*MATRIX, (2, "noise")]
             ],
             ("stopped", ["deepspeed.zero_stage=2", "pace.mode=full", "train.stop_after=5"]),
-            # each consistency form where its cached target takes another path: kl through the head,
-            # centred_mse through its Gram form gathered under ZeRO-3
+            # each consistency form where its cached target takes another path than the default
+            # centred_mse's: kl through the head, raw_sum through its own Gram form gathered under ZeRO-3
             ("zero3-full-kl", ["deepspeed.zero_stage=3", "pace.mode=full", "pace.consistency=kl", *EVAL_15]),
-            (
-                "zero3-fast-centred_mse",
-                ["deepspeed.zero_stage=3", "pace.mode=fast", "pace.consistency=centred_mse", *EVAL_15],
-            ),
+            ("zero3-fast-raw_sum", ["deepspeed.zero_stage=3", "pace.mode=fast", "pace.consistency=raw_sum", *EVAL_15]),
             (
                 "zero2-fast-kl",
                 ["deepspeed.zero_stage=2", "pace.mode=fast", "pace.consistency=kl", "data.packing=true", *EVAL_15],
@@ -60,6 +58,7 @@ def runs(tmp_path_factory):
                 "zero2-neftune-packed",
                 ["deepspeed.zero_stage=2", "pace.mode=off", "train.neftune_alpha=5", "data.packing=true", *EVAL_15],
             ),
+            ("eval-schedule", ["deepspeed.zero_stage=2", "train.log_every=3", "train.eval_every=4", *EVAL_15]),
         ],
     )
     return outs
@@ -123,11 +122,11 @@ def test_deepspeed_two_ranks_trains_and_exports(runs, stage, mode):
     assert json.loads((out / "run_status.json").read_text()) == {"status": "done"}
 
 
-@pytest.mark.parametrize("name", ["zero3-full-kl", "zero3-fast-centred_mse", "zero2-fast-kl"])
+@pytest.mark.parametrize("name", ["zero3-full-kl", "zero3-fast-raw_sum", "zero2-fast-kl"])
 def test_every_consistency_form_trains_under_zero(runs, name):
-    """The forms whose PACE_fast target is not the raw sum's (kl through the frozen head, packed
-    too; centred_mse through its Gram form, gathered under ZeRO-3) train, and log their term and
-    its gradient ratio."""
+    """The forms besides the default centred_mse (kl's PACE_fast target through the frozen head,
+    packed too; raw_sum's through its own Gram form, gathered under ZeRO-3) train, and log their
+    term and its gradient ratio."""
     rows = metrics(runs[name])
     assert [r["step"] for r in rows] == list(range(1, 17))
     assert sum(r["task_loss"] for r in rows[-4:]) < sum(r["task_loss"] for r in rows[:4]) - 0.4
@@ -150,6 +149,16 @@ def test_neftune_trains_padded_and_packed(runs, name):
     if "packed" not in name:
         assert rows[0]["loss"] != plain[0]["loss"]
     assert all(r["consistency_loss"] == 0 for r in rows)
+
+
+def test_evaluation_keeps_its_schedule_between_log_steps(runs):
+    """eval_every 4 with log_every 3: evaluations at 4, 8, 12 and 16 (the last step), each in a
+    row of its own step; training rows at every third step and the last."""
+    rows = metrics(runs["eval-schedule"])
+    assert [step for step, _ in eval_losses(runs["eval-schedule"])] == [0, 4, 8, 12, 16]
+    assert [r["step"] for r in rows if "task_loss" in r] == [3, 4, 6, 8, 9, 12, 15, 16]
+    ratios = [r["step"] for r in rows if "consistency_grad_ratio" in r]
+    assert ratios == [4, 8, 12, 16]  # measured for each evaluation, logged in its row
 
 
 def test_stop_and_resume_logs_the_same_losses(runs):
@@ -184,14 +193,33 @@ def test_kill_during_checkpoint_save_leaves_a_resumable_run(runs, tmp_path):
     assert proc.returncode != 0
     checkpoints = out / "checkpoints"
     assert (checkpoints / "latest").read_text() == "step-00000004"  # the save of step 8 never landed
-    assert (checkpoints / "step-00000008.tmp").exists()
+    assert list(checkpoints.glob("step-00000008.tmp-*"))  # its unique temporary folder
     assert shm_segments() <= segments_before  # a killed run leaks no /dev/shm memory (distributed.init_distributed)
     launch("torchrun", out, "deepspeed.zero_stage=2", "pace.mode=fast", "resume=true")
     reference = {r["step"]: r for r in metrics(runs["zero2-fast"])}
-    final = [r for r in metrics(out) if r["step"] == 16][-1]
+    assert [r["step"] for r in metrics(out)] == list(range(1, 17))  # steps 5-8, logged before the kill, once
+    final = metrics(out)[-1]
     assert final["loss"] == pytest.approx(reference[16]["loss"], rel=1e-5)
     assert (out / "merged" / "model.safetensors").exists()
-    assert not (checkpoints / "step-00000008.tmp").exists() or (checkpoints / "latest").read_text() == "step-00000016"
+    assert not list(checkpoints.glob("step-*.tmp-*"))  # tidied by the resumed run, under its folder lock
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    """Stopped after step 4 with checkpoints at 2 and 4; step 4's RNG/cache file is then
+    truncated. The resume warns, continues from step 2, logs steps 3-6 once each, and ends with
+    the uninterrupted run's losses."""
+    fast = ["deepspeed.zero_stage=0", "pace.mode=fast", "train.max_steps=6", "train.save_every=2"]
+    launch("python", tmp_path / "whole", *fast)
+    out = tmp_path / "damaged"
+    launch("python", out, *fast, "train.stop_after=4")
+    damaged = out / "checkpoints" / "step-00000004" / "pace_rank0.pt"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    proc = launch("python", out, *fast, "resume=true")
+    assert f"checkpoint {out / 'checkpoints' / 'step-00000004'} failed to load" in proc.stdout + proc.stderr
+    assert "at step 2" in proc.stdout + proc.stderr
+    rows, whole = metrics(out), metrics(tmp_path / "whole")
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["loss"] == pytest.approx(whole[-1]["loss"], rel=1e-5)
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
@@ -240,6 +268,28 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     assert latest == f"step-{rows[-1]['step']:08d}"  # the last finite step's checkpoint is intact
     assert (out / "checkpoints" / latest / "pace_rank0.pt").exists()
     assert not (out / "merged").exists()
+    assert f"the last good checkpoint, {out / 'checkpoints' / latest}, is finite" in proc.stderr
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    """Step 3's update leaves a weight at inf with its loss finite (tests/inf_weights.py): the
+    checkpoint due after it is refused by name, so `latest` stays at step 2's finite one."""
+    out = tmp_path / "inf"
+    proc = launch(
+        "python",
+        out,
+        "deepspeed.zero_stage=0",
+        "train.max_steps=5",
+        "train.save_every=1",
+        check=False,
+        script=ROOT / "tests" / "inf_weights.py",
+        extra_env={"INF_AT_STEP": "3"},
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "the weights after step 3 are not finite (the update diverged): not checkpointed" in proc.stderr
+    assert f"the last good checkpoint, {out / 'checkpoints' / 'step-00000002'}, is finite" in proc.stderr
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000002"
+    assert not (out / "checkpoints" / "step-00000003").exists()
 
 
 @pytest.mark.parametrize(
@@ -248,6 +298,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
         ("pace.lamda=0.1", "unknown recipe key 'pace.lamda' (did you mean pace.lam?)"),  # more in test_config.py
         ("pace.target_modules=[qkv]", "target_modules=['qkv'] matched no linear module of Phi3ForCausalLM"),
         ("data.answer_field=solution", "field 'solution' is missing from the data tiny:arithmetic"),
+        ("model.name=/no/such/model", "model.name='/no/such/model': no such folder"),
     ],
 )
 def test_bad_recipes_fail_fast_naming_the_problem(tmp_path, override, message):
@@ -332,6 +383,36 @@ def test_two_node_torchrun_launch(tmp_path):
     assert json.loads((out / "export_check.json").read_text())["max_abs_logit_diff"] <= 1e-4
 
 
+@pytest.mark.parametrize(
+    "status, srun_rc, requeued, rc", [("stopped", 1, True, 0), ("done", 0, False, 0), (None, 3, False, 3)]
+)
+def test_slurm_requeues_on_the_runs_status_not_on_the_exit_code(tmp_path, status, srun_rc, requeued, rc):
+    """torchrun exits non-zero after forwarding Slurm's SIGUSR1, so multi_node.sbatch decides from
+    run_status.json: "stopped" requeues (and the job ends 0), anything else ends with srun's code.
+    srun and scontrol are stand-ins on PATH that record their arguments."""
+    bin_dir, out = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    out.mkdir()
+    (bin_dir / "srun").write_text(f'#!/bin/bash\necho srun "$@" >> {tmp_path}/calls\nexit {srun_rc}\n')
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho scontrol "$@" >> {tmp_path}/calls\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    if status:
+        (out / "run_status.json").write_text(json.dumps({"status": status}))
+    proc = subprocess.run(
+        ["bash", "launch/slurm/multi_node.sbatch", "recipes/tiny.yaml", f"output_dir={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env(PATH=f"{bin_dir}:{os.environ['PATH']}", PACE_PYTHON=sys.executable, SLURM_JOB_ID="77"),
+    )
+    assert proc.returncode == rc, proc.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0].startswith("srun --kill-on-bad-exit=1")
+    assert (calls[1:] == ["scontrol requeue 77"]) == requeued, calls
+
+
 def test_slurm_dry_run_prints_one_torchrun_per_node():
     proc = subprocess.run(
         ["bash", "launch/slurm/multi_node.sbatch", "recipes/gsm8k.yaml", "pace.lam=0.05"],
@@ -360,7 +441,8 @@ def test_slurm_dry_run_prints_one_torchrun_per_node():
             "--master_addr=gpu07",
             "--master_port=29734",
             "SIGUSR1",
-            "launch/train.py recipes/gsm8k.yaml pace.lam=0.05 resume=true",
+            "--shutdown-timeout=280",  # torchrun's 30 s would kill a large checkpoint mid-write
+            "launch/train.py recipes/gsm8k.yaml pace.lam=0.05 resume=auto",
         ):
             assert part in line, (part, line)
 
@@ -386,6 +468,24 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(runs):
     with pytest.raises(RecipeError, match="holds checkpoints of an earlier run: pass resume=true"):
         run(load_recipe("recipes/tiny.yaml", [f"output_dir={out}", "deepspeed.zero_stage=0"]))
     assert [r["step"] for r in metrics(out)] == list(range(1, 17))  # nothing was touched
+
+
+def test_resume_true_needs_a_checkpoint_and_auto_decides(runs, tmp_path):
+    """resume=true with no checkpoint stops, naming the folder (it used to train from scratch);
+    resume=auto starts in a folder without one and resumes one with a checkpoint (a requeued job)."""
+    from pace_llm.training import resolve_resume
+
+    def recipe(folder, resume):
+        return load_recipe("recipes/tiny.yaml", [f"output_dir={folder}", f"resume={resume}"])
+
+    with pytest.raises(RecipeError, match=f"resume=true, but {tmp_path / 'checkpoints'} has no checkpoint"):
+        run(recipe(tmp_path, "true"))
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    assert resolve_resume(recipe(tmp_path, "auto")).resume is False
+    assert resolve_resume(recipe(runs["zero2-off"], "auto")).resume is True
+    assert resolve_resume(recipe(runs["zero2-off"], "true")).resume is True
+    with pytest.raises(RecipeError, match=r"resume: expected bool or one of \['auto'\], got 'sometimes'"):
+        recipe(tmp_path, "sometimes")
 
 
 @pytest.fixture(scope="module")

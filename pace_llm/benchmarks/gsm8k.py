@@ -75,9 +75,16 @@ def load_problems(data: str, limit: int | None = None) -> list[dict]:
     """Rows with `question` and `answer` (other columns dropped): a local .jsonl / .json
     file, or a hub dataset id (`openai/gsm8k`, config "main", split "test"), through
     pace_llm.data.load_examples."""
+    from pace_llm.data import DataError
     from pace_llm.data import load_examples as load
 
-    return [{"question": r["question"], "answer": r["answer"]} for r in load(data, "test", "main", limit)]
+    rows = [{"question": r["question"], "answer": r["answer"]} for r in load(data, "test", "main", limit)]
+    for number, row in enumerate(rows, 1):  # checked now, not after the whole generation
+        try:
+            reference_answer(row["answer"])
+        except ValueError as err:
+            raise DataError(f"data {data}, row {number}, field 'answer': {err}") from None
+    return rows
 
 
 class GSM8K(GenerationTask):

@@ -51,7 +51,10 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
         )
         return 2
     args = parse_args(argv, prog)
-    return run(
+    from pace_llm.files import exit_2_on_foreign_folder
+
+    return exit_2_on_foreign_folder(
+        run,
         limit=args.limit,
         steps=args.steps,
         mode=args.mode,

@@ -28,4 +28,6 @@ def parse_args(argv: list[str], prog: Optional[str] = None) -> argparse.Namespac
 
 
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
-    return fashion.run(parse_args(sys.argv[1:] if argv is None else argv, prog))
+    from pace_llm.files import exit_2_on_foreign_folder
+
+    return exit_2_on_foreign_folder(fashion.run, parse_args(sys.argv[1:] if argv is None else argv, prog))

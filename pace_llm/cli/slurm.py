@@ -7,7 +7,7 @@ commands of a Slurm allocation (pace_llm.distributed.slurm), printed, run or che
 
 Reads SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_NODEID, SLURM_JOB_ID and the GPUs per node
 (SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE or PACE_GPUS_PER_NODE). Every command carries
-resume=true, so a requeued job continues from its last checkpoint. torchrun forwards
+resume=auto, so a requeued job continues from its last checkpoint and a first start starts. torchrun forwards
 SIGUSR1 (sent by `#SBATCH --signal=USR1@...`) to the trainers, which checkpoint and exit.
 """
 

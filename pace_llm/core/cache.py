@@ -26,7 +26,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
-DTYPE = torch.bfloat16
+DTYPE = torch.bfloat16  # the default; OutputCache(dtype=torch.float32) keeps targets unrounded
+_RAW = {2: torch.int16, 4: torch.int32}  # same-size integer views for os.pwrite
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +39,9 @@ class OutputCache:
         sample_ids: Optional[Sequence[int]] = None,
         memory_budget_bytes: int = 2 << 30,
         disk_dir: Optional[str] = None,
+        dtype: torch.dtype = DTYPE,
     ):
+        self.dtype = dtype
         ids = torch.as_tensor(
             list(range(len(row_counts))) if sample_ids is None else list(sample_ids), dtype=torch.long
         )
@@ -53,23 +56,26 @@ class OutputCache:
         self.filled = torch.zeros(len(ids), dtype=torch.bool)
         total = int(self.row_counts.sum()) * self.dim
         self.path = None
-        if total * DTYPE.itemsize > memory_budget_bytes:  # memory-mapped file on disk
+        if total * dtype.itemsize > memory_budget_bytes:  # memory-mapped file on disk
             fd, self.path = tempfile.mkstemp(prefix="pace_cache_", suffix=".bin", dir=disk_dir)
             try:  # disk blocks reserved now: a full disk fails here, and first writes are faster
-                os.posix_fallocate(fd, 0, total * DTYPE.itemsize)
+                os.posix_fallocate(fd, 0, total * dtype.itemsize)
             except OSError as err:
                 if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     os.close(fd)
                     os.remove(self.path)
                     raise
-                os.ftruncate(fd, total * DTYPE.itemsize)  # no fallocate here: a sparse file
+                os.ftruncate(fd, total * dtype.itemsize)  # no fallocate here: a sparse file
             os.close(fd)
-            flat = torch.from_file(self.path, shared=True, size=total, dtype=DTYPE)
+            flat = torch.from_file(self.path, shared=True, size=total, dtype=dtype)
             # writes go through this descriptor (os.pwrite) into the page cache the mapping
             # reads from, not first-touch writes through the mapping (slower: BENCHMARKS.md §2)
             self._fd = os.open(self.path, os.O_RDWR)
+            # the mapping and the descriptor keep the file alive: unlinked now, a killed run
+            # (SIGKILL, OOM) leaves no cache file behind, and its disk space returns with the process
+            os.unlink(self.path)
         else:
-            flat = torch.zeros(total, dtype=DTYPE)
+            flat = torch.zeros(total, dtype=dtype)
         self.values = flat.view(-1, self.dim)
 
     @property
@@ -108,12 +114,12 @@ class OutputCache:
                 f"cache write of shape {tuple(outputs.shape)}, expected {(total, self.dim)}: "
                 "the rows per sample changed since the cache was sized (max_length? data?)"
             )
-        outputs = outputs.detach().to("cpu", DTYPE).contiguous()
+        outputs = outputs.detach().to("cpu", self.dtype).contiguous()
         start = 0
-        raw = outputs.view(torch.int16).numpy() if self.path else None
+        raw = outputs.view(_RAW[self.dtype.itemsize]).numpy() if self.path else None
         for o, n in spans:
             if raw is not None:  # the file: pwrite, not page faults through the mapping
-                data, offset = memoryview(raw[start : start + n]).cast("B"), o * self.dim * DTYPE.itemsize
+                data, offset = memoryview(raw[start : start + n]).cast("B"), o * self.dim * self.dtype.itemsize
                 while len(data):
                     written = os.pwrite(self._fd, data, offset)
                     data, offset = data[written:], offset + written
@@ -122,13 +128,19 @@ class OutputCache:
             start += n
         self.filled[slots] = True
 
+    def clear(self) -> None:
+        """Forget every entry (a resume that falls back to an older checkpoint reloads them)."""
+        self.filled.zero_()
+
     def state_dict(self) -> dict:
         return {
             "sample_ids": self.sample_ids,
             "row_counts": self.row_counts,
             "dim": self.dim,
             "filled": self.filled,
-            "values": self.values.clone(),
+            # the file-backed store is not copied into RAM (it lives on disk because it did not fit);
+            # torch.save reads it through the mapping
+            "values": self.values if self.path else self.values.clone(),
         }
 
     def load_state_dict(self, state: dict) -> int:

@@ -254,6 +254,32 @@ class PaceObjective:
         return gram
 
 
+FAST_MIN_EPOCHS = 10  # below this PACE_fast's term is mostly the model's own movement (BENCHMARKS §5)
+
+
+def fast_epochs_warning(epochs: float) -> Optional[str]:
+    """What a PACE_fast run of `epochs` epochs should be told, or None.
+
+    Its target is the sample's output from the previous epoch, so the first epoch has none,
+    and afterwards the term holds ‖f_e − f_(e−1)‖², how far the model moved in an epoch, on top
+    of the noise consistency: in a short run at a fine-tuning learning rate the movement
+    dominates and the term anchors the model to where it was an epoch ago."""
+    if epochs <= 1:
+        return (
+            f"pace.mode=fast over {epochs:g} epoch: its consistency target is each sample's output from the "
+            "previous epoch, so no step has one and this run is noise-only training (pace.mode=noise); "
+            "use pace.mode=full or lazy_half"
+        )
+    if epochs < FAST_MIN_EPOCHS:
+        return (
+            f"pace.mode=fast over {epochs:g} epochs: its target is last epoch's output, so its term also "
+            "measures how far the model moved in an epoch, and in short runs that movement, not the noise, "
+            f"is most of it (an anchor to the previous epoch); below {FAST_MIN_EPOCHS} epochs prefer "
+            "pace.mode=full or lazy_half, or select λ for fast on its own (BENCHMARKS.md §5)"
+        )
+    return None
+
+
 def consistency_grad_ratio(objective: PaceObjective, model, batch: dict, step: int) -> Optional[float]:
     """‖∇(λ·consistency)‖ / ‖∇task‖ over the trainable parameters, on one batch at `step`.
 

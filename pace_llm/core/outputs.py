@@ -71,7 +71,9 @@ def lm_head_trainable(model) -> bool:
 class TokenOutputs:
     """Causal LM: f = next-token logits at the supervised positions."""
 
-    default_consistency = "raw_sum"
+    # per logit and centred, so λ means the same on every vocabulary (issue #23, BENCHMARKS §8);
+    # the paper's raw sum stays available as pace.consistency=raw_sum
+    default_consistency = "centred_mse"
 
     def forward(self, model, batch: dict) -> Outputs:
         base = base_model(model)

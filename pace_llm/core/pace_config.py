@@ -9,6 +9,7 @@ pace_config.json is `dataclasses.asdict` of it. Fields, defaults and checks live
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, Optional, Union
 
 MODES = ("off", "noise", "full", "fast", "lazy_half")
@@ -68,8 +69,11 @@ class PaceConfig:
         ):
             if getattr(self, field) not in choices:  # (a recipe's type check names these first)
                 raise ValueError(f"{field} must be one of {list(choices)}, got {getattr(self, field)!r}")
-        need(self.sigma >= 0, "sigma", "a value >= 0")
-        need(self.lam >= 0, "lam", "a value >= 0")
+        need(0 <= self.sigma < math.inf, "sigma", "a value >= 0")  # also false for nan
+        need(0 <= self.lam < math.inf, "lam", "a finite value >= 0")
+        need(0 <= self.dropout < 1, "dropout", "a probability in [0, 1)")
+        need(self.alpha > 0 and math.isfinite(self.alpha), "alpha", "a finite value > 0")
+        need(0 < self.cache_memory_gb < math.inf, "cache_memory_gb", "a size in GB > 0")
         need(self.rank >= 1, "rank", "an integer >= 1")
         need(self.lazy_every >= 1, "lazy_every", "an integer >= 1")
 

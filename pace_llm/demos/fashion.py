@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pace_llm.demos.pace_vs_lora import run_and_report, seed_jobs
 from pace_llm.distributed.launcher import REPO
+from pace_llm.files import fresh_dir
 from pace_llm.logs import route_logs
 
 RECIPE = REPO / "recipes" / "demo_fashion.yaml"
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # robust on a shared 2-core machine (see pace_llm/demos/pace_vs_lora.py)
     started = time.time()
-    out = REPO / args.output_dir
+    out = fresh_dir(REPO / args.output_dir)  # each run starts fresh, in a folder of its own
     route_logs(out, "demo.log")  # library chatter to the file; the terminal shows [demo] lines
     cache = assets.cache_dir() / "demo-fashion"
     base = prepare_base(cache / BASE_NAME)

@@ -9,14 +9,13 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from pace_llm.distributed.launcher import REPO, launch_env, run_logged, train_command
+from pace_llm.files import fresh_dir, read_rows
 from pace_llm.logs import route_logs
 
 MODES = ("off", "full", "fast", "lazy_half")
@@ -37,13 +36,11 @@ def run(
     from pace_llm.benchmarks.gsm8k import evaluate_gsm8k, load_problems
 
     started = time.time()
+    out = fresh_dir(REPO / output_dir)  # the demo always starts fresh, in a folder of its own
     print("[demo] 1/4 preparing the model and data (once; cached in .cache/)", flush=True)
     model_dir = assets.smollm2_dir()
     train_file, test_file = assets.gsm_symbolic_files()
     test_rows = load_problems(str(test_file), limit=limit)
-    out = REPO / output_dir
-    shutil.rmtree(out, ignore_errors=True)  # the demo always starts fresh
-    out.mkdir(parents=True)
     log = route_logs(out, "demo.log")  # vLLM's and DeepSpeed's INFO lines go there, not to the terminal
 
     print(f"[demo] 2/4 evaluating the base model on {len(test_rows)} held-out GSM-8K problems", flush=True)
@@ -74,11 +71,7 @@ def run(
     save_eval(tuned, out / "eval_pace.json")
 
     minutes = (time.time() - started) / 60
-    losses = [
-        json.loads(line)["eval_loss"]
-        for line in (out / "metrics.jsonl").read_text().splitlines()
-        if "eval_loss" in line
-    ]
+    losses = [row["eval_loss"] for row in read_rows(out / "metrics.jsonl") if "eval_loss" in row]
     print(f"\n{'model':<28}{'accuracy':>10}{'strict':>10}{'#### N':>8}{'n':>6}{'held-out loss':>15}")
     for name, r, loss in (("SmolLM2-135M-Instruct", base, losses[0]), (f"+ PACE-LoRA ({mode})", tuned, losses[-1])):
         print(

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pace_llm.distributed.launcher import launch_env, run_logged, train_command
+from pace_llm.files import fresh_dir
 
 METHODS = {"LoRA": ["pace.mode=off"], "PACE": []}
 
@@ -45,7 +45,7 @@ def train_and_evaluate(
 ) -> dict:
     """A fresh run of launch/train.py, then `python eval_cmd... --model OUT/merged --output OUT/eval.json`.
     Returns the eval JSON with train_seconds / eval_seconds added. Log: OUT.log."""
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_dir(out)
     log = out.parent / f"{out.name}.log"
     log.unlink(missing_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pace_llm.demos.pace_vs_lora import run_and_report, seed_jobs
 from pace_llm.distributed.launcher import REPO
+from pace_llm.files import fresh_dir
 from pace_llm.logs import route_logs
 
 RECIPE = REPO / "recipes" / "demo_polarity.yaml"
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from pace_llm import assets
 
     started = time.time()
-    out = REPO / args.output_dir
+    out = fresh_dir(REPO / args.output_dir)  # each run starts fresh, in a folder of its own
     route_logs(out, "demo.log")  # library chatter to the file; the terminal shows [demo] lines
     print("[demo] preparing all-MiniLM-L6-v2 and the polarity sentences (.cache/)", flush=True)
     model_dir = assets.minilm_dir()

@@ -18,8 +18,11 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pace_llm import files
 from pace_llm.config import RecipeError
 
 log = logging.getLogger("pace_llm.deepspeed")
@@ -134,7 +138,14 @@ def save_adapter(engine, path: Path) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Tensors, tuples and numbers only, so that torch.load(weights_only=True) reads it back
+    (a checkpoint is not code: numpy's state keeps its key array as a tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -143,7 +154,8 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -171,10 +183,13 @@ def save_checkpoint(
 ) -> None:
     root = out / "checkpoints"
     tag = f"step-{state['step']:08d}"
-    tmp = root / f"{tag}.tmp"
     rank = dist.get_rank()
+    # a name of this save's own (rank 0's pid and clock, shared with the other ranks): a second
+    # process writing the same folder cannot delete or mix into this one's temporary folder
+    name = [f"{tag}.tmp-{os.getpid()}-{time.time_ns()}" if rank == 0 else None]
+    dist.broadcast_object_list(name, src=0)
+    tmp = root / name[0]
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     engine.save_checkpoint(
@@ -186,42 +201,148 @@ def save_checkpoint(
         (tmp / "recipe.json").write_text(json.dumps({"recipe": recipe, "world_size": dist.get_world_size()}))
     if before_commit is not None:
         before_commit(state["step"])
+    fsync_tree(tmp, rank)  # on disk before the rename makes it the checkpoint
     dist.barrier()
     if rank == 0:
-        final = root / tag
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        (root / "latest.tmp").write_text(tag)
-        os.replace(root / "latest.tmp", root / "latest")
-        tags = sorted(
-            p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")
-        )
-        for old in tags[:-keep] if keep > 0 else []:
-            shutil.rmtree(root / old, ignore_errors=True)
-        log.info("checkpoint %s", final)
+        commit(root, tmp, tag, keep)
+        log.info("checkpoint %s", root / tag)
     dist.barrier()
+
+
+def lock_output_dir(out: Path):
+    """An exclusive lock on `out` for this run's lifetime (the open file; rank 0 calls it), or a
+    RecipeError naming the process that holds it: two runs writing one folder would delete each
+    other's checkpoints. Under the lock, what a killed save left is tidied: temporary folders go,
+    and a checkpoint moved aside for a re-save comes back if the re-save never landed."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    fh = open(out / ".pace-llm.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RecipeError(
+            f"output_dir {out} is in use by another run ({holder}): one run per folder; wait for it, "
+            "or choose another output_dir"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    fh.flush()
+    root = out / "checkpoints"
+    for leftover in sorted(root.glob("step-*.old-*")) if root.exists() else []:
+        final = root / leftover.name.split(".old-")[0]
+        if final.exists():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.rename(final)
+    for leftover in root.glob("step-*.tmp-*") if root.exists() else []:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return fh
+
+
+def fsync_tree(folder: Path, rank: int) -> None:
+    """fsync every file this rank can see in `folder` (rank 0 also the folders): a power cut
+    after the commit must not find renamed but empty files."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    if rank == 0:
+        for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+            files.fsync_dir(path)
+
+
+def commit(root: Path, tmp: Path, tag: str, keep: int) -> None:
+    """`tmp` becomes checkpoint `tag` and `latest` points at it. An existing `tag` (a re-save) is
+    moved aside first and deleted only once `latest` is rewritten, so a crash at any point leaves
+    `latest` naming a complete checkpoint. Pruning keeps the newest `keep` (0: all), by step, and
+    never the one `latest` names."""
+    final = root / tag
+    aside = root / f"{tag}.old-{os.getpid()}-{time.time_ns()}"
+    if final.exists():
+        final.rename(aside)
+    tmp.rename(final)
+    files.write_atomic(root / "latest", tag)
+    shutil.rmtree(aside, ignore_errors=True)
+    steps = sorted(
+        (int(p.name[5:]), p.name) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name)
+    )
+    for _, old in steps[:-keep] if keep > 0 else []:
+        if old != tag:
+            shutil.rmtree(root / old, ignore_errors=True)
+
+
+def load_rank_state(path: Path) -> dict:
+    """A pace_rank*.pt (RNG state, PACE_fast cache) read with weights_only=True: tensors,
+    numbers and tuples, never code (PyTorch's default since 2.6, CVE-2025-32434). DeepSpeed's
+    own optimizer files still unpickle: a checkpoint folder is trusted input (README, Resuming)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise RuntimeError(
+            f"{path} holds more than tensors and numbers, so it is not loaded (weights_only): a checkpoint "
+            f"written before pace-llm stored numpy's RNG state as a tensor, or a tampered file ({err})"
+        ) from None
 
 
 def load_checkpoint(engine, out: Path, cache) -> dict | None:
+    """The training state of `latest`; if it fails to load on any rank (a damaged file), the
+    checkpoint before it, and so on, with a warning naming each failure. None without any."""
     root = out / "checkpoints"
-    tag = latest_tag(out)
-    if tag is None:
+    latest = latest_tag(out)
+    if latest is None:
         log.info("resume: no checkpoint in %s, starting from scratch", root)
         return None
+    older = sorted(p.name for p in root.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and p.name < latest)
+    for tag in [latest, *reversed(older)]:
+        try:
+            state, error = _load_tag(engine, root / tag, cache), None
+        except Exception as err:  # noqa: BLE001 (any damage: the ranks agree below and fall back together)
+            state, error = None, err
+        failed = torch.tensor([float(error is not None)])
+        dist.all_reduce(failed)
+        if not failed.item():
+            log.info("resumed from %s at step %d", root / tag, state["step"])
+            return state
+        log.warning(
+            "resume: checkpoint %s failed to load (%s); trying the one before it", root / tag, error or "another rank"
+        )
+        if cache is not None:
+            cache.clear()
+    raise RuntimeError(f"no checkpoint in {root} loads (tried {latest} and every older one)")
+
+
+def _load_tag(engine, folder: Path, cache) -> dict:
     _, client = engine.load_checkpoint(
-        str(root), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(folder.parent),
+        tag=folder.name,
+        load_module_strict=False,
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if client is None:
-        raise RuntimeError(f"could not load checkpoint {root / tag}")
-    rank, files = dist.get_rank(), sorted((root / tag).glob("pace_rank*.pt"))
-    own = root / tag / f"pace_rank{rank}.pt"
-    extra = torch.load(own if own.exists() else files[0], weights_only=False)
+        raise RuntimeError(f"DeepSpeed could not load {folder}")
+    rank, files = dist.get_rank(), sorted(folder.glob("pace_rank*.pt"))
+    own = folder / f"pace_rank{rank}.pt"
+    extra = load_rank_state(own if own.exists() else files[0])
     if cache is not None:  # every saved shard: the world size may have changed
         for f in files:
-            cache.load_state_dict(torch.load(f, weights_only=False)["cache"])
+            cache.load_state_dict(load_rank_state(f)["cache"])
     _set_rng_state(extra["rng"])
-    log.info("resumed from %s at step %d", root / tag, client["pace_state"]["step"])
     return client["pace_state"]
+
+
+def trainable_weights_finite(engine) -> bool:
+    """Whether this rank's share of the trainable weights is finite (under ZeRO-3 each rank
+    holds a partition, `ds_tensor`; the module's own tensors are empty placeholders)."""
+    for p in engine.module.parameters():
+        if p.requires_grad and not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()):
+            return False
+    return True
 
 
 def stage0_grad_norm(engine) -> float | None:

@@ -28,6 +28,10 @@ LAUNCHERS = ("python", "deepspeed", "torchrun")
 # torchrun passes these on to the trainers, which checkpoint and exit on SIGUSR1 (what
 # Slurm sends before the time limit; launch/slurm/) as on SIGTERM.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGUSR1"
+# After forwarding a signal torchrun waits this long for the trainers before it SIGKILLs them
+# (its default, 30 s, is shorter than a large ZeRO-3 checkpoint): just under the sbatch
+# scripts' 300 s lead (`--signal=USR1@300`), so that the checkpoint finishes before Slurm's kill.
+TORCHRUN_SHUTDOWN_TIMEOUT = int(os.environ.get("PACE_SHUTDOWN_TIMEOUT", "280"))
 # DeepSpeed's console format, "[2026-01-01 10:00:00,000] [INFO] [launch.py:152:main] ...":
 # its launcher's INFO lines and warnings (no hostfile: local resources), which a person
 # watching a run does not need; as with pace_llm.logs, only its errors reach the terminal.
@@ -93,6 +97,7 @@ def script_command(
         f"--master_addr={master_addr}",
         f"--master_port={port}",
         f"--signals-to-handle={TORCHRUN_SIGNALS}",
+        f"--shutdown-timeout={TORCHRUN_SHUTDOWN_TIMEOUT}",
         *tail,
     ]
 

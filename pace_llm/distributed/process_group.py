@@ -8,6 +8,7 @@ initialises the group (NCCL on GPUs, gloo on CPU).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import sys
 
@@ -17,8 +18,10 @@ import torch.distributed as dist
 from pace_llm.distributed.launcher import free_port
 
 
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); one local process when no launcher set RANK."""
+def init_distributed(timeout_minutes: float = 30) -> tuple[int, int]:
+    """(rank, world size); one local process when no launcher set RANK. `timeout_minutes`: how
+    long a collective waits for the slowest rank (rank 0 tokenising a large dataset or merging a
+    large model while the others wait at a barrier) before the run fails."""
     if "RANK" not in os.environ:
         os.environ.update(
             RANK="0",
@@ -30,7 +33,7 @@ def init_distributed() -> tuple[int, int]:
     deepspeed = import_deepspeed()
     if not torch.cuda.is_available():
         skip_deepspeed_shm_allreduce()
-    deepspeed.init_distributed(verbose=False)  # NCCL on GPUs, gloo on CPU
+    deepspeed.init_distributed(verbose=False, timeout=datetime.timedelta(minutes=timeout_minutes))  # NCCL / gloo
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -1,5 +1,5 @@
 """The launch commands of a Slurm allocation: one torchrun per node, rendezvous on the first
-node, every command with resume=true (launch/slurm/*.sbatch through pace_llm/cli/slurm.py).
+node, every command with resume=auto (launch/slurm/*.sbatch through pace_llm/cli/slurm.py).
 
 Reads SLURM_JOB_NODELIST, SLURM_NNODES, SLURM_JOB_ID and the GPUs per node (SLURM_GPUS_ON_NODE,
 SLURM_GPUS_PER_NODE or PACE_GPUS_PER_NODE). torchrun forwards SIGUSR1 (sent by
@@ -47,7 +47,7 @@ def gpus_per_node(env) -> int:
 
 def node_commands(env, recipe_args: list[str], script: str | os.PathLike = TRAIN_SCRIPT) -> list[list[str]]:
     """One torchrun command per node of the allocation `env` describes (rank order), each
-    running `script RECIPE overrides... resume=true` on the node's GPUs, rendezvous on the
+    running `script RECIPE overrides... resume=auto` on the node's GPUs, rendezvous on the
     first node at a port derived from the job id."""
     hosts = expand_nodelist(env["SLURM_JOB_NODELIST"])
     nnodes = int(env.get("SLURM_NNODES", len(hosts)))
@@ -57,7 +57,7 @@ def node_commands(env, recipe_args: list[str], script: str | os.PathLike = TRAIN
         train_command(
             "torchrun",
             recipe_args[0],
-            [*recipe_args[1:], "resume=true"],
+            [*recipe_args[1:], "resume=auto"],
             script=script,
             nproc=gpus,
             nnodes=nnodes,

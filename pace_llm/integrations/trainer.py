@@ -49,7 +49,7 @@ from torch.utils.data import Dataset
 
 from pace_llm.core.adapters import add_lora_noise, apply_pace, merge_pace
 from pace_llm.core.cache import OutputCache, ShardedEpochSampler, build_output_cache
-from pace_llm.core.objectives import PaceObjective
+from pace_llm.core.objectives import PaceObjective, fast_epochs_warning
 from pace_llm.core.outputs import TokenOutputs, outputs_for_model
 from pace_llm.core.pace_config import PaceConfig
 from pace_llm.core.packing import from_position_ids, is_packed
@@ -162,6 +162,9 @@ class PaceMixin:
             self.data_collator = _KeepSampleIds(self.data_collator)
             self._pace_first_keys = first_sample_keys(self.train_dataset)
             self.pace_cache = self._build_cache()
+            epochs = self.args.num_train_epochs if self.args.max_steps <= 0 else None
+            if epochs is not None and self.args.process_index == 0 and (warning := fast_epochs_warning(epochs)):
+                log.warning(warning)
         self.pace_objective = PaceObjective.from_config(self.pace, self.pace_cache, self._pace_outputs)
 
     # --- data ----------------------------------------------------------------------------
@@ -276,14 +279,15 @@ class PaceMixin:
         return super().log(logs, *args, **kwargs)
 
     # --- checkpoints and outputs -----------------------------------------------------------
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_rng_state(self, output_dir: str) -> None:
+        """The PACE_fast cache goes into the checkpoint with the RNG states, on every rank, before
+        transformers rotates old checkpoints away: a crash after the rotation must not leave the
+        newest checkpoint without its cache."""
+        super()._save_rng_state(output_dir)
         if self.pace_cache is not None:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            torch.save(
-                self.pace_cache.state_dict(), os.path.join(folder, CACHE_FILE.format(rank=self.args.process_index))
-            )
+            os.makedirs(output_dir, exist_ok=True)
+            path = os.path.join(output_dir, CACHE_FILE.format(rank=self.args.process_index))
+            torch.save(self.pace_cache.state_dict(), path)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is True:

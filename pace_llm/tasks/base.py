@@ -100,6 +100,11 @@ class Task:
             extra = round(fraction * len(samples))
             drawn = sorted(np.random.default_rng([self.seed, index]).choice(len(samples), extra, replace=False))
             copies = [list(range(len(samples)))] * whole + ([drawn] if extra else [])
+            if not copies:
+                raise DataError(
+                    f"data.{which}[{index}].weight={source.weight:g} takes {source.weight:g} x {len(samples)} "
+                    f"samples of {source.path}, which rounds to none: raise the weight or drop the source"
+                )
             for c, picked in enumerate(copies):
                 part = samples.select(picked) if len(picked) < len(samples) else samples
                 if offset or c:

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from pace_llm.core.outputs import SampleOutputs
+from pace_llm.data import DataError
 from pace_llm.tasks.base import Task, encoded_columns, pad_tokens, require_fields
 
 
@@ -41,6 +42,15 @@ class SequenceClassificationTask(Task):
 
     def encode(self, examples, source, data=None):
         d = data or self.data
+        require_fields(examples, [d.label_field], source)
+        if not self.outputs.regression:  # out of range: a device-side assert on a GPU, garbage on CPU
+            n = self.model_section.num_labels
+            for row, label in enumerate(examples[d.label_field], 1):
+                if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < n:
+                    raise DataError(
+                        f"data {source}, row {row}, field {d.label_field!r}: label {label!r} is not a class "
+                        f"index in [0, {n}) (model.num_labels={n})"
+                    )
         return tokenize_classification(examples, self.tokenizer, d.text_fields, d.label_field, d.max_length, source)
 
     def collate(self, samples, train=False):

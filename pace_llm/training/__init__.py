@@ -20,24 +20,23 @@ import torch.distributed as dist
 from pace_llm.config import Recipe, RecipeError, load_recipe, to_dict
 from pace_llm.core.adapters import TargetError
 from pace_llm.data import DataError
+from pace_llm.files import write_atomic
 from pace_llm.logs import route_logs
+from pace_llm.training.resume import resolve_resume
 from pace_llm.training.schedule import lr_lambda, warmup_steps
 from pace_llm.training.trainer import Trainer
 
-__all__ = ["Trainer", "run", "main", "lr_lambda", "warmup_steps"]
+__all__ = ["Trainer", "run", "main", "lr_lambda", "warmup_steps", "resolve_resume"]
 
 
 def run(recipe: Recipe, trainer_class: type[Trainer] = Trainer) -> str:
     """Train, and export when training is done; returns "done" or "stopped"."""
     out = Path(recipe.output_dir)
-    if not recipe.resume and (out / "checkpoints" / "latest").exists():
-        raise RecipeError(
-            f"output_dir {out} holds checkpoints of an earlier run: pass resume=true to "
-            "continue it, or choose another output_dir (nothing was overwritten)"
-        )
+    recipe = resolve_resume(recipe)
     trainer = trainer_class(recipe)
     if trainer.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        (out / "run_status.json").unlink(missing_ok=True)  # "stopped" must be this attempt's, not an earlier one's
         (out / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=2))
         if not recipe.resume:  # a fresh run's log starts empty
             (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -46,7 +45,7 @@ def run(recipe: Recipe, trainer_class: type[Trainer] = Trainer) -> str:
         if status == "done":
             trainer.save_outputs()
         if trainer.rank == 0:  # read by the Slurm scripts: "stopped" means requeue and resume
-            (out / "run_status.json").write_text(json.dumps({"status": status}))
+            write_atomic(out / "run_status.json", json.dumps({"status": status}))
     finally:
         trainer.close()
     return status

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from pace_llm.files import read_rows
 
 
 def plot_metrics(metrics_jsonl: Path, png: Path) -> Path | None:
@@ -12,7 +13,7 @@ def plot_metrics(metrics_jsonl: Path, png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    rows = read_rows(metrics_jsonl)
     if not rows:
         return None
     steps = [r["step"] for r in rows]

@@ -10,7 +10,9 @@ checkpoint frequencies, and where the run stops, may change freely.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 
 from pace_llm.config import RecipeError
 
@@ -29,6 +31,7 @@ FREE = {
     "train.report_to",
     "train.fp_distance",
     "train.grad_ratio_every",
+    "train.dist_timeout_minutes",
     "train.export_check",
     "data.eval",
     "data.eval_split",
@@ -72,3 +75,24 @@ def check_resume(saved: dict | None, recipe: dict, world_size: int, force: bool)
         f"resume: the recipe differs from the checkpoint's in ways that break an exact "
         f"resume: {listing}. Restore them, or pass resume_force=true to continue anyway"
     )
+
+
+def resolve_resume(recipe):
+    """The recipe with resume true or false: auto resumes when output_dir has a checkpoint (a
+    requeued job) and starts otherwise; true without a checkpoint, or false with one, is a
+    RecipeError naming the folder (nothing is overwritten, nothing starts from scratch unasked)."""
+    out = Path(recipe.output_dir)
+    has_checkpoint = (out / "checkpoints" / "latest").exists()
+    if recipe.resume == "auto":
+        return dataclasses.replace(recipe, resume=has_checkpoint)
+    if not recipe.resume and has_checkpoint:
+        raise RecipeError(
+            f"output_dir {out} holds checkpoints of an earlier run: pass resume=true to "
+            "continue it, or choose another output_dir (nothing was overwritten)"
+        )
+    if recipe.resume and not has_checkpoint:
+        raise RecipeError(
+            f"resume=true, but {out / 'checkpoints'} has no checkpoint to resume from (no 'latest'): "
+            "check output_dir, or use resume=auto to start when there is none"
+        )
+    return recipe

@@ -30,18 +30,19 @@ from pace_llm.core import hooks
 from pace_llm.core.adapters import apply_pace, trainable_parameter_count
 from pace_llm.core.cache import OutputCache, ShardedEpochSampler, build_output_cache
 from pace_llm.core.neftune import add_neftune
-from pace_llm.core.objectives import PaceObjective, consistency_grad_ratio
+from pace_llm.core.objectives import PaceObjective, consistency_grad_ratio, fast_epochs_warning
 from pace_llm.core.outputs import SampleOutputs
 from pace_llm.core.pace import mean_squared_norm
 from pace_llm.distributed import deepspeed_engine
 from pace_llm.distributed.process_group import all_ranks, all_reduce_scalars, any_rank, init_distributed, rank0_first
 from pace_llm.export import export_merged
+from pace_llm.files import truncate_rows
 from pace_llm.logs import route_logs
 from pace_llm.models import load_tokenizer, model_source
 from pace_llm.tasks import TASKS, Task
 from pace_llm.training.metrics import MetricWriter
 from pace_llm.training.plots import plot_metrics
-from pace_llm.training.resume import check_resume
+from pace_llm.training.resume import check_resume, resolve_resume
 from pace_llm.training.schedule import lr_lambda
 from pace_llm.training.state import MicroStep, Progress, StepStats
 
@@ -75,14 +76,17 @@ class Trainer:
     total_steps: int
 
     def __init__(self, recipe: Recipe):
-        self.recipe, self.stats = recipe, StepStats()
+        self.recipe, self.stats = resolve_resume(recipe), StepStats()  # resume=auto decided here
+        self.stop = StopRequested()  # from setup through export: a signal during setup stops after step 1
         self.setup()
 
     # --- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
         r = self.recipe
-        self.rank, self.world = init_distributed()
+        self.rank, self.world = init_distributed(r.train.dist_timeout_minutes)
         self.out = Path(r.output_dir)
+        # one run per folder; on refusal rank 0 exits with the error and the launcher stops the others
+        self.folder_lock = deepspeed_engine.lock_output_dir(self.out) if self.rank == 0 else None
         route_logs(self.out, "train.log")  # again: DeepSpeed, imported just now, added a console handler
         if r.resume:  # before any heavy work: a changed recipe is refused by name
             check_resume(deepspeed_engine.saved_recipe(self.out), to_dict(r), self.world, r.resume_force)
@@ -121,6 +125,9 @@ class Trainer:
         )  # not the global RNG: resumes replay it exactly
         self.cache = self._build_cache(train_set) if r.pace.mode == "fast" else None
         self.objective = PaceObjective.from_config(r.pace, self.cache, self.task.outputs)
+        warning = fast_epochs_warning(self.total_steps / steps_per_epoch) if r.pace.mode == "fast" else None
+        if warning and self.rank == 0:
+            log.warning(warning)
         self.step_normalised = loss_normalization(r) == "step"
         trainable, total = trainable_parameter_count(model)
         if self.rank == 0:
@@ -150,7 +157,10 @@ class Trainer:
         """Returns "done", "stopped" (stop_after or a signal: checkpointed) or raises on NaN."""
         t = self.recipe.train
         progress = self.resume() if self.recipe.resume else Progress()
-        stop = StopRequested()
+        if self.recipe.resume and self.rank == 0:  # rows past the checkpoint are logged again from it
+            dropped = truncate_rows(self.out / "metrics.jsonl", progress.step)
+            if dropped:
+                log.info("resume: dropped %d metrics rows logged after step %d", dropped, progress.step)
         self.writer = MetricWriter(
             self.out, enabled=self.rank == 0, report_to=t.report_to, config=to_dict(self.recipe)
         )  # open until close(): save_outputs adds the PNG
@@ -176,7 +186,7 @@ class Trainer:
                 progress.finish_step(batch_index)
                 self.log_step(progress, batch_index, bar)
                 bar.update(1)
-                stop_now = any_rank(stop.flag)
+                stop_now = any_rank(self.stop.flag)
                 if stop_now or progress.step == t.stop_after or t.save_every and progress.step % t.save_every == 0:
                     self.save_checkpoint(progress)
                 if stop_now or progress.step == t.stop_after:
@@ -248,11 +258,11 @@ class Trainer:
         started = time.perf_counter()
         with self.objective.scope(step, batch):  # shared dropout masks (and packed noise) through backward too
             result = self.objective(self.engine, batch, step, denominator)
-            if not all_ranks(bool(torch.isfinite(result.loss))):
+            if not all_ranks(bool(torch.isfinite(result.loss))):  # before backward: no update from it
                 raise FloatingPointError(
                     f"non-finite loss at step {step + 1} (task {result.task_loss.item():.4g}, consistency "
-                    f"{result.consistency_loss.item():.4g}): stopping; the last good checkpoint in "
-                    f"{self.out / 'checkpoints'} is intact (lower train.lr or pace.lam?)"
+                    f"{result.consistency_loss.item():.4g}): stopping; {self.last_good_checkpoint()} "
+                    "(lower train.lr or pace.lam?)"
                 )
             self.engine.backward(result.loss if scale == 1 else result.loss * scale)
         self.stage0_norm = deepspeed_engine.stage0_grad_norm(self.engine)
@@ -272,8 +282,8 @@ class Trainer:
         loss, task, cons = (v / (1 if self.step_normalised else self.world) for v in losses)
         tokens_per_s /= self.world
         t, step = self.recipe.train, progress.step
-        if not (step % t.log_every == 0 or step == self.total_steps):
-            return
+        if not (step % t.log_every == 0 or step == self.total_steps or self.eval_due(step)):
+            return  # an evaluation step always gets its row: eval_every need not be a multiple of log_every
         norm = deepspeed_engine.grad_norm(self.engine) if self.stage0_norm is None else self.stage0_norm
         row = {
             "step": step,
@@ -351,7 +361,20 @@ class Trainer:
         state = deepspeed_engine.load_checkpoint(self.engine, self.out, self.cache)
         return Progress(**state) if state else Progress()
 
+    def last_good_checkpoint(self) -> str:
+        """Where a diverged run can go back to: checkpoints are written only of finite weights."""
+        tag = deepspeed_engine.latest_tag(self.out)
+        if tag is None:
+            return "no checkpoint was written before it"
+        return f"the last good checkpoint, {self.out / 'checkpoints' / tag}, is finite and intact (resume=true)"
+
     def save_checkpoint(self, progress: Progress) -> None:
+        """Only of finite weights (on every rank), so that `latest` never points at a diverged state."""
+        if not all_ranks(deepspeed_engine.trainable_weights_finite(self.engine)):
+            raise FloatingPointError(
+                f"the weights after step {progress.step} are not finite (the update diverged): not "
+                f"checkpointed; {self.last_good_checkpoint()} (lower train.lr or pace.lam?)"
+            )
         deepspeed_engine.save_checkpoint(
             self.engine,
             self.out,
@@ -410,6 +433,9 @@ class Trainer:
             self.writer.close()
         if self.cache is not None:
             self.cache.close()
+        if getattr(self, "folder_lock", None) is not None:
+            self.folder_lock.close()
+            self.folder_lock = None
 
 
 @contextlib.contextmanager
