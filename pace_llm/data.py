@@ -136,6 +136,7 @@ def pixel_values(image, image_size: int) -> np.ndarray:
         image = image.convert("RGB")  # palette / RGBA / CMYK PIL images: not their raw bands
     x = torch.from_numpy(np.array(image, dtype=np.float32))  # a writable copy
     x = x.unsqueeze(-1) if x.dim() == 2 else x  # H, W, C
+    x = x[..., :3] if x.shape[-1] == 4 else x  # RGBA arrays: the colour, not the alpha band
     x = x.permute(2, 0, 1).unsqueeze(0).expand(1, 3, -1, -1) if x.shape[-1] == 1 else x.permute(2, 0, 1)[None]
     x = torch.nn.functional.interpolate(x / 255.0, size=(image_size, image_size), mode="bilinear", align_corners=False)[
         0

@@ -219,6 +219,19 @@ def run_done(run_dir: Path) -> bool:
     return run_status(run_dir) == "done"
 
 
+def _stop_with_parent() -> None:
+    """In the training child: SIGTERM when the sweep worker dies (Linux PR_SET_PDEATHSIG), so a
+    killed worker's run checkpoints and exits instead of training on while the trial's retry
+    starts the same folder (the folder lock would refuse the retry; this ends the orphan)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the orphan finishes its run on its own
+        pass
+
+
 def train(sweep: Sweep, point: dict[str, str]) -> float:
     """Train one point (or continue it from its checkpoint) and return its metric. A run that
     finished before its worker died is only read."""
@@ -234,7 +247,7 @@ def train(sweep: Sweep, point: dict[str, str]) -> float:
             log.write(("\n" if ends_mid_line else "") + "$ " + " ".join(command) + "\n")
             log.flush()
             proc = subprocess.run(
-                command, stdout=log, stderr=subprocess.STDOUT, env=env
+                command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_stop_with_parent
             )  # in the caller's folder, as a direct launch would be
         if proc.returncode == 0 and run_status(run_dir) == "stopped":
             raise RunStopped(f"{run_dir.name} checkpointed and stopped on a signal")

@@ -203,3 +203,33 @@ def test_gsm8k_references_without_a_final_answer_are_named_before_generation(tmp
     )
     with pytest.raises(DataError, match="test.jsonl, row 2, field 'answer': GSM-8K answer without '####'"):
         load_problems(path)
+
+
+def test_images_are_checked_before_training_and_read_from_paths(tmp_path):
+    """A null image, an array of another shape and a missing file are named by row; a path to an
+    RGBA PNG and an RGBA array read as their colour bands."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from pace_llm.data import pixel_values
+    from pace_llm.tasks.images import prepare_images
+
+    good = np.zeros((4, 4, 3), dtype=np.uint8).tolist()
+    Image.fromarray(np.full((5, 5, 4), 200, dtype=np.uint8), "RGBA").save(tmp_path / "rgba.png")
+    cases = [
+        ([good, None], "row 2, field 'img': no image"),
+        ([good, np.zeros((4, 4, 5), dtype=np.uint8).tolist()], r"row 2, field 'img': an array of shape \(4, 4, 5\)"),
+        (
+            [str(tmp_path / "rgba.png"), str(tmp_path / "gone.png")],
+            "row 2, field 'img': image file .*gone.png does not",
+        ),
+    ]
+    for images, message in cases:
+        rows = [{"img": image, "label": 0, "sample_id": i} for i, image in enumerate(images)]
+        with pytest.raises(DataError, match=message):
+            prepare_images(datasets.Dataset.from_list(rows), "img", "label", "train.jsonl")
+    for image in (str(tmp_path / "rgba.png"), np.full((4, 4, 4), 200, dtype=np.uint8).tolist()):
+        out = prepare_images(datasets.Dataset.from_list([{"img": image, "label": 0, "sample_id": 0}]), "img", "label")
+        pixels = pixel_values(out[0]["image"], 8)
+        assert pixels.shape == (3, 8, 8) and np.allclose(pixels, 200 / 255 * 2 - 1, atol=1e-5)

@@ -200,6 +200,27 @@ def test_killed_sweep_reruns_no_finished_trial_and_resumes_the_interrupted_one(t
 
 
 @pytest.mark.slow
+def test_a_killed_workers_training_run_checkpoints_and_stops(tmp_path):
+    """SIGKILL the sweep worker alone (not its process group): its training child gets SIGTERM
+    (PR_SET_PDEATHSIG), checkpoints and stops instead of training on unowned."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = sweep_command(sweep_dir, "recipes/tiny.yaml", "train.max_steps=400", "--grid", "pace.lam=0.1")
+    worker = start(cmd, tmp_path / "worker.log")
+    deadline = time.time() + 200
+    while not list(sweep_dir.glob("runs/*/metrics.jsonl")):  # training has started
+        assert worker.poll() is None and time.time() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+        time.sleep(0.1)
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    (run,) = sweep_dir.glob("runs/*")
+    while not (run / "run_status.json").exists():
+        assert time.time() < deadline, (run / "train.log").read_text()[-3000:]
+        time.sleep(0.2)
+    assert json.loads((run / "run_status.json").read_text()) == {"status": "stopped"}
+    assert metrics(run)[-1]["step"] < 400 and (run / "checkpoints" / "latest").exists()
+
+
+@pytest.mark.slow
 def test_a_run_stopped_on_a_signal_is_requeued_at_once_and_resumed(tmp_path):
     """A run that checkpoints and stops (train.stop_after: what SIGUSR1 / SIGTERM do) makes
     its worker re-queue the trial at once (no grace period, 60 s here, to wait out) and leave,

@@ -14,6 +14,7 @@ halves of a paired PACE forward are copies of one batch, so they see the same im
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 import transformers
 
 from pace_llm.core.outputs import SampleOutputs
-from pace_llm.data import pixel_values
+from pace_llm.data import DataError, pixel_values
 from pace_llm.tasks.base import Task, require_fields
 
 AUGMENTATIONS = ("none", "crop_flip")
@@ -30,16 +31,38 @@ AUGMENTATIONS = ("none", "crop_flip")
 def prepare_images(
     examples: datasets.Dataset, image_field: str, label_field: str, source: str = ""
 ) -> datasets.Dataset:
-    """The images as they are (read as numpy arrays) and their labels, fields checked by name."""
+    """The images as they are (read as numpy arrays, or files given by path) and their labels,
+    fields checked by name and every image checked before training: a missing one, a path that
+    does not exist, an array that is not [H, W] or [H, W, 1|3|4] stops with the row named."""
     require_fields(examples, [image_field, label_field], source)
     out = examples.select_columns([image_field, label_field, "sample_id"])
     if image_field != "image":
         out = out.rename_column(image_field, "image")
     if label_field != "labels":
         out = out.rename_column(label_field, "labels")
-    if isinstance(out.features["image"], datasets.Image):
+
+    def bad(row: int, problem: str) -> DataError:
+        return DataError(f"data {source}, row {row}, field {image_field!r}: {problem}")
+
+    feature = out.features["image"]
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):  # paths
+        for row, path in enumerate(out["image"], 1):
+            if path is None or not Path(path).is_file():
+                raise bad(row, "no image" if path is None else f"image file {path} does not exist")
+        return out.cast_column("image", datasets.Image())
+    if isinstance(feature, datasets.Image):
+        for row, image in enumerate(out.with_format(None)["image"], 1):
+            if image is None:
+                raise bad(row, "no image (null)")
         return out  # PIL images: pixel_values converts palette / RGBA / CMYK modes itself
-    return out.with_format("numpy", columns=["image"], output_all_columns=True)  # arrays, not nested lists
+    out = out.with_format("numpy", columns=["image"], output_all_columns=True)  # arrays, not nested lists
+    for row, example in enumerate(out, 1):
+        image = example["image"]
+        if image is None or getattr(image, "dtype", np.dtype("O")).kind == "O":
+            raise bad(row, "no image (null), or rows of unequal sizes")
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3, 4))):
+            raise bad(row, f"an array of shape {tuple(image.shape)}; expected [H, W] or [H, W, 1|3|4 channels]")
+    return out
 
 
 def image_pixels(image, size: int, augment: str = "none", generator: torch.Generator | None = None) -> np.ndarray:
