@@ -276,6 +276,24 @@ def _lock_path(sweep: Sweep) -> Path:
     return sweep.sweep_dir / ".sweep.lock"
 
 
+def steady_heartbeats(storage_class):
+    """`storage_class` whose heartbeat survives a failed write. Optuna beats from a thread that
+    ends on the first exception, silently: one database hiccup and the trial looks dead after
+    the grace period, so another worker retries it while it still trains. Here a failed beat is
+    printed and the next one tried on schedule."""
+
+    class SteadyHeartbeats(storage_class):
+        def record_heartbeat(self, trial_id: int) -> None:
+            try:
+                super().record_heartbeat(trial_id)
+            except Exception as err:  # noqa: BLE001 (any storage error: the beat is retried)
+                print(
+                    f"[sweep] heartbeat of trial {trial_id} failed ({type(err).__name__}: {err}); retrying", flush=True
+                )
+
+    return SteadyHeartbeats
+
+
 def redact(url: str) -> str:
     """A storage URL without its password: postgresql://user:***@host/db."""
     return re.sub(r"(://[^:/@]+:)[^/]*@", r"\1***@", url)  # up to the last @ before the path
@@ -292,7 +310,7 @@ def open_study(sweep: Sweep):
     # Two workers creating the same SQLite file's tables at once can collide: one at a time.
     with file_lock(_lock_path(sweep)), _experimental_ok():
         try:
-            storage = optuna.storages.RDBStorage(
+            storage = steady_heartbeats(optuna.storages.RDBStorage)(
                 sweep.storage,
                 heartbeat_interval=sweep.heartbeat_interval,
                 grace_period=sweep.grace_period,

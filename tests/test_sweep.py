@@ -299,3 +299,31 @@ def test_storage_urls_lose_their_password():
 
     assert redact("postgresql://me:p@ss:w0rd@db.example/pace") == "postgresql://me:***@db.example/pace"
     assert redact("sqlite:////shared/sweep.db") == "sqlite:////shared/sweep.db"
+
+
+def test_a_failed_heartbeat_is_reported_and_retried_not_fatal(tmp_path, capsys):
+    """Optuna's heartbeat thread ends on its first exception; ours reports it and beats again."""
+    from optuna.storages import RDBStorage
+
+    from pace_llm.sweep import steady_heartbeats
+
+    storage = steady_heartbeats(RDBStorage)(f"sqlite:///{tmp_path / 'db.sqlite'}", heartbeat_interval=1)
+    study = optuna.create_study(storage=storage)
+    trial = study.ask()
+    calls = []
+
+    def flaky(self, trial_id):
+        calls.append(trial_id)
+        if len(calls) == 1:
+            raise RuntimeError("database is locked")
+
+    original, RDBStorage.record_heartbeat = RDBStorage.record_heartbeat, flaky
+    try:
+        storage.record_heartbeat(trial._trial_id)  # raises inside, reported
+        storage.record_heartbeat(trial._trial_id)  # the next beat goes through
+    finally:
+        RDBStorage.record_heartbeat = original
+    assert calls == [trial._trial_id] * 2
+    assert f"heartbeat of trial {trial._trial_id} failed (RuntimeError: database is locked); retrying" in (
+        capsys.readouterr().out
+    )
