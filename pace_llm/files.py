@@ -26,20 +26,34 @@ MARKER = ".complete"
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yields a temporary folder that replaces `path` only when the block succeeds."""
+    """Yields a temporary folder that replaces `path` only when the block succeeds (its files
+    synced first, so a power cut cannot leave the renamed folder with empty files)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        fsync_tree(tmp)
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         if path.exists():
             path.rename(old)
         tmp.rename(path)
+        fsync_dir(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file and folder under `folder`."""
+    folder = Path(folder)
+    for path in [*folder.rglob("*"), folder]:
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        elif path.is_dir():
+            fsync_dir(path)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

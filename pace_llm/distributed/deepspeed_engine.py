@@ -201,7 +201,7 @@ def save_checkpoint(
         (tmp / "recipe.json").write_text(json.dumps({"recipe": recipe, "world_size": dist.get_world_size()}))
     if before_commit is not None:
         before_commit(state["step"])
-    fsync_tree(tmp, rank)  # on disk before the rename makes it the checkpoint
+    files.fsync_tree(tmp)  # this rank's files on disk before the rename makes it the checkpoint
     dist.barrier()
     if rank == 0:
         commit(root, tmp, tag, keep)
@@ -242,18 +242,6 @@ def lock_output_dir(out: Path):
     for leftover in root.glob("step-*.tmp-*") if root.exists() else []:
         shutil.rmtree(leftover, ignore_errors=True)
     return fh
-
-
-def fsync_tree(folder: Path, rank: int) -> None:
-    """fsync every file this rank can see in `folder` (rank 0 also the folders): a power cut
-    after the commit must not find renamed but empty files."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-    if rank == 0:
-        for path in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
-            files.fsync_dir(path)
 
 
 def commit(root: Path, tmp: Path, tag: str, keep: int) -> None:
