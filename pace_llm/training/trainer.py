@@ -38,9 +38,10 @@ from pace_llm.distributed.process_group import all_ranks, all_reduce_scalars, an
 from pace_llm.export import export_merged
 from pace_llm.files import truncate_rows
 from pace_llm.logs import route_logs
-from pace_llm.models import load_tokenizer, model_source
+from pace_llm.models import DTYPES, load_tokenizer, model_source
 from pace_llm.tasks import TASKS, Task
 from pace_llm.training.metrics import MetricWriter
+from pace_llm.training.mfu import lora_flops_per_token, mfu, peak_flops
 from pace_llm.training.plots import plot_metrics
 from pace_llm.training.resume import check_resume, resolve_resume
 from pace_llm.training.schedule import lr_lambda
@@ -104,6 +105,9 @@ class Trainer:
             partitioned = sum(hasattr(p, "ds_id") for p in model.parameters())
             log.info("ZeRO-3: model built partitioned (%d of %d tensors)", partitioned, len(list(model.parameters())))
         model = apply_pace(model, r.pace)
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+        self.peak_flops = peak_flops(gpu, DTYPES[r.model.dtype])  # None on CPU: no mfu
+        self.flops_per_token = lora_flops_per_token(model) if self.peak_flops else None
         if r.train.neftune_alpha:
             add_neftune(model, r.train.neftune_alpha)
         if r.model.gradient_checkpointing:
@@ -297,6 +301,9 @@ class Trainer:
         }
         if torch.cuda.is_available():  # this rank's peak since the start
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.peak_flops:  # bf16/fp16 on a GPU of mfu.PEAK_TFLOPS
+            forwards = 2 if self.objective.mode == "full" else 1
+            row["mfu"] = mfu(row["tokens_per_s"], self.flops_per_token, self.peak_flops, self.world, forwards)
         if self.grad_ratio is not None:  # measured at this step or since the last row
             row["consistency_grad_ratio"], self.grad_ratio = self.grad_ratio, None
         if self.reference is not None:
