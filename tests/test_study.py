@@ -113,3 +113,22 @@ def test_forms_study_arms_tables_and_metrics(tmp_path):
     overview, against = table.split("**Against lora")
     assert "| full_centred | lam=0.3 | 0.9 ± 0 | 3 | 1.1 ± 0 | 0.9 ± 0 |" in overview
     assert "| full_centred | -0.1 ± 0 [3/0/0, 0] | -0.1 ± 0 [3/0/0, 0] |" in against
+
+
+def test_fast_short_runs_compares_fast_with_full_per_epoch(tmp_path):
+    """bench/fast_short_runs.py: per epoch, fast's mean logged consistency over full's at the same
+    form and λ (epoch 1: fast has no target yet, so its ratio is 0)."""
+    import fast_short_runs
+
+    base = tmp_path / "study" / "smollm2_gsm_forms"
+    for mode, values in (("full", [1.0, 1.0, 2.0, 2.0]), ("fast", [0.0, 0.0, 10.0, 30.0])):
+        run = base / f"sweep-{mode}_centred" / "runs" / "pace.lam=3,train.seed=0"
+        run.mkdir(parents=True)
+        rows = [{"step": i + 1, "epoch": (i + 1) / 2, "consistency_loss": v} for i, v in enumerate(values)]
+        rows.append({"step": 4, "eval_loss": 1.0 if mode == "full" else 1.2})
+        (run / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+        (run / "run_status.json").write_text('{"status": "done"}')
+    assert fast_short_runs.main(["--out-dir", str(tmp_path / "study"), "--results", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "fast_short_runs.json").read_text())["runs"]
+    assert runs["centred_mse λ=3"]["ratio"] == {"1": 0.0, "2": 10.0}
+    assert runs["centred_mse λ=3"]["eval"] == [1.0, 1.2]
