@@ -47,7 +47,7 @@ trainer = PaceSFTTrainer(  # PACE (2 of 2): SFTTrainer -> PaceSFTTrainer, plus p
     train_dataset=train_dataset,
     processing_class=tokenizer,
     peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"),
-    pace=PaceArguments(mode="full", lam=0.01, sigma=1.0),
+    pace=PaceArguments(mode="full", lam=3.0, sigma=0.5),  # centred per-logit consistency: BENCHMARKS.md §5
 )
 trainer.train()
 trainer.save_model()  # a PEFT adapter, plus pace_config.json

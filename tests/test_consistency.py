@@ -156,6 +156,20 @@ def test_defaults_centred_mse_for_language_models_and_the_papers_sum_for_classif
     assert PaceObjective.from_config(PaceConfig(consistency="kl")).form.name == "kl"
 
 
+@pytest.mark.parametrize("consistency, lam", [("auto", 3.0), ("centred_mse", 3.0), ("kl", 20.0), ("raw_sum", 0.1)])
+def test_an_unset_lambda_is_the_forms_default(consistency, lam):
+    """λ = None follows the form in use: a raw_sum run never gets centred_mse's λ of 3 (which
+    would make the vocabulary-summed term dominate); a λ that is set is kept."""
+    model = apply_pace(tiny_model("llama"), PaceConfig(sigma=0.5, rank=4))
+    perturb_adapters(model)
+    objective = PaceObjective.from_config(PaceConfig(consistency=consistency))
+    out = objective(model, make_batch("llama"))
+    assert objective.lam == lam and out.loss.item() == pytest.approx(
+        out.task_loss.item() + lam * out.consistency_loss.item(), rel=1e-5
+    )
+    assert PaceObjective("full", lam=0.5, consistency=consistency).lam == 0.5
+
+
 @pytest.mark.parametrize("mode", ["full", "fast", "lazy_half"])
 def test_the_gradient_ratio_scales_with_lambda_and_leaves_training_as_it_was(mode):
     """consistency_grad_ratio = ‖∇(λ·consistency)‖ / ‖∇task‖: linear in λ, finite on a tiny

@@ -60,7 +60,12 @@ def test_pace_arguments_parse_with_hf_argument_parser(tmp_path):
         == "all-linear"
     )
     defaults = PaceArguments()
-    assert (defaults.mode, defaults.lam, defaults.sigma, defaults.rank) == ("full", 0.1, 1.0, 8)  # PaceConfig's
+    assert (defaults.mode, defaults.lam, defaults.sigma, defaults.rank) == (
+        "full",
+        None,
+        1.0,
+        8,
+    )  # PaceConfig's: λ None = the form's default
     with pytest.raises(SystemExit):  # choices come from PaceConfig's Literal
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--mode", "fastest"])
     with pytest.raises(ValueError, match="sigma"):  # and its checks

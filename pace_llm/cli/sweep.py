@@ -2,7 +2,7 @@
 
     pace-llm sweep recipes/tiny_cls.yaml --grid pace.lam=0.1,0.5 pace.sigma=0.5,1 \\
         --seeds 0,1 --metric eval_accuracy --direction max --sweep-dir outputs/sweep-tiny-cls
-    pace-llm sweep recipes/gsm8k.yaml --grid pace.lam=0.02,0.1,0.5 pace.sigma=0.5,1,1.5 \\
+    pace-llm sweep recipes/gsm8k.yaml --grid pace.lam=1,3,10 pace.sigma=0.5,1,1.5 \\
         --seeds 0,1,2 --metric eval_loss --direction min --launcher deepspeed --nproc 8
     # many workers, one sweep: the same command with a shared database, on each machine
     pace-llm sweep recipes/gsm8k.yaml --grid ... --storage postgresql://user@db/pace \\

@@ -25,8 +25,13 @@ logits (f = W h). For a quadratic form of d alone (raw_sum, centred_mse), d = W 
 exact, and V / d times cheaper than building the [outputs, V] logits. kl is not a function
 of d alone: its cached target goes through the head, o = W h_o.
 
-A form is one class with `name`, `__call__(f1, f2)` and, when `quadratic`, `of_difference`
-and `gram`; `FORMS` maps the recipe's `pace.consistency` to it.
+A form is one class with `name`, `__call__(f1, f2)`, `default_lam` and, when `quadratic`,
+`of_difference` and `gram`; `FORMS` maps the recipe's `pace.consistency` to it.
+
+`default_lam`, the λ a run gets when it sets none: raw_sum 0.1 (the paper's grid, for its
+classifier heads); centred_mse 3 (the SmolLM2 study's choice, BENCHMARKS.md §5: its gradient
+0.2-0.5x the task's); kl 20 (the same pull as centred_mse's 3 by the calibration of
+BENCHMARKS.md §8, where kl's gradient per unit λ is ~1/6 of centred_mse's).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 
 class ConsistencyForm:
     name: str = ""
+    default_lam: float = 1.0
     quadratic: bool = True  # a quadratic form of f1 − f2 alone: `of_difference` and `gram` apply
 
     def __call__(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:
@@ -68,6 +74,7 @@ def _gram_and_row_sum(weight: torch.Tensor, chunk_rows: int = 4096) -> tuple[tor
 
 class RawSum(ConsistencyForm):
     name = "raw_sum"
+    default_lam = 0.1
 
     def of_difference(self, diff: torch.Tensor) -> torch.Tensor:
         return diff.float().square().sum(-1)
@@ -78,6 +85,7 @@ class RawSum(ConsistencyForm):
 
 class CentredMSE(ConsistencyForm):
     name = "centred_mse"
+    default_lam = 3.0
 
     def of_difference(self, diff: torch.Tensor) -> torch.Tensor:
         diff = diff.float()
@@ -91,6 +99,7 @@ class CentredMSE(ConsistencyForm):
 
 class SymmetricKL(ConsistencyForm):
     name = "kl"
+    default_lam = 20.0
     quadratic = False
 
     def __call__(self, f1: torch.Tensor, f2: torch.Tensor) -> torch.Tensor:

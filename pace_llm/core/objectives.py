@@ -99,7 +99,7 @@ class PaceObjective:
     def __init__(
         self,
         mode: str = "full",
-        lam: float = 1.0,
+        lam: Optional[float] = None,
         lazy_every: int = 2,
         cache: Optional[OutputCache] = None,
         outputs=None,
@@ -108,8 +108,9 @@ class PaceObjective:
     ):
         """outputs: TokenOutputs / SampleOutputs (None: chosen from the model on the first call).
         consistency: a form of pace_llm.core.consistency.FORMS, or "auto" for the outputs'
-        `default_consistency`. head_gram=False computes PACE_fast's consistency through the
-        lm_head itself rather than its Gram form (the benchmark's before/after comparison)."""
+        `default_consistency`. lam: None for the form's `default_lam`. head_gram=False computes
+        PACE_fast's consistency through the lm_head itself rather than its Gram form (the
+        benchmark's before/after comparison)."""
         if mode not in MODES:
             raise ValueError(f"pace.mode must be one of {MODES}, got {mode!r}")
         if mode == "fast" and cache is None:
@@ -170,6 +171,8 @@ class PaceObjective:
             self.outputs = outputs_for_model(model)
         if self.form is None:
             self.form = get_form(self.outputs.default_consistency)
+        if self.lam is None:
+            self.lam = self.form.default_lam
         with self.scope(step, batch):
             if self.is_paired(step):
                 return self._paired(model, self.forward_batch(batch, step), denominator)

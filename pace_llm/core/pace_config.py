@@ -25,6 +25,8 @@ class PaceConfig:
     mode: off (task loss only; no noise either: plain LoRA), noise (the noise alone, no
         consistency term: the paper's ablation), full ([x; x] with the consistency term),
         fast (one forward, last epoch's output as target), lazy_half.
+    lam: the consistency's weight λ; None (the default): the form's own `default_lam`
+        (raw_sum 0.1, centred_mse 3, kl 20: pace_llm/core/consistency.py says why).
     target_modules: module-name suffixes (["q_proj", "v_proj"]), one regex matched against
         full module names, "all-linear", or None for the architecture's default.
     sigma_schedule: "linear" (σ decays with depth, the authors' formula) or "constant";
@@ -41,7 +43,7 @@ class PaceConfig:
     """
 
     mode: Literal[MODES] = "full"
-    lam: float = 0.1
+    lam: Optional[float] = None  # None: the consistency form's default_lam (core/consistency.py)
     sigma: float = 1.0
     sigma_schedule: Literal[SCHEDULES] = "linear"
     first_noisy_block: int = 0
@@ -70,7 +72,7 @@ class PaceConfig:
             if getattr(self, field) not in choices:  # (a recipe's type check names these first)
                 raise ValueError(f"{field} must be one of {list(choices)}, got {getattr(self, field)!r}")
         need(0 <= self.sigma < math.inf, "sigma", "a value >= 0")  # also false for nan
-        need(0 <= self.lam < math.inf, "lam", "a finite value >= 0")
+        need(self.lam is None or 0 <= self.lam < math.inf, "lam", "a finite value >= 0 or null")
         need(0 <= self.dropout < 1, "dropout", "a probability in [0, 1)")
         need(self.alpha > 0 and math.isfinite(self.alpha), "alpha", "a finite value > 0")
         need(0 < self.cache_memory_gb < math.inf, "cache_memory_gb", "a size in GB > 0")

@@ -2,7 +2,7 @@
 
     trainer = PaceSFTTrainer(model=model, args=SFTConfig(...), train_dataset=conversations,
                              peft_config=LoraConfig(r=16, ...),       # optional: PACE's own LoRA otherwise
-                             pace=PaceArguments(mode="full", lam=0.1, sigma=1.0))
+                             pace=PaceArguments(mode="full", lam=3.0, sigma=0.5))
 
 With a `peft_config`, TRL builds the LoRA and PACE adds its noise to it (PaceArguments'
 rank / alpha / target_modules are then unused).

@@ -1,7 +1,7 @@
 """PACE inside `transformers.Trainer`: `PaceTrainer` (and the mixin PaceSFTTrainer shares).
 
     trainer = PaceTrainer(model=model, args=TrainingArguments(...), train_dataset=...,
-                          pace=PaceArguments(mode="full", lam=0.1, sigma=1.0))
+                          pace=PaceArguments(mode="full", lam=3.0, sigma=0.5))
     trainer.train()
     trainer.save_model("adapter")          # a PEFT adapter (+ pace_config.json)
     merged = trainer.merge_pace()          # a plain transformers model
