@@ -149,11 +149,18 @@ class TrainSection:
     max_steps: Optional[int] = None  # optimizer steps; sets the schedule when given
     stop_after: Optional[int] = None  # end this invocation after step k (checkpointed)
     micro_batch_size: int = 4  # per rank
+    # tokens per micro-batch and rank instead (causal_lm with data.packing; >= data.max_length):
+    # samples are grouped into micro-batches of at most this many tokens, each packed into rows
+    # of this length (usually one), so every micro-batch fills the same memory whatever the
+    # sample lengths (pace_llm/core/token_batches.py). micro_batch_size then only sizes the
+    # held-out batches (evaluation, fp_distance); the batch count per epoch follows the data
+    micro_batch_tokens: Optional[int] = None
     gradient_accumulation: int = 1  # an epoch's last step may hold fewer micro-batches
     # What the task loss and consistency are averaged over: "step" = every supervised row of the
     # optimizer step (all micro-batches, all ranks), so packing, micro-batch size and
     # accumulation do not change the gradient; "micro_batch" = each micro-batch's own mean,
-    # averaged. null: step with data.packing, micro_batch without (the unpacked behaviour)
+    # averaged (token-budget micro-batches hold different sample counts: step suits them).
+    # null: step with data.packing (and micro_batch_tokens), micro_batch without (the unpacked behaviour)
     loss_normalization: Optional[Literal["step", "micro_batch"]] = None
     lr: float = 1e-4
     min_lr: float = 0.0
@@ -393,6 +400,7 @@ def validate(r: Recipe) -> None:
         "data.packing",
         f"false for model.task={r.model.task} (packing is for {', '.join(packers)})",
     )
+    check_token_budget(r, kind, need)
     need(
         not kind.needs_num_labels or r.model.num_labels,
         "model.num_labels",
@@ -400,9 +408,33 @@ def validate(r: Recipe) -> None:
     )
 
 
+def check_token_budget(r: Recipe, kind, need) -> None:
+    """train.micro_batch_tokens: budgets group causal-LM samples that packing then puts in
+    rows of the budget, and a sample of data.max_length tokens must fit in one."""
+    tokens = r.train.micro_batch_tokens
+    if tokens is None:
+        return
+    key = "train.micro_batch_tokens"
+    need(kind.supports_packing, key, f"null for model.task={r.model.task} (a token budget is for packed causal_lm)")
+    need(r.data.packing, key, "null without data.packing=true (token-budget micro-batches are packed)")
+    need(
+        tokens >= r.data.max_length,
+        key,
+        f">= data.max_length ({r.data.max_length}), so that a sample of max_length tokens fits",
+    )
+    need(
+        r.pace.mode != "lazy_half",
+        key,
+        "null with pace.mode=lazy_half (it halves a micro-batch by packed rows, and a token-budget "
+        "micro-batch is one row; use train.micro_batch_size, or pace.mode=full)",
+    )
+
+
 def loss_normalization(r: Recipe) -> str:
-    """train.loss_normalization with its default filled in: step when packing, else micro_batch."""
-    return r.train.loss_normalization or ("step" if r.data.packing else "micro_batch")
+    """train.loss_normalization with its default filled in: step when packing (token budgets
+    included), else micro_batch."""
+    packed = r.data.packing or r.train.micro_batch_tokens is not None
+    return r.train.loss_normalization or ("step" if packed else "micro_batch")
 
 
 def eval_key(r: Recipe, key: str):

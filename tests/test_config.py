@@ -51,7 +51,7 @@ def test_overrides_and_yaml_1_2_scalars():
         # non-finite or out-of-range values reached a traceback (or trained on nan) before #24
         ("train.lr=.inf", "train.lr: expected a finite value > 0, got inf"),
         ("train.lr=.nan", "train.lr: expected a finite value > 0, got nan"),
-        ("pace.lam=.inf", "pace.lam: expected a finite value >= 0, got inf"),
+        ("pace.lam=.inf", "pace.lam: expected a finite value >= 0 or null, got inf"),
         ("pace.sigma=.nan", "pace.sigma: expected a value >= 0, got nan"),
         ("pace.dropout=1", "pace.dropout: expected a probability in [0, 1), got 1.0"),
         ("train.log_every=0", "train.log_every: expected an integer >= 1, got 0"),
@@ -59,12 +59,40 @@ def test_overrides_and_yaml_1_2_scalars():
         ("train.keep_checkpoints=-1", "train.keep_checkpoints: expected an integer >= 0 (0: keep all), got -1"),
         ('model.name="x', """override 'model.name="x': the value is not valid YAML (found unexpected end of stream)"""),
         ("train.dist_timeout_minutes=0", "train.dist_timeout_minutes: expected minutes > 0, got 0.0"),
+        (
+            "train.micro_batch_tokens=1024",
+            "train.micro_batch_tokens: expected null without data.packing=true (token-budget micro-batches are packed)",
+        ),
     ],
 )
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(RecipeError) as err:
         load_recipe(None, [override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.task=seq_cls", "model.num_labels=2", "train.micro_batch_tokens=1024"],
+            "train.micro_batch_tokens: expected null for model.task=seq_cls (a token budget is for packed causal_lm)",
+        ),
+        (
+            ["data.packing=true", "data.max_length=512", "train.micro_batch_tokens=500"],
+            "train.micro_batch_tokens: expected >= data.max_length (512), so that a sample of max_length tokens fits",
+        ),
+        (
+            ["data.packing=true", "pace.mode=lazy_half", "train.micro_batch_tokens=1024"],
+            "train.micro_batch_tokens: expected null with pace.mode=lazy_half",
+        ),
+    ],
+)
+def test_a_token_budget_needs_packed_causal_lm_and_room_for_a_sample(overrides, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(None, overrides)
+    assert message in str(err.value)
+    load_recipe(None, ["data.packing=true", "data.max_length=512", "train.micro_batch_tokens=512"])
 
 
 def test_lazy_half_needs_a_batch_to_halve():

@@ -46,19 +46,25 @@ def distribution(values: list[int]) -> str:
 
 def show_packing(task, train, recipe, n_batches: int, out) -> None:
     """The first micro-batches of epoch 0 in a one-process run's order as `collate` packs them,
-    then the padding of the whole epoch at train.micro_batch_size, packed vs padded."""
+    then the padding of the whole epoch at train.micro_batch_size (or micro_batch_tokens),
+    packed vs padded."""
     from pace_llm.core.cache import ShardedEpochSampler
     from pace_llm.core.packing import padded_tokens
+    from pace_llm.core.token_batches import TokenBatchSampler
 
-    size, capacity = recipe.train.micro_batch_size, recipe.data.max_length
-    order = list(ShardedEpochSampler(len(train), seed=recipe.train.seed))
-    batches = [order[i : i + size] for i in range(0, len(order), size)]
+    size, budget, seed = recipe.train.micro_batch_size, recipe.train.micro_batch_tokens, recipe.train.seed
     lengths = [len(ids) for ids in train["input_ids"]]
-    print(
-        f"--- packing: micro-batches of {size} samples (train.micro_batch_size) in rows of up to {capacity} "
-        f"tokens (data.max_length); epoch 0 of a one-process run",
-        file=out,
-    )
+    if budget:
+        capacity, batches = budget, TokenBatchSampler(lengths, budget, seed=seed).batches(0)
+        how = f"micro-batches of up to {budget} tokens (train.micro_batch_tokens) in rows of as many"
+    else:
+        capacity, order = recipe.data.max_length, list(ShardedEpochSampler(len(train), seed=seed))
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        how = (
+            f"micro-batches of {size} samples (train.micro_batch_size) in rows of up to {capacity} "
+            "tokens (data.max_length)"
+        )
+    print(f"--- packing: {how}; epoch 0 of a one-process run", file=out)
     for k, indices in enumerate(batches[:n_batches]):
         batch = task.collate([train[i] for i in indices])
         segment = batch["segment_index"]
@@ -82,6 +88,8 @@ def show_packing(task, train, recipe, n_batches: int, out) -> None:
         f"padded to each micro-batch's longest sample {1 - tokens / padded:.1%}",
         file=out,
     )
+    if budget:  # what sizing the budget reads: memory is held for a full budget every micro-batch
+        print(f"token budget filled {tokens / (budget * len(batches)):.1%} on average", file=out)
 
 
 def main(argv=None, prog=None) -> int:

@@ -207,10 +207,15 @@ class ShardedEpochSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.length
 
+    def order(self, epoch: int) -> list[int]:
+        """This rank's shard in `epoch`'s order, each sample once (no padding repeats): what
+        the token-budget batches (core/token_batches.py) group."""
+        if not self.shuffle:
+            return list(self.shard)
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return [self.shard[i] for i in torch.randperm(len(self.shard), generator=g).tolist()]
+
     def __iter__(self) -> Iterator[int]:
-        order = list(self.shard)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = [order[i] for i in torch.randperm(len(order), generator=g).tolist()]
+        order = self.order(self.epoch)
         order += order[: self.length - len(order)]
         return iter(order)

@@ -1,9 +1,11 @@
 """Padding-free packing of causal-LM samples, with one PACE draw per sample (`data.packing`).
 
-A micro-batch's samples (train.micro_batch_size of them, as unpacked) are packed into rows
-of at most `data.max_length` tokens by best-fit-decreasing: longest first, each into the
-open row it fills best, ties to the lower index, so the packing depends on the micro-batch
-alone (and hence on the seed, epoch and rank shard, as the batch does). A packed batch:
+A micro-batch's samples (train.micro_batch_size of them, as unpacked, or as many as fit in
+train.micro_batch_tokens: core/token_batches.py) are packed into rows of at most
+`data.max_length` tokens (train.micro_batch_tokens when set) by best-fit-decreasing: longest
+first, each into the open row it fills best, ties to the lower index, so the packing depends
+on the micro-batch alone (and hence on the seed, epoch and rank shard, as the batch does).
+A packed batch:
 
     input_ids, labels, position_ids   [R, T]   position_ids restart at 0 at every sample;
                                                no attention_mask: transformers then builds a

@@ -1,7 +1,9 @@
 """Causal-LM supervised fine-tuning on prompt/answer pairs or conversations (the formats
 of tasks/data_formats.py); the loss and PACE's consistency cover the supervised tokens
 only (TokenOutputs): by default every assistant turn with its end-of-turn token. With
-`data.packing` a micro-batch's samples are packed into rows (pace_llm/core/packing.py)."""
+`data.packing` a micro-batch's samples are packed into rows (pace_llm/core/packing.py) of
+data.max_length tokens, or of train.micro_batch_tokens when micro-batches are a token budget
+(pace_llm/core/token_batches.py), so that such a micro-batch is about one row."""
 
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class CausalLMTask(Task):
     def __init__(self, recipe, tokenizer=None):
         super().__init__(recipe, tokenizer)
         self.encode_stats = {}  # source -> data_formats.EncodeStats (launch/inspect_data.py)
+        self.row_capacity = recipe.train.micro_batch_tokens or self.data.max_length  # packed rows
         if tokenizer is not None and self.data.chat_template:
             # the exported tokenizer carries it too (save_pretrained), so vLLM serves the same format
             tokenizer.chat_template = chat_template_text(self.data.chat_template)
@@ -64,8 +67,8 @@ class CausalLMTask(Task):
         return samples
 
     def collate(self, samples, train=False):
-        if self.data.packing:  # rows of up to data.max_length tokens, no padding but their tails
-            return pack(samples, self.data.max_length, self.pad_id)
+        if self.data.packing:  # rows of up to row_capacity tokens, no padding but their tails
+            return pack(samples, self.row_capacity, self.pad_id)
         batch = pad_tokens(samples, self.pad_id)
         labels = torch.full_like(batch["input_ids"], -100)
         for i, s in enumerate(samples):

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -33,6 +34,7 @@ from pace_llm.core.neftune import add_neftune
 from pace_llm.core.objectives import PaceObjective, consistency_grad_ratio, fast_epochs_warning
 from pace_llm.core.outputs import SampleOutputs
 from pace_llm.core.pace import mean_squared_norm
+from pace_llm.core.token_batches import TokenBatchSampler
 from pace_llm.distributed import deepspeed_engine
 from pace_llm.distributed.process_group import all_ranks, all_reduce_scalars, any_rank, init_distributed, rank0_first
 from pace_llm.export import export_merged
@@ -70,7 +72,7 @@ class Trainer:
     task: Task
     engine: deepspeed.DeepSpeedEngine  # noqa: F821
     loader: DataLoader
-    sampler: ShardedEpochSampler
+    sampler: ShardedEpochSampler | TokenBatchSampler
     objective: PaceObjective
     cache: OutputCache | None
     eval_set: datasets.Dataset | None  # noqa: F821
@@ -114,22 +116,12 @@ class Trainer:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()  # before any forward: bitsandbytes' CPU 4-bit layers repack in eval mode
         t = r.train
-        steps_per_epoch = math.ceil(
-            math.ceil(len(train_set) / self.world) / t.micro_batch_size / t.gradient_accumulation
-        )
-        self.total_steps = t.max_steps or steps_per_epoch * t.epochs
+        self.loader = self._build_loader(train_set)
+        self.total_steps = t.max_steps or sum(self.epoch_steps(e) for e in range(t.epochs))
         self.engine = deepspeed_engine.initialize(model, ds_config, r, lr_lambda(r, self.total_steps))
-        self.sampler = ShardedEpochSampler(len(train_set), self.rank, self.world, seed=t.seed)
-        self.loader = DataLoader(
-            train_set,
-            batch_size=t.micro_batch_size,
-            sampler=self.sampler,
-            collate_fn=functools.partial(self.task.collate, train=True),
-            generator=torch.Generator(),
-        )  # not the global RNG: resumes replay it exactly
         self.cache = self._build_cache(train_set) if r.pace.mode == "fast" else None
         self.objective = PaceObjective.from_config(r.pace, self.cache, self.task.outputs)
-        warning = fast_epochs_warning(self.total_steps / steps_per_epoch) if r.pace.mode == "fast" else None
+        warning = fast_epochs_warning(self.total_steps / self.epoch_steps(0)) if r.pace.mode == "fast" else None
         if warning and self.rank == 0:
             log.warning(warning)
         self.step_normalised = loss_normalization(r) == "step"
@@ -144,6 +136,46 @@ class Trainer:
                 self.total_steps,
                 "supervised row of the step" if self.step_normalised else "micro-batch",
             )
+
+    def _build_loader(self, train_set) -> DataLoader:
+        """This rank's training batches: train.micro_batch_size samples at a time, or
+        micro-batches of up to train.micro_batch_tokens tokens (TokenBatchSampler), from its
+        ShardedEpochSampler shard either way; both are deterministic, so a resume replays them."""
+        t = self.recipe.train
+        collate = functools.partial(self.task.collate, train=True)
+        generator = torch.Generator()  # not the global RNG: resumes replay it exactly
+        if t.micro_batch_tokens:
+            lengths = sample_lengths(train_set)
+            self.sampler = TokenBatchSampler(lengths, t.micro_batch_tokens, self.rank, self.world, seed=t.seed)
+            if self.rank == 0:
+                self._log_token_batches()
+            return DataLoader(train_set, batch_sampler=self.sampler, collate_fn=collate, generator=generator)
+        self.sampler = ShardedEpochSampler(len(train_set), self.rank, self.world, seed=t.seed)
+        return DataLoader(
+            train_set, batch_size=t.micro_batch_size, sampler=self.sampler, collate_fn=collate, generator=generator
+        )
+
+    def _log_token_batches(self) -> None:
+        """How full rank 0's epoch-0 token-budget micro-batches are: what choosing the budget reads."""
+        batches, budget = self.sampler.batches(0), self.sampler.budget
+        tokens = sum(self.sampler.lengths[i] for batch in batches for i in batch)
+        log.info(
+            "micro-batches of up to %d tokens (train.micro_batch_tokens): %d in epoch 0 per rank, "
+            "%.1f samples and %.0f%% of the budget each on average",
+            budget,
+            len(batches),
+            sum(map(len, batches)) / len(batches),
+            100 * tokens / (budget * len(batches)),
+        )
+
+    def epoch_steps(self, epoch: int) -> int:
+        """Optimizer steps in `epoch`: its micro-batches, train.gradient_accumulation to a step,
+        the last step possibly short (steps()); token budgets give each epoch its own count."""
+        if isinstance(self.sampler, TokenBatchSampler):
+            batches = self.sampler.count(epoch)
+        else:
+            batches = math.ceil(len(self.sampler) / self.recipe.train.micro_batch_size)
+        return math.ceil(batches / self.recipe.train.gradient_accumulation)
 
     def _build_cache(self, train_set) -> OutputCache:
         shard = (train_set[i] for i in self.sampler.shard)
@@ -443,6 +475,11 @@ class Trainer:
         if getattr(self, "folder_lock", None) is not None:
             self.folder_lock.close()
             self.folder_lock = None
+
+
+def sample_lengths(dataset) -> list[int]:
+    """len(input_ids) of every encoded sample, read in Arrow: no Python copy of every token id."""
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
 
 
 @contextlib.contextmanager
