@@ -29,8 +29,9 @@ A form is one class with `name`, `__call__(f1, f2)`, `default_lam` and, when `qu
 `of_difference` and `gram`; `FORMS` maps the recipe's `pace.consistency` to it.
 
 `default_lam`, the λ a run gets when it sets none: raw_sum 0.1 (the paper's grid, for its
-classifier heads); centred_mse 3 (the SmolLM2 study's choice, BENCHMARKS.md §5: its gradient
-0.2-0.5x the task's); kl 20 (the same pull as centred_mse's 3 by the calibration of
+classifier heads); centred_mse 3 (BENCHMARKS.md §5: in the SmolLM2 study λ 3 and 30 both
+lowered the held-out loss, 30 more on 12 training problems; 3 keeps the gradient at 0.2-0.5x
+the task's, safer on larger data); kl 20 (the same pull as centred_mse's 3 by the calibration of
 BENCHMARKS.md §8, where kl's gradient per unit λ is ~1/6 of centred_mse's).
 """
 
