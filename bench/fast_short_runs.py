@@ -20,6 +20,7 @@ from pathlib import Path
 import common
 
 from pace_llm.files import read_rows
+from pace_llm.sweep import run_done
 
 FORMS = {"centred": "centred_mse", "kl": "kl"}
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     for short, form in FORMS.items():
         for full_run in sorted((base / f"sweep-full_{short}" / "runs").glob("*")):
             fast_run = base / f"sweep-fast_{short}" / "runs" / full_run.name
-            if not (full_run / "run_status.json").exists() or not (fast_run / "run_status.json").exists():
+            if not (run_done(full_run) and run_done(fast_run)):  # a stopped run has a status file too
                 continue
             (full, full_eval), (fast, fast_eval) = per_epoch(full_run), per_epoch(fast_run)
             lam = full_run.name.split(",")[0].split("=")[1]

@@ -249,7 +249,9 @@ def train(sweep: Sweep, point: dict[str, str]) -> float:
             proc = subprocess.run(
                 command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_stop_with_parent
             )  # in the caller's folder, as a direct launch would be
-        if proc.returncode == 0 and run_status(run_dir) == "stopped":
+        # the run's own status, not the exit code: torchrun exits non-zero after forwarding a
+        # signal, and run_status.json is removed when an attempt starts, so "stopped" is this one's
+        if run_status(run_dir) == "stopped":
             raise RunStopped(f"{run_dir.name} checkpointed and stopped on a signal")
         if proc.returncode != 0 or not run_done(run_dir):
             tail = (run_dir / "train.log").read_text()[-3000:]
