@@ -246,6 +246,7 @@ class Plan:
     smoke: bool
     grace_period: int
     inputs: dict = dataclasses.field(default_factory=dict)  # dataset -> (overrides, test path)
+    retry_failed: bool = False  # the sweeps re-run crashed trials (after a fixed cause, e.g. memory)
 
     def overrides(self, d: Dataset) -> list[str]:
         return [*self.inputs[d.name][0], *(d.smoke if self.smoke else ())]
@@ -290,6 +291,7 @@ class Plan:
             "python",
             "--grace-period",
             str(self.grace_period),
+            *(["--retry-failed"] if self.retry_failed else []),
         ]
         return sweep, cmd
 
@@ -778,6 +780,11 @@ def parse_args(argv=None):
         help="seconds after which a run of a killed session is taken as dead and resumed",
     )
     p.add_argument("--smoke", action="store_true", help="1 grid point, 1 + 2 seeds, 2 steps per run")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="re-run crashed runs (killed for memory, say) instead of skipping them",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and the estimate, run nothing")
     p.add_argument("--summary", action="store_true", help="write the tables from what is done, run nothing")
     args = p.parse_args(argv)
@@ -795,7 +802,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.chdir(ROOT)
     command, machine = common.command_line(), common.machine_info()  # before the runs: their commit and load
-    plan = Plan(args.out_dir, args.results, args.smoke, args.grace_period)
+    plan = Plan(args.out_dir, args.results, args.smoke, args.grace_period, retry_failed=args.retry_failed)
     for d in args.datasets:
         hours = "" if args.smoke else f", ~{estimate_hours(d, args.jobs):.1f} h at {args.jobs} side by side"
         print(

@@ -415,6 +415,26 @@ def _requeue(study, number: int) -> None:
             optuna.storages.RetryHeartbeatStaleTrialCallback()(study, trial)
 
 
+def retry_failed(sweep: Sweep) -> list[int]:
+    """Queue a retry of every crashed trial whose grid point has no finished, running or queued
+    trial (a crash is not retried by default: it would crash again; after its cause is fixed,
+    e.g. a run killed for memory, this is the way back). Returns the retried trial numbers."""
+    from optuna.trial import TrialState
+
+    study = open_study(sweep)
+    trials = study.get_trials(deepcopy=False)
+    alive = {_key(sweep, p) for t in trials if t.state != TrialState.FAIL and (p := point_of(sweep, t))}
+    retried = []
+    for t in trials:
+        point = point_of(sweep, t)
+        if t.state == TrialState.FAIL and point is not None and not t.user_attrs.get(SURPLUS_ATTR):
+            if _key(sweep, point) not in alive:
+                _requeue(study, t.number)
+                alive.add(_key(sweep, point))
+                retried.append(t.number)
+    return retried
+
+
 def run_worker(sweep: Sweep, n_trials: int | None = None) -> dict:
     """Run trials until none is left (or `n_trials` were run here); returns the summary,
     written to sweep.json / sweep.md from what the study holds now."""

@@ -86,6 +86,7 @@ FLAGS = {
         "--launcher",
         "--nproc",
         "--n-trials",
+        "--retry-failed",
         "--heartbeat-interval",
         "--grace-period",
     },

@@ -327,3 +327,20 @@ def test_a_failed_heartbeat_is_reported_and_retried_not_fatal(tmp_path, capsys):
     assert f"heartbeat of trial {trial._trial_id} failed (RuntimeError: database is locked); retrying" in (
         capsys.readouterr().out
     )
+
+
+@pytest.mark.slow
+def test_retry_failed_reruns_a_crashed_trial_once_its_cause_is_fixed(tmp_path):
+    """A run that crashed (here: its data file missing) is failed and not retried; once the file
+    exists, --retry-failed queues it again and the worker completes it."""
+    sweep_dir, data = tmp_path / "sweep", tmp_path / "train.jsonl"
+    train, grid = [f"data.train={data}", "data.eval=null"], ["--grid", "pace.lam=0.1", "--metric", "loss"]
+    cmd = sweep_command(sweep_dir, "recipes/tiny.yaml", *train, *grid)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    assert "FAILED" in proc.stdout + proc.stderr
+    assert [state for _, state in trial_states(sweep_dir)] == ["FAIL"]
+    data.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": str(i + 1)}) + "\n" for i in range(16)))
+    proc = subprocess.run([*cmd, "--retry-failed"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "retrying crashed trials [0]" in proc.stdout
+    assert sorted(state for _, state in trial_states(sweep_dir)) == ["COMPLETE", "FAIL"]

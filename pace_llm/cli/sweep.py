@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from pace_llm.config import RecipeError
-from pace_llm.sweep import LAUNCHERS, SEED_KEY, Sweep, SweepError, parse_grid, run_worker
+from pace_llm.sweep import LAUNCHERS, SEED_KEY, Sweep, SweepError, parse_grid, retry_failed, run_worker
 
 
 def parse_args(argv, prog=None):
@@ -45,6 +45,11 @@ def parse_args(argv, prog=None):
     p.add_argument("--launcher", choices=LAUNCHERS, default="python")
     p.add_argument("--nproc", type=int, default=1, help="processes (GPUs) per run for deepspeed / torchrun")
     p.add_argument("--n-trials", type=int, help="this worker runs at most N trials, then leaves")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="first queue a retry of each crashed trial (crashes are not retried otherwise)",
+    )
     p.add_argument("--heartbeat-interval", type=int, default=30, help="seconds")
     p.add_argument(
         "--grace-period",
@@ -76,6 +81,9 @@ def main(argv=None, prog=None) -> int:
             heartbeat_interval=args.heartbeat_interval,
             grace_period=args.grace_period,
         )
+        if args.retry_failed:
+            numbers = retry_failed(sweep)
+            print(f"[sweep] retrying crashed trials {numbers}" if numbers else "[sweep] no crashed trial to retry")
         run_worker(sweep, args.n_trials)
     except (SweepError, RecipeError) as err:
         print(f"sweep error: {err}", file=sys.stderr)
