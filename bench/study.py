@@ -49,6 +49,7 @@ from typing import Callable
 import common  # bench/common.py: this script's folder is first on sys.path
 
 from pace_llm.distributed.launcher import launch_env
+from pace_llm.files import read_rows
 from pace_llm.sweep import SEED_KEY, Sweep, run_done
 
 ROOT = common.ROOT
@@ -323,8 +324,7 @@ def label(params: dict[str, str], short: bool = False) -> str:
 
 def last(run_dir: Path, key: str) -> float:
     """The last logged value of `key` in a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    values = [row[key] for row in rows if key in row]
+    values = [row[key] for row in read_rows(run_dir / "metrics.jsonl") if key in row]
     if not values:
         raise RuntimeError(f"{run_dir / 'metrics.jsonl'} logs no {key}")
     return values[-1]
@@ -434,68 +434,78 @@ class Study:
 
         return run
 
-    def gsm_eval_task(self, d: Dataset, arm: str) -> Callable[[int], bool]:
+    def per_final_run(self, d: Dataset, arm: str, result: str, log_name: str, command, report):
+        """A task that runs `command(out)` -> (argv, env) on each of the arm's paired-seed runs
+        that has its merged model and no `result` file yet (a rerun skips what is done), its
+        output appended to `log_name` in the run folder; `report(result's JSON)` is the line said."""
+
         def run(worker: int) -> bool:
             sweep, _ = self.plan.sweep(d, "final", arm)
             for point in sweep.points():
                 out = sweep.run_dir(point)
-                if (out / "gsm8k.json").exists() or not (out / "merged").exists():
+                if (out / result).exists() or not (out / "merged").exists():
                     continue
-                cmd = [
-                    sys.executable,
-                    "eval/gsm8k.py",
-                    "--model",
-                    rel(out / "merged"),
-                    "--data",
-                    rel(self.plan.inputs[d.name][1]),
-                    "--backend",
-                    "vllm",
-                    "--max-new-tokens",
-                    "32" if self.plan.smoke else "256",
-                    "--output",
-                    rel(out / "gsm8k.json"),
-                    "--quiet",
-                    *(["--limit", "2"] if self.plan.smoke else []),
-                ]
-                env = self.env(
-                    VLLM_CPU_KVCACHE_SPACE="1",
-                    VLLM_ENABLE_V1_MULTIPROCESSING="0",
-                    VLLM_CPU_OMP_THREADS_BIND="nobind",  # one thread, as bench/eval_throughput.py
-                    TMPDIR=str(out),
-                )  # vLLM's sockets: a folder of its own
-                with open(out / "gsm8k_eval.log", "a") as fh:
+                cmd, env = command(out)
+                with open(out / log_name, "a") as fh:
                     rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
                 if rc != 0:
-                    self.say(f"{d.name}/final-{arm}: eval/gsm8k.py exited {rc} (see {out / 'gsm8k_eval.log'})")
+                    self.say(f"{d.name}/final-{arm}: {cmd[1]} exited {rc} (see {out / log_name})")
                     return False
-                rate = json.loads((out / "gsm8k.json").read_text())["strict_format_rate"]
-                self.say(f"{d.name}/final-{arm}: {out.name}: #### N rate {rate:.2f}")
+                self.say(f"{d.name}/final-{arm}: {out.name}: {report(json.loads((out / result).read_text()))}")
             return True
 
         return run
+
+    def gsm_eval_task(self, d: Dataset, arm: str) -> Callable[[int], bool]:
+        def command(out: Path):
+            cmd = [
+                sys.executable,
+                "eval/gsm8k.py",
+                "--model",
+                rel(out / "merged"),
+                "--data",
+                rel(self.plan.inputs[d.name][1]),
+                "--backend",
+                "vllm",
+                "--max-new-tokens",
+                "32" if self.plan.smoke else "256",
+                "--output",
+                rel(out / "gsm8k.json"),
+                "--quiet",
+                *(["--limit", "2"] if self.plan.smoke else []),
+            ]
+            env = self.env(
+                VLLM_CPU_KVCACHE_SPACE="1",
+                VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                VLLM_CPU_OMP_THREADS_BIND="nobind",  # one thread, as bench/eval_throughput.py
+                TMPDIR=str(out),
+            )  # vLLM's sockets: a folder of its own
+            return cmd, env
+
+        return self.per_final_run(
+            d, arm, "gsm8k.json", "gsm8k_eval.log", command, lambda r: f"#### N rate {r['strict_format_rate']:.2f}"
+        )
 
     def probe_task(self, d: Dataset, arm: str) -> Callable[[int], bool]:
-        def run(worker: int) -> bool:
-            sweep, _ = self.plan.sweep(d, "final", arm)
-            for point in sweep.points():
-                out = sweep.run_dir(point)
-                if (out / "probe.json").exists() or not (out / "merged").exists():
-                    continue
-                completions = self.plan.out / d.name / "generic_completions.json"
-                cmd = [sys.executable, "bench/forgetting.py", "--run", rel(out), "--completions", rel(completions)]
-                with open(out / "probe.log", "a") as fh:
-                    rc = subprocess.run(cmd, cwd=ROOT, env=self.env(), stdout=fh, stderr=subprocess.STDOUT).returncode
-                if rc != 0:
-                    self.say(f"{d.name}/final-{arm}: bench/forgetting.py exited {rc} (see {out / 'probe.log'})")
-                    return False
-                probe = json.loads((out / "probe.json").read_text())
-                self.say(
-                    f"{d.name}/final-{arm}: {out.name}: polarity NLL {probe['polarity_nll']:.4f}, "
-                    f"KL to base {probe['kl_to_base']:.4g}, FP-distance {probe['fp_distance']:.4g}"
-                )
-            return True
+        completions = self.plan.out / d.name / "generic_completions.json"  # made once, shared by the runs
 
-        return run
+        def command(out: Path):
+            return [
+                sys.executable,
+                "bench/forgetting.py",
+                "--run",
+                rel(out),
+                "--completions",
+                rel(completions),
+            ], self.env()
+
+        def report(probe: dict) -> str:
+            return (
+                f"polarity NLL {probe['polarity_nll']:.4f}, KL to base {probe['kl_to_base']:.4g}, "
+                f"FP-distance {probe['fp_distance']:.4g}"
+            )
+
+        return self.per_final_run(d, arm, "probe.json", "probe.log", command, report)
 
     def tasks(self) -> list[Task]:
         """Per dataset, in this order: the sweeps, the paired seeds (each after its arm's sweep),
@@ -639,7 +649,7 @@ def final_results(plan: Plan, d: Dataset, arm: str) -> dict[int, dict]:
         out = sweep.run_dir(point)
         if not run_done(out):
             continue
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = read_rows(out / "metrics.jsonl")
         series = {k: [r[k] for r in rows if k in r] for k in ("eval_loss", "eval_accuracy", "task_loss", "grad_norm")}
         series["consistency_grad_ratio"] = [r["consistency_grad_ratio"] for r in rows if "consistency_grad_ratio" in r]
         row = {"eval_loss": series["eval_loss"][-1], "eval_loss_min": min(series["eval_loss"])}

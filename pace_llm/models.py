@@ -48,21 +48,18 @@ def model_source(model_section, out: Path) -> str | Path:
     return name
 
 
+@contextlib.contextmanager
 def named_source(source, what: str):
     """Turns transformers' OSError for a missing folder or an unreachable hub id into a
     RecipeError that names model.name (exit 2, no traceback)."""
     from pace_llm.config import RecipeError
 
-    @contextlib.contextmanager
-    def scope():
-        if str(source).startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
-            raise RecipeError(f"model.name={str(source)!r}: no such folder")
-        try:
-            yield
-        except OSError as err:
-            raise RecipeError(f"model.name={str(source)!r}: cannot load its {what}: {err}") from None
-
-    return scope()
+    if str(source).startswith(("/", ".", "~")) and not Path(source).expanduser().exists():
+        raise RecipeError(f"model.name={str(source)!r}: no such folder")
+    try:
+        yield
+    except OSError as err:
+        raise RecipeError(f"model.name={str(source)!r}: cannot load its {what}: {err}") from None
 
 
 def load_tokenizer(source):

@@ -256,12 +256,16 @@ def commit(root: Path, tmp: Path, tag: str, keep: int) -> None:
     tmp.rename(final)
     files.write_atomic(root / "latest", tag)
     shutil.rmtree(aside, ignore_errors=True)
-    steps = sorted(
-        (int(p.name[5:]), p.name) for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name)
-    )
-    for _, old in steps[:-keep] if keep > 0 else []:
+    for old in checkpoint_tags(root)[:-keep] if keep > 0 else []:
         if old != tag:
             shutil.rmtree(root / old, ignore_errors=True)
+
+
+def checkpoint_tags(root: Path) -> list[str]:
+    """The committed checkpoints in `root` (step-N folders; not .tmp-/.old- ones), oldest first."""
+    return sorted(
+        (p.name for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step-\d+", p.name)), key=lambda t: int(t[5:])
+    )
 
 
 def load_rank_state(path: Path) -> dict:
@@ -285,7 +289,7 @@ def load_checkpoint(engine, out: Path, cache) -> dict | None:
     if latest is None:
         log.info("resume: no checkpoint in %s, starting from scratch", root)
         return None
-    older = sorted(p.name for p in root.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and p.name < latest)
+    older = [t for t in checkpoint_tags(root) if t < latest]  # zero-padded: name order is step order
     for tag in [latest, *reversed(older)]:
         try:
             state, error = _load_tag(engine, root / tag, cache), None

@@ -51,7 +51,8 @@ def prepare_images(
                 raise bad(row, "no image" if path is None else f"image file {path} does not exist")
         return out.cast_column("image", datasets.Image())
     if isinstance(feature, datasets.Image):
-        for row, image in enumerate(out.with_format(None)["image"], 1):
+        undecoded = out.cast_column("image", datasets.Image(decode=False))["image"]  # no PIL decode of all
+        for row, image in enumerate(undecoded, 1):
             if image is None:
                 raise bad(row, "no image (null)")
         return out  # PIL images: pixel_values converts palette / RGBA / CMYK modes itself

@@ -32,8 +32,8 @@ __all__ = ["Trainer", "run", "main", "lr_lambda", "warmup_steps", "resolve_resum
 def run(recipe: Recipe, trainer_class: type[Trainer] = Trainer) -> str:
     """Train, and export when training is done; returns "done" or "stopped"."""
     out = Path(recipe.output_dir)
-    recipe = resolve_resume(recipe)
     trainer = trainer_class(recipe)
+    recipe = trainer.recipe  # resume=auto decided, true/false checked against the folder (resolve_resume)
     if trainer.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run_status.json").unlink(missing_ok=True)  # "stopped" must be this attempt's, not an earlier one's
