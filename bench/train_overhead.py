@@ -12,7 +12,9 @@ Variants, all on the same base weights, LoRA targets, rank and batch:
              write instead of pace-llm (HF's loss computes logits at every position)
   off        pace_llm.apply_pace(σ=0) + PaceObjective("off"): our loop without PACE
   noise      σ>0 + PaceObjective("off"): PACE's noise alone, no consistency term (what
-             fast costs beyond it is the cache and the consistency term)
+             fast costs beyond it is the cache and the consistency term); the noise fused
+             into PEFT's LoRA forward (pace_llm/core/noisy_lora.py)
+  noise_hook noise as a forward hook on each lora_B, as before the fusion: the before/after
   fast       σ>0 + PaceObjective("fast") with an OutputCache (filled during warm-up)
   fast_nogram  fast with the consistency computed as ‖W(h − h_o)‖² through the lm_head, as
              before the WᵀW form (PaceObjective(head_gram=False)): the fix, measured
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import common  # bench/common.py: this script's folder is first on sys.path
 
-VARIANTS = ["peft", "off", "noise", "fast", "fast_nogram", "lazy_half", "full"]
+VARIANTS = ["peft", "off", "noise", "noise_hook", "fast", "fast_nogram", "lazy_half", "full"]
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -176,7 +178,9 @@ class Variant:
             model = pace_llm.apply_pace(
                 model, pace_llm.PaceConfig(rank=args.rank, alpha=args.alpha, sigma=0.0 if name == "off" else args.sigma)
             )
-            mode = {"noise": "off", "fast_nogram": "fast"}.get(name, name)
+            if name == "noise_hook":
+                unfuse_noise(model)
+            mode = {"noise": "off", "noise_hook": "off", "fast_nogram": "fast"}.get(name, name)
             cache = None
             if mode == "fast":
                 counts = pace_llm.supervised_counts(data[1]).tolist()
@@ -230,6 +234,17 @@ def peft_lora_config(model, args):
     from pace_llm.core.adapters import peft_lora_config as lora_config
 
     return lora_config(model, PaceConfig(rank=args.rank, alpha=args.alpha, dropout=0.0, train_head=False))
+
+
+def unfuse_noise(model) -> None:
+    """The noise as a forward hook on lora_B (what add_lora_noise did before NoisyLora)."""
+    from pace_llm.core.noisy_lora import is_fused
+
+    for module in model.modules():
+        if is_fused(module):
+            module.lora_variant.clear()
+            for lora_b in module.lora_B.values():
+                lora_b.register_forward_hook(module.pace_noise)
 
 
 def pace_objective(mode: str, args, cache, model, head_gram: bool = True):

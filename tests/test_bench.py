@@ -36,7 +36,7 @@ def table_rows(stdout: str) -> list[list[str]]:
 def test_train_overhead_smoke(tmp_path):
     stdout, out = run(tmp_path, "train_overhead.py")
     rows = table_rows(stdout)
-    assert [r[0] for r in rows] == ["peft", "off", "noise", "fast", "fast_nogram", "lazy_half", "full"]
+    assert [r[0] for r in rows] == ["peft", "off", "noise", "noise_hook", "fast", "fast_nogram", "lazy_half", "full"]
     assert rows[0][3] == "1.000"  # the baseline's ratio to itself
     assert all(float(r[3]) > 0 for r in rows)
     result = json.loads((out / "train_overhead_tiny_cpu_fp32_smoke.json").read_text())
@@ -47,7 +47,7 @@ def test_train_overhead_smoke(tmp_path):
 def test_train_overhead_deepspeed_smoke(tmp_path):
     stdout, out = run(tmp_path, "train_overhead.py", "--deepspeed", "2")
     rows = table_rows(stdout)
-    assert [r[0] for r in rows] == ["peft", "off", "noise", "fast", "fast_nogram", "lazy_half", "full"]
+    assert [r[0] for r in rows] == ["peft", "off", "noise", "noise_hook", "fast", "fast_nogram", "lazy_half", "full"]
     assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)  # plain and ZeRO-2 ratios
     assert (out / "train_overhead_tiny_cpu_fp32_zero2_smoke.json").exists()
 

@@ -9,12 +9,12 @@ import subprocess
 import datasets
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
 from pace_trainer_run import encoded
 from trainrun import ROOT, env, launch, metrics, shm_segments
 
 from pace_llm.assets.tiny import tiny_arithmetic, tiny_model, tiny_tokenizer
+from pace_llm.core.noisy_lora import NoisyLora, is_fused
 from pace_llm.core.objectives import PaceObjective
 from pace_llm.core.outputs import TokenOutputs
 from pace_llm.core.pace import noise_segments
@@ -251,11 +251,21 @@ def test_sft_full_pace_on_packed_rows_draws_noise_per_sample(tmp_path):
     packed = trainer._packed(batch)
     assert len(packed["sample_id"]) == 8
     segment = trainer.pace_objective.forward_batch(packed, 0)["segment_index"]  # [x; x]: 16 samples, 2 rows
-    lora_b = trainer.model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.lora_B.default")
-    seen = []  # (Z ⊙ Δh, Δh) per forward; registered after PACE's hook, so it sees the noisy output
-    hook = lora_b.register_forward_hook(lambda m, i, o: seen.append((o.detach(), F.linear(i[0], m.weight).detach())))
+    q_proj = trainer.model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert is_fused(q_proj)  # PACE's noise inside PEFT's LoRA forward (core/noisy_lora.py)
+    seen = []  # (s·Z ⊙ Δh, s·Δh) per forward, read inside the variant (added to zeros: exact)
+
+    class Recording(NoisyLora):
+        @staticmethod
+        def forward(module, active_adapter, x, result, **kwargs):
+            update = NoisyLora.forward(module, active_adapter, x, torch.zeros_like(result))
+            clean = module.lora_B[active_adapter](module.lora_A[active_adapter](x)) * module.scaling[active_adapter]
+            seen.append((update.detach(), clean.detach()))
+            return result + update
+
+    q_proj.lora_variant["default"] = Recording()
     trainer.training_step(trainer.model, batch)
-    hook.remove()
+    q_proj.lora_variant["default"] = NoisyLora()
     assert len(seen) == 2 and torch.equal(seen[0][0], seen[1][0])  # forward, then the recompute: the same Z
     noisy, clean = seen[0]
     z = [

@@ -12,7 +12,9 @@ from conftest import TORCH_DROPOUT, make_batch, model_inputs, perturb_adapters
 
 import pace_llm
 from pace_llm.assets.tiny import tiny_model
-from pace_llm.core.pace import sigma_for_block
+from pace_llm.core.adapters import add_lora_noise
+from pace_llm.core.noisy_lora import is_fused
+from pace_llm.core.pace import multiplicative_noise, noise_segments, sigma_for_block
 
 BLOCK = re.compile(r"\.layers?\.(\d+)\.")  # llama/phi3/vit "layers.N.", roberta "layer.N."
 
@@ -332,3 +334,81 @@ def test_noise_mode_is_noisy_without_a_consistency_term():
     second = objective(model, batch, 0)
     assert first.consistency_loss.item() == 0.0 and first.loss is first.task_loss
     assert abs(first.loss.item() - second.loss.item()) > 1e-4  # another draw, another loss: noise is on
+
+
+def _hooked_output(module, x, sigma):
+    """What the forward hook on lora_B computed before the fused variant: base + (Δh ⊙ Z) · s."""
+    delta = module.lora_B["default"](module.lora_A["default"](module.lora_dropout["default"](x)))
+    return module.base_layer(x) + multiplicative_noise(delta, sigma) * module.scaling["default"]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_noise_draws_the_hooks_z(packed):
+    """The noise inside PEFT's LoRA forward (NoisyLora) gives, for one seed, the output the
+    lora_B hook gave: same Z, the product rounded in another order."""
+    model = adapted("llama", sigma=0.7, dropout=0.1)
+    module, hook = layer_of_block(model, 0, "q_proj")
+    assert is_fused(module) and not module.lora_B["default"]._forward_hooks
+    x = torch.randn(4, 6, module.base_layer.in_features, generator=torch.Generator().manual_seed(0))
+    segments = torch.tensor([[0, 0, 1, 1, 1, -1]] * 2 + [[2, 3, 3, 4, 5, 5]] * 2) if packed else None
+    module.train()
+    with noise_segments(segments):
+        torch.manual_seed(7)
+        fused = module(x)
+        torch.manual_seed(7)
+        hooked = _hooked_output(module, x, hook.sigma)
+        torch.manual_seed(8)
+        other = module(x)
+    torch.testing.assert_close(fused, hooked, rtol=1e-6, atol=1e-6)
+    assert (fused - other).abs().max() > 1e-3  # another seed, another draw
+
+
+def _saved_numel(model, batch) -> int:
+    """Elements autograd keeps for backward during one training forward."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**model_inputs(batch))
+    return total
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fused_noise_keeps_only_z_for_backward(packed):
+    """σ > 0 keeps, beyond σ = 0 (PEFT's LoRA), one factor per sample and channel per layer:
+    no per-token copy of Δh or Z (a hook kept a [B, T, d_out] tensor per layer when packed)."""
+    batch = make_batch("llama", batch=4, seq=12)
+    # packed: rows of 3 samples of 4 tokens each (the noise reads only the index's shape)
+    segments = torch.arange(12).repeat_interleave(4).view(4, 12) if packed else None
+    kept = {}
+    for sigma in (0.0, 0.5):
+        model = adapted("llama", sigma=sigma)
+        model.train()
+        with noise_segments(segments):
+            kept[sigma] = _saved_numel(model, batch)
+    layers = [m for m in pace_llm.noise_layers(model) if pace_llm.noise_layers(model)[m].sigma > 0]
+    draws = int(segments.max()) + 1 if packed else 4
+    per_draw = sum(model.get_submodule(n).base_layer.out_features for n in layers)
+    index = segments.numel() * len(layers) if packed else 0  # the segment index, one reference per layer
+    assert kept[0.5] - kept[0.0] == draws * per_draw + index
+
+
+def test_a_lora_layer_without_a_variant_slot_keeps_the_hook():
+    """DoRA holds PEFT's variant slot: PACE's noise falls back to the lora_B hook, still noisy."""
+    model = peft.get_peft_model(
+        tiny_model("llama"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    )
+    add_lora_noise(model, pace_llm.PaceConfig(sigma=1.0, rank=4))
+    perturb_adapters(model)
+    module, _ = layer_of_block(model, 0, "q_proj")
+    assert not is_fused(module) and module.lora_B["default"]._forward_hooks
+    model.train()
+    inputs = model_inputs(make_batch("llama"))
+    torch.manual_seed(0)
+    first = model(**inputs).logits
+    torch.manual_seed(1)
+    assert (model(**inputs).logits - first).abs().max() > 1e-4

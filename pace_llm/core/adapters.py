@@ -6,7 +6,8 @@
     plain = pace_llm.merge_pace(model)
 
 `lora_add` (the default) is PEFT's LoRA: PEFT injects, initialises, saves and loads it;
-PACE adds a forward hook on each `lora_B` that multiplies Δh by the noise Z (pace.py).
+PACE gives each LoRA layer a PEFT variant that multiplies Δh by the noise Z together with
+LoRA's scaling (noisy_lora.py; a forward hook on `lora_B` where PEFT has no variant slot).
 `lora_mul_vpt` is the paper's vision baseline (LoRA_mul + VPT_add, eq. 2), which PEFT
 does not have: a small module of our own below, merged by eq. 13.
 """
@@ -193,16 +194,17 @@ def _sigma_by_name(model: nn.Module, adapted: list[str], config: PaceConfig):
 
 def add_lora_noise(model, config: PaceConfig):
     """PACE's noise on every LoRA layer of a `peft.PeftModel`, whoever built its LoRA
-    (apply_pace, or a user's / TRL's `peft_config`); σ from config's schedule by depth."""
+    (apply_pace, or a user's / TRL's `peft_config`); σ from config's schedule by depth.
+    The noise is fused into the LoRA forward where PEFT allows (core/noisy_lora.py)."""
     import peft
+
+    from pace_llm.core.noisy_lora import add_noise
 
     inner = model.base_model.model
     layers = {n: m for n, m in inner.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     sigma_of = _sigma_by_name(inner, list(layers), config)
     for name, module in layers.items():
-        module.pace_noise = NoiseHook(sigma_of(name))
-        for lora_b in module.lora_B.values():
-            lora_b.register_forward_hook(module.pace_noise)
+        add_noise(module, sigma_of(name))
     model.pace_config = config
     return model
 

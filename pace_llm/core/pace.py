@@ -83,21 +83,51 @@ def noise_segments(index: Optional[torch.Tensor]):
         _segments = previous
 
 
-def multiplicative_noise(delta: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Z ⊙ Δh with Z ~ N(1, σ²) of shape (B, 1, ..., 1, d_out): one draw per sample and channel;
-    inside noise_segments() a delta of the packed batch's shape [R, T, d_out] gets Z of shape
-    (S, d_out), S samples, each token its sample's row."""
+def draw_noise(delta: torch.Tensor, sigma: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Z ~ N(1, σ²) for `delta`, in fp32, and the per-token index that spreads it (or None).
+
+    Unpacked: Z of shape (B, 1, ..., 1, d_out), one draw per sample and channel, index None.
+    Inside noise_segments(), a delta of the packed batch's shape [R, T, d_out]: Z of shape
+    (S, d_out), one draw per packed sample and channel, and the segment index [R, T] that gives
+    each token its sample's row (the unused tail gets sample 0's: it meets no loss)."""
     if _segments is not None and delta.dim() == 3 and tuple(delta.shape[:2]) == tuple(_segments[0].shape):
-        segments = _segments[0].to(delta.device)
-        z = torch.randn((_segments[1], delta.shape[-1]), device=delta.device, dtype=torch.float32).mul_(sigma).add_(1.0)
-        return delta * z[segments.clamp(min=0)].to(delta.dtype)  # the tail's Z (sample 0's) meets no loss
+        z = torch.randn((_segments[1], delta.shape[-1]), device=delta.device, dtype=torch.float32)
+        return z.mul_(sigma).add_(1.0), _segments[0].to(delta.device).clamp(min=0)
     shape = (delta.shape[0],) + (1,) * (delta.dim() - 2) + (delta.shape[-1],)
-    z = torch.randn(shape, device=delta.device, dtype=torch.float32).mul_(sigma).add_(1.0)
-    return delta * z.to(delta.dtype)
+    return torch.randn(shape, device=delta.device, dtype=torch.float32).mul_(sigma).add_(1.0), None
+
+
+class _ScaleByIndex(torch.autograd.Function):
+    """delta ⊙ factor[index], keeping only factor and index for backward (not the
+    [R, T, d_out] gathered copy that a plain `delta * factor[index]` would keep)."""
+
+    @staticmethod
+    def forward(ctx, delta, factor, index):
+        ctx.save_for_backward(factor, index)
+        return delta * factor[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        factor, index = ctx.saved_tensors
+        return grad * factor[index], None, None
+
+
+def scale_by(delta: torch.Tensor, factor: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """delta ⊙ factor (broadcast), or delta ⊙ factor[index] for packed rows; factor carries no
+    gradient (it is Z, or Z times LoRA's scaling)."""
+    factor = factor.to(delta.dtype)
+    return delta * factor if index is None else _ScaleByIndex.apply(delta, factor, index)
+
+
+def multiplicative_noise(delta: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Z ⊙ Δh, Z from draw_noise()."""
+    return scale_by(delta, *draw_noise(delta, sigma))
 
 
 class NoiseHook:
-    """Forward hook on an adapter's output module (PEFT's lora_B): multiplies Δh by Z."""
+    """A layer's σ, and the forward hook that multiplies an output by Z where the noise is not
+    fused into the adapter (core/noisy_lora.py): task heads, LoRA_mul+VPT_add, LoRA layers
+    PEFT cannot give a variant to (embeddings, DoRA, quantisers other than bitsandbytes)."""
 
     def __init__(self, sigma: float):
         self.sigma = sigma
