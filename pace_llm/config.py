@@ -182,6 +182,9 @@ class TrainSection:
     # NEFTune: uniform noise α / sqrt(L·d) on the input embeddings, L each sample's length
     # (pace_llm/core/neftune.py); 0 = off. Its paper's values: 5, 10, 15
     neftune_alpha: float = 0.0
+    # torch.compile each transformer block (pace_llm/training/compile.py); the first steps
+    # compile (seconds to minutes), the log reports graphs and graph breaks; not with ZeRO-3
+    compile: bool = False
     dist_timeout_minutes: float = 30.0  # a collective's wait for the slowest rank before the run fails
     export_check: bool = True  # compare merged-model logits with the trained model's
     # trackers besides metrics.jsonl (always): tensorboard, wandb, mlflow (training/metrics.py)
@@ -365,6 +368,12 @@ def validate(r: Recipe) -> None:
     need(r.train.stop_after is None or r.train.stop_after >= 1, "train.stop_after", "an integer >= 1")
     need(r.train.grad_ratio_every >= 0, "train.grad_ratio_every", "an integer >= 0")
     need(r.train.neftune_alpha >= 0, "train.neftune_alpha", "a value >= 0")
+    need(
+        not (r.train.compile and r.deepspeed.zero_stage == 3),
+        "train.compile",
+        "false with deepspeed.zero_stage=3 (ZeRO-3 gathers parameters in module hooks that torch.compile "
+        "would trace; use zero_stage <= 2)",
+    )
     need(0 < r.train.dist_timeout_minutes < float("inf"), "train.dist_timeout_minutes", "minutes > 0")
     need(
         not r.train.neftune_alpha or kind.uses_tokenizer,

@@ -103,3 +103,9 @@ def test_lazy_half_needs_a_batch_to_halve():
 def test_missing_recipe_file_is_named(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(str(tmp_path / "nope.yaml"))
+
+
+def test_compile_is_refused_under_zero3():
+    with pytest.raises(RecipeError, match="train.compile: expected false with deepspeed.zero_stage=3"):
+        load_recipe(None, ["train.compile=true", "deepspeed.zero_stage=3"])
+    assert load_recipe(None, ["train.compile=true", "deepspeed.zero_stage=2"]).train.compile

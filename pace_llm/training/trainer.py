@@ -42,6 +42,7 @@ from pace_llm.files import truncate_rows
 from pace_llm.logs import route_logs
 from pace_llm.models import DTYPES, load_tokenizer, model_source
 from pace_llm.tasks import TASKS, Task
+from pace_llm.training.compile import compile_blocks, compile_report
 from pace_llm.training.metrics import MetricWriter
 from pace_llm.training.mfu import lora_flops_per_token, mfu, peak_flops
 from pace_llm.training.plots import plot_metrics
@@ -114,6 +115,8 @@ class Trainer:
             add_neftune(model, r.train.neftune_alpha)
         if r.model.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if r.train.compile:
+            log.info("train.compile: %d transformer blocks compile at their first call", compile_blocks(model))
         model.train()  # before any forward: bitsandbytes' CPU 4-bit layers repack in eval mode
         t = r.train
         self.loader = self._build_loader(train_set)
@@ -221,6 +224,8 @@ class Trainer:
                 batch_index = micro_batches[-1][0]
                 progress.finish_step(batch_index)
                 self.log_step(progress, batch_index, bar)
+                if self.recipe.train.compile and progress.step == 1 and self.rank == 0:
+                    log.info("after step 1: %s", compile_report())
                 bar.update(1)
                 stop_now = any_rank(self.stop.flag)
                 if stop_now or progress.step == t.stop_after or t.save_every and progress.step % t.save_every == 0:
@@ -232,6 +237,8 @@ class Trainer:
             return "done"
         finally:
             bar.close()
+            if t.compile and self.rank == 0:
+                log.info("at the end: %s", compile_report())
 
     def eval_due(self, step: int) -> bool:
         """Whether step `step` evaluates: every train.eval_every steps and the last, with data.eval."""
