@@ -5,12 +5,17 @@ and padding, on the same samples, interleaved.
     python bench/packing.py --mode full      # with full PACE's paired forward (about twice as long)
     python bench/packing.py --smoke          # a tiny Llama, short lengths, seconds (the test)
 
-A micro-batch is --batch samples, as in training (README "Packing": the token budget is the
-micro-batch's samples, in rows of up to max_length tokens). Padded: the unpacked collate, one
-row per sample padded to the longest, with an attention mask. Packed: the same samples in rows
-of up to max_length tokens (pace_llm.core.packing.pack, best-fit-decreasing), padded only to the
-longest row. Both run the same training step on the same model: PaceObjective(--mode) forward
-and loss (default `noise`: PACE's per-sample noise, no second forward), backward, AdamW step.
+Three ways to make a micro-batch, each run by the same training step on the same model
+(PaceObjective(--mode) forward and loss, default `noise`: PACE's per-sample noise, no second
+forward; backward; AdamW step):
+  padded  --batches samples, the unpacked collate: one row per sample, padded to the longest
+  packed  the same samples in rows of up to max_length tokens (data.packing: best-fit-decreasing
+          by pace_llm.core.packing), padded only to the longest row
+  budget  train.micro_batch_tokens: whole samples up to a token budget, grouped by the
+          trainer's TokenBatchSampler over the length table and packed into one row of the
+          budget; the budget is the padded micro-batch's mean real tokens (batch x mean sample
+          length; at least max_length, --budget to set it), so each arm carries about the same
+          tokens per micro-batch and differs only in padding and layout
 
 Lengths (prompt + answer tokens; the ids themselves are random: speed does not depend on them):
   gsm   the GSM-Symbolic training set (pace_llm.assets, 1,000 variants) encoded as
@@ -21,9 +26,10 @@ Lengths (prompt + answer tokens; the ids themselves are random: speed does not d
 (--smoke: both log-normal, median 16 tokens, σ 0.3 (gsm) and 0.8 (chat), at most 64.)
 
 Timing (bench/common.py): for each lengths x micro-batch size, --rounds rounds (the first
-configuration after an untimed warm-up round); each round draws a micro-batch and runs it
-padded and packed, the order alternating. tokens/s counts the samples' tokens (not the padding), the same in both, so a
-round's speed-up packed / padded is padded time / packed time; the table shows medians.
+configuration after an untimed warm-up round); each round draws a micro-batch (padded and packed
+hold the same samples) and the round's next budget micro-batch, and runs the three in a rotating
+order. tokens/s counts the samples' tokens (not the padding); the ratios are medians over rounds
+of (arm tokens/s / padded tokens/s) in the same round.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ def parse_args(argv=None):
         help="PACE objective (fast: no cache is filled, so no consistency term)",
     )
     p.add_argument("--rounds", type=int, default=4, help="timed rounds per lengths x micro-batch size")
+    p.add_argument("--budget", type=int, default=None, help="tokens per budget micro-batch (default: see below)")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--sigma", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
@@ -105,13 +112,33 @@ def length_table(kind: str, smoke: bool, seed: int) -> tuple[list[tuple[int, int
     return lognormal_lengths(1000, 100, 0.8, LENGTHS[kind], seed), LENGTHS[kind]
 
 
-def micro_batch(lengths, size: int, rng: random.Random, vocab: int) -> list[dict]:
-    """`size` samples drawn from `lengths`: random ids, the last `supervised` of them labelled."""
+def materialise(chosen, rng: random.Random, vocab: int) -> list[dict]:
+    """Samples of the given (tokens, supervised) lengths: random ids, the last `supervised` labelled."""
     samples = []
-    for i, (n, supervised) in enumerate(rng.sample(lengths, size)):
+    for i, (n, supervised) in enumerate(chosen):
         ids = [rng.randrange(3, vocab) for _ in range(n)]
         samples.append({"input_ids": ids, "labels": [-100] * (n - supervised) + ids[n - supervised :], "sample_id": i})
     return samples
+
+
+def budget_of(lengths, size: int, max_length: int, args) -> int:
+    """The budget micro-batch's tokens: the padded one's mean real tokens, at least max_length."""
+    if args.budget:
+        return max(args.budget, max_length)
+    return max(max_length, round(size * sum(n for n, _ in lengths) / len(lengths)))
+
+
+def budget_batches(lengths, budget: int, seed: int):
+    """An endless stream of the trainer's token-budget micro-batches over the length table
+    (TokenBatchSampler, one rank), epoch after epoch: lists of (tokens, supervised)."""
+    from pace_llm.core.token_batches import TokenBatchSampler
+
+    sampler = TokenBatchSampler([n for n, _ in lengths], budget, seed=seed)
+    epoch = 0
+    while True:
+        for batch in sampler.batches(epoch):
+            yield [lengths[i] for i in batch]
+        epoch += 1
 
 
 # --------------------------------------------------------------------------- the step
@@ -152,28 +179,34 @@ class Step:
         return seconds
 
 
-def collates(max_length: int) -> dict:
-    """{"padded": the causal-LM task's unpacked collate, "packed": its packed one}."""
+def collates(max_length: int, budget: int) -> dict:
+    """{"padded": the causal-LM task's unpacked collate, "packed": its packed one, "budget":
+    its packed one with train.micro_batch_tokens (rows of the budget)}."""
     from pace_llm.config import load_recipe
     from pace_llm.tasks import get_task
 
     overrides = ["model.task=causal_lm", f"data.max_length={max_length}"]
+    packed = [*overrides, "data.packing=true"]
     return {
         "padded": get_task(load_recipe(None, overrides)).collate,  # no tokenizer: pad id 0
-        "packed": get_task(load_recipe(None, [*overrides, "data.packing=true"])).collate,
+        "packed": get_task(load_recipe(None, packed)).collate,
+        "budget": get_task(load_recipe(None, [*packed, f"train.micro_batch_tokens={budget}"])).collate,
     }
 
 
 def measure(step: Step, lengths, max_length: int, size: int, args, warm_up: bool, log=print) -> dict:
-    """Per variant and round: seconds, tokens, supervised tokens, batch tokens (with padding)."""
+    """Per arm and round: seconds, tokens, supervised tokens, batch tokens (with padding)."""
     rng = random.Random(f"{args.seed}-{size}-{max_length}")
-    collate = collates(max_length)
+    budget = budget_of(lengths, size, max_length, args)
+    collate = collates(max_length, budget)
+    budgeted = budget_batches(lengths, budget, args.seed)
     per_round = {v: [] for v in collate}
     for r in range(-1 if warm_up else 0, args.rounds):  # round -1: warm-up, untimed
-        samples = micro_batch(lengths, size, rng, step.vocab)
-        pair = {variant: collate[variant](samples) for variant in collate}
-        for variant in common.rotated(["padded", "packed"], r):
-            batch = pair[variant]
+        samples = materialise(rng.sample(lengths, size), rng, step.vocab)
+        batches = {"padded": samples, "packed": samples, "budget": materialise(next(budgeted), rng, step.vocab)}
+        batches = {v: collate[v](batches[v]) for v in collate}
+        for variant in common.rotated(list(collate), r):
+            batch = batches[variant]
             seconds = step.run(batch)
             if r < 0:
                 continue
@@ -187,6 +220,7 @@ def measure(step: Step, lengths, max_length: int, size: int, args, warm_up: bool
                     "batch_tokens": batch["input_ids"].numel(),
                     "supervised": int((batch["labels"][:, 1:] != -100).sum()),
                     "shape": list(batch["input_ids"].shape),
+                    "samples": len(batch["sample_id"]),
                 }
             )
         if r >= 0:
@@ -198,22 +232,28 @@ def measure(step: Step, lengths, max_length: int, size: int, args, warm_up: bool
                 ),
                 flush=True,
             )
-    return per_round
+    return {"budget_tokens": budget, **per_round}
 
 
-def summary(per_round: dict) -> dict:
-    out = {}
-    for variant, rounds in per_round.items():
-        out[variant] = {
+ARMS = ("padded", "packed", "budget")
+
+
+def summary(measured: dict) -> dict:
+    out = {"budget_tokens": measured["budget_tokens"]}
+    for arm in ARMS:
+        rounds = measured[arm]
+        out[arm] = {
             "step_s": common.median([x["seconds"] for x in rounds]),
             "tokens_per_s": common.median([x["tokens"] / x["seconds"] for x in rounds]),
             "supervised_tokens_per_s": common.median([x["supervised"] / x["seconds"] for x in rounds]),
+            "tokens_per_micro_batch": sum(x["tokens"] for x in rounds) / len(rounds),
+            "samples_per_micro_batch": sum(x["samples"] for x in rounds) / len(rounds),
             "padding": 1 - sum(x["tokens"] for x in rounds) / sum(x["batch_tokens"] for x in rounds),
         }
-    out["speedup"] = common.median(
-        [a["seconds"] / b["seconds"] for a, b in zip(per_round["padded"], per_round["packed"])]
-    )
-    out["speedup_per_round"] = [a["seconds"] / b["seconds"] for a, b in zip(per_round["padded"], per_round["packed"])]
+    for arm in ("packed", "budget"):  # tokens/s against padded in the same round
+        pairs = zip(measured[arm], measured["padded"])
+        ratios = [(a["tokens"] / a["seconds"]) / (p["tokens"] / p["seconds"]) for a, p in pairs]
+        out[f"{arm}_ratio"], out[f"{arm}_ratio_per_round"] = common.median(ratios), ratios
     return out
 
 
@@ -221,35 +261,30 @@ def table(results: dict) -> str:
     rows = []
     for key, s in results.items():
         kind, size = key.split("/")
-        pad, pack = s["padded"], s["packed"]
         rows.append(
             [
                 kind,
                 size,
-                f"{pad['padding']:.1%}",
-                f"{pack['padding']:.1%}",
-                pad["step_s"],
-                pack["step_s"],
-                pad["tokens_per_s"],
-                pack["tokens_per_s"],
-                pad["supervised_tokens_per_s"],
-                pack["supervised_tokens_per_s"],
-                f"{s['speedup']:.2f}x",
+                s["budget_tokens"],
+                " / ".join(f"{s[a]['tokens_per_micro_batch']:.0f}" for a in ARMS),
+                " / ".join(f"{s[a]['padding']:.1%}" for a in ARMS),
+                " / ".join(f"{s[a]['step_s']:.2f}" for a in ARMS),
+                " / ".join(f"{s[a]['tokens_per_s']:.0f}" for a in ARMS),
+                f"{s['packed_ratio']:.2f}x",
+                f"{s['budget_ratio']:.2f}x",
             ]
         )
     return common.markdown_table(
         [
             "lengths",
-            "micro-batch",
-            "padding padded",
-            "padding packed",
-            "step s padded",
-            "step s packed",
-            "tokens/s padded",
-            "tokens/s packed",
-            "supervised tokens/s padded",
-            "supervised tokens/s packed",
+            "micro-batch (samples)",
+            "budget (tokens)",
+            "tokens per micro-batch padded / packed / budget",
+            "padding",
+            "step s",
+            "tokens/s",
             "packed / padded tokens/s",
+            "budget / padded tokens/s",
         ],
         rows,
     )

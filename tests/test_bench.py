@@ -88,9 +88,12 @@ def test_packing_smoke(tmp_path):
     result = json.loads((out / "packing_smoke.json").read_text())
     for key, r in result["results"].items():
         assert r["packed"]["padding"] <= r["padded"]["padding"], key  # the same samples, fewer pad tokens
-        assert r["speedup"] > 0 and len(r["speedup_per_round"]) == 2
-        for padded, packed in zip(result["raw"][key]["padded"], result["raw"][key]["packed"], strict=True):
+        assert r["packed_ratio"] > 0 and r["budget_ratio"] > 0 and len(r["budget_ratio_per_round"]) == 2
+        raw = result["raw"][key]
+        for padded, packed in zip(raw["padded"], raw["packed"], strict=True):
             assert (padded["tokens"], padded["supervised"]) == (packed["tokens"], packed["supervised"])
+        for budgeted in raw["budget"]:  # one row of the budget, never over it
+            assert budgeted["shape"][0] == 1 and budgeted["tokens"] <= raw["budget_tokens"]
 
 
 def test_consistency_calibration_smoke(tmp_path):
