@@ -20,6 +20,9 @@ Variants, all on the same base weights, LoRA targets, rank and batch:
              before the WᵀW form (PaceObjective(head_gram=False)): the fix, measured
   lazy_half  σ>0 + PaceObjective("lazy_half", lazy_every=2): time is the mean over a cycle
   full       σ>0 + PaceObjective("full"): one forward on [x; x]
+  X_compiled with --compile (peft, off, noise, full, fast): X with each transformer block
+             compiled as train.compile does (pace_llm/training/compile.py); compilation
+             happens in the untimed warm-up
 
 Step = forward + loss + backward + AdamW step + zero_grad. Timing is interleaved: in each
 round every variant runs `--steps` steps, the order rotates from round to round, a round's
@@ -46,6 +49,7 @@ from pathlib import Path
 import common  # bench/common.py: this script's folder is first on sys.path
 
 VARIANTS = ["peft", "off", "noise", "noise_hook", "fast", "fast_nogram", "lazy_half", "full"]
+COMPILED = ["peft_compiled", "off_compiled", "noise_compiled", "full_compiled", "fast_compiled"]  # --compile
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -66,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=2, help="steps per variant per round (even)")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--compile", action="store_true", help="add the compiled variants (" + ", ".join(COMPILED) + ")")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-steps", type=int, default=2, help="steps after warm-up in a memory run")
     p.add_argument("--deepspeed", type=int, default=0, choices=[0, 2, 3], help="ZeRO stage, 2 ranks")
@@ -84,9 +89,11 @@ def parse_args(argv=None):
     if args.steps % 2:
         p.error("--steps must be even (lazy_half alternates paired and plain steps)")
     args.variants = [v for v in args.variants.split(",") if v]
-    bad = [v for v in args.variants if v not in VARIANTS]
+    if args.compile:
+        args.variants += [v for v in COMPILED if v not in args.variants]
+    bad = [v for v in args.variants if v not in VARIANTS + COMPILED]
     if bad or "peft" not in args.variants:
-        p.error(f"--variants must include peft and come from {VARIANTS}")
+        p.error(f"--variants must include peft and come from {VARIANTS + COMPILED}")
     if args.name is None:
         label = Path(args.model).name if args.model not in ("tiny", "smollm2") else args.model
         args.name = (
@@ -169,6 +176,8 @@ class Variant:
 
         self.name, self.args = name, args
         self.device = args.device
+        compiled = name.endswith("_compiled")
+        name = name.removesuffix("_compiled")
         model = load_model(args)
         torch.manual_seed(1)  # identical LoRA initialisation in every variant
         if name == "peft":
@@ -187,6 +196,8 @@ class Variant:
                 cache = pace_llm.OutputCache(counts, pace_llm.cache_dim(model), sample_ids=data[2].tolist())
             self.objective = pace_objective(mode, args, cache, model, head_gram=name != "fast_nogram")
         model.train()
+        if compiled:
+            compile_variant(model)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4)
         self.engine = None
@@ -234,6 +245,17 @@ def peft_lora_config(model, args):
     from pace_llm.core.adapters import peft_lora_config as lora_config
 
     return lora_config(model, PaceConfig(rank=args.rank, alpha=args.alpha, dropout=0.0, train_head=False))
+
+
+def compile_variant(model) -> None:
+    """Each transformer block compiled as train.compile does, keeping the graphs of the variants
+    built before, with room for every variant's recompilations in one process."""
+    import torch
+
+    from pace_llm.training.compile import compile_blocks
+
+    torch._dynamo.config.recompile_limit = 64
+    compile_blocks(model, fresh=False)
 
 
 def unfuse_noise(model) -> None:
@@ -397,11 +419,18 @@ def single_process(args, argv) -> dict:
     variants = {name: Variant(name, args, data) for name in args.variants}
     timing = time_interleaved(variants, args)
     del variants
+    compiled = None
+    if any(v.endswith("_compiled") for v in args.variants):
+        from pace_llm.training.compile import compile_report
+
+        compiled = compile_report()
+        print(compiled, flush=True)
     memory = None if args.no_memory else measure_memory(args, argv)
     return {
         "timing": timing_rows(timing),
         "raw_timing": timing,
         "memory": memory,
+        "compile": compiled,
         "torch_threads": torch.get_num_threads(),
     }
 

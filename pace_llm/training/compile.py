@@ -35,17 +35,19 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len))
 
 
-def compile_blocks(model: nn.Module) -> int:
+def compile_blocks(model: nn.Module, fresh: bool = True) -> int:
     """Compile each block in place (nn.Module.compile: names, state dict and hooks unchanged);
-    returns how many. Compilation itself happens at a block's first call."""
+    returns how many. Compilation itself happens at a block's first call. fresh=False keeps
+    what dynamo compiled for other models in this process (benchmarks timing several)."""
     blocks = transformer_blocks(model)
     # consistency_grad_ratio backpropagates twice through one graph (retain_graph), which a
     # backward that donates its saved buffers refuses; the cost is a little backward memory
     torch._functorch.config.donated_buffer = False
-    # a new model, new graphs: code compiled for an earlier model in this process (runs one
-    # after another) would meet failing guards and, past dynamo's recompile limit, run eagerly
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()  # compile_report counts this model's compilation
+    if fresh:
+        # a new model, new graphs: code compiled for an earlier model in this process (runs one
+        # after another) would meet failing guards and, past dynamo's recompile limit, run eagerly
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()  # compile_report counts this model's compilation
     for block in blocks:
         block.compile()
     return len(blocks)
