@@ -22,10 +22,18 @@ PACE_GPU_CHECK_BUDGET_S) runs out, the remaining phases and runs are skipped and
                the run (torch.cuda.max_memory_allocated; CPU: peak RSS), ratios to the
                LoRA baseline (pace.mode=off, σ=0) of the same model and checkpointing.
                The Llama full-mode run without checkpointing also merges and exports
-               (bf16 export check, on a short held-out batch).
+               (bf16 export check, on a short held-out batch). Then, on the first model
+               without checkpointing, EXTRA_RUNS: the other consistency forms (kl, raw_sum),
+               train.compile on and off, and token-budget packing against padded batches on
+               chat-like lengths (log-normal, median seq_len/8: each against its own baseline).
+  5. overhead  bench/train_overhead.py on the first model (bf16, interleaved rounds in one
+               process): the noise fused into PEFT's LoRA forward (`noise`) against the former
+               lora_B hook (`noise_hook`) and `off`, and each variant compiled.
 Modes: lora (off: PEFT's LoRA, no noise), noise (the noise alone, no consistency term),
 fast, lazy_half, full. Timing runs stop with train.stop_after,
-which skips the merged export (7.6 GB per Phi-3 run otherwise).
+which skips the merged export (7.6 GB per Phi-3 run otherwise). The table puts the paper's
+Table 9/10 ratios (ViT-B/16, CIFAR-100: fast ~1.00x time and ~1.01x memory of the baseline,
+full ~1.8x and ~2.0x) beside ours; mfu is the trainer's (training/mfu.py), on CUDA bf16.
 """
 
 from __future__ import annotations
@@ -113,6 +121,21 @@ SMOKE_RUNS = [("llama-tiny", False, mode) for mode in MODES] + [
     ("phi3-tiny", True, BASELINE),
     ("phi3-tiny", True, "full"),
 ]
+# name -> (overrides, baseline), on the first model without checkpointing; "{varied}" and
+# "{budget}" are the chat-like data file and its token budget (write_varied_data)
+EXTRA_RUNS = {
+    "full_kl": (["pace.mode=full", "pace.consistency=kl"], BASELINE),
+    "full_raw_sum": (["pace.mode=full", "pace.consistency=raw_sum", "pace.lam=0.1"], BASELINE),
+    "lora_compile": (["pace.mode=off", "train.compile=true"], BASELINE),
+    "full_compile": (["pace.mode=full", "train.compile=true"], BASELINE),
+    "lora_varied_padded": (["pace.mode=off", "data.train={varied}"], "lora_varied_padded"),
+    "lora_varied_budget": (
+        ["pace.mode=off", "data.train={varied}", "data.packing=true", "train.micro_batch_tokens={budget}"],
+        "lora_varied_padded",
+    ),
+}
+SMOKE_EXTRA = ["full_kl", "lora_compile", "lora_varied_padded", "lora_varied_budget"]
+PAPER = {"fast": "~1.00 / ~1.01", "full": "~1.8 / ~2.0"}  # Table 9/10: time / memory over the baseline
 EXPORT_RUN = ("full", False)  # (mode, gradient checkpointing) of the run that also exports, first
 # model (Llama: its merged folder is 2.5 GB, Phi-3's 7.6)
 # What the trainer's metrics.jsonl lacks for this check (the wrapper measures it meanwhile).
@@ -134,7 +157,7 @@ def parse_args(argv=None):
         "--budget-s",
         type=float,
         default=None,
-        help="stop starting phases/runs after this many seconds (env PACE_GPU_CHECK_BUDGET_S; default 450, smoke 150)",
+        help="stop starting phases/runs after this many seconds (env PACE_GPU_CHECK_BUDGET_S; default 450, smoke 300)",
     )
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch", type=int, default=4, help="micro batch (lazy_half needs >= 2)")
@@ -147,7 +170,7 @@ def parse_args(argv=None):
     p.add_argument("--parallel", type=int, default=1, help="trainer runs at a time (CPU smoke only)")
     args = p.parse_args(argv)
     if args.budget_s is None:
-        args.budget_s = float(os.environ.get("PACE_GPU_CHECK_BUDGET_S", 150 if args.cpu_smoke else 450))
+        args.budget_s = float(os.environ.get("PACE_GPU_CHECK_BUDGET_S", 300 if args.cpu_smoke else 450))
     if args.cpu_smoke:
         args.seq_len, args.batch, args.warmup, args.steps, args.rank = 64, 2, 1, 2, 4
         args.parallel = max(args.parallel, 2)
@@ -362,6 +385,23 @@ def write_data(work: Path, seq_len: int, n_rows: int) -> tuple[Path, Path]:
     return train, held_out
 
 
+def write_varied_data(work: Path, seq_len: int, n_rows: int, batch: int) -> tuple[Path, int]:
+    """Chat-like rows: log-normal lengths (median seq_len/8, σ 0.8, at most seq_len), answer the
+    last 40%; and the token budget that holds about `batch` of them (at least seq_len)."""
+    import random
+
+    rng = random.Random(1)
+    letters = "abcdefghijklmnopqrstuvwxyz     0123456789"
+    lengths = [min(seq_len, max(8, round(rng.lognormvariate(0, 0.8) * seq_len / 8))) for _ in range(n_rows)]
+    path = work / "varied.jsonl"
+    rows = []
+    for n in lengths:  # the tiny character tokenizer: one token per character
+        text = "".join(rng.choice(letters) for _ in range(n))
+        rows.append(json.dumps({"question": text[: n - (2 * n) // 5], "answer": text[n - (2 * n) // 5 :]}) + "\n")
+    path.write_text("".join(rows))
+    return path, max(seq_len, round(batch * sum(lengths) / len(lengths)))
+
+
 def write_recipe(args, train_file: Path) -> Path:
     import yaml
 
@@ -415,8 +455,9 @@ def child_train(out: str, train_argv: list[str]) -> int:
     return rc
 
 
-def plan_runs(args, recipe: Path, folders: dict, held_out: Path) -> list[dict]:
-    """Order: no checkpointing on both models first (the headline ratios), then checkpointing."""
+def plan_runs(args, recipe: Path, folders: dict, held_out: Path, varied: tuple[Path, int]) -> list[dict]:
+    """Order: no checkpointing on both models first (the headline ratios), then checkpointing,
+    then EXTRA_RUNS on the first model."""
     runs = []
     for gc in (False, True):
         for i, model in enumerate(args.models):
@@ -439,11 +480,22 @@ def plan_runs(args, recipe: Path, folders: dict, held_out: Path) -> list[dict]:
                         "model": model,
                         "gradient_checkpointing": gc,
                         "mode": mode,
+                        "baseline": BASELINE,
                         "export": export,
                         "out": out,
                         "argv": argv,
                     }
                 )
+    model = next(iter(args.models))
+    for name, (overrides, baseline) in EXTRA_RUNS.items():
+        if args.cpu_smoke and name not in SMOKE_EXTRA:
+            continue
+        out = args.work / "runs" / f"{model}_nogc_{name}"
+        overrides = [o.format(varied=varied[0], budget=varied[1]) for o in overrides]
+        argv = [str(recipe), f"model.name={folders[model]}", *overrides, f"output_dir={out}"]
+        argv.append(f"train.stop_after={args.warmup + args.steps}")
+        run = dict(model=model, gradient_checkpointing=False, mode=name, baseline=baseline, export=False)
+        runs.append({**run, "out": out, "argv": argv})
     return runs
 
 
@@ -463,7 +515,7 @@ def start_run(args, run: dict, timeout: float) -> subprocess.Popen:
 def finish_run(args, run: dict, proc: subprocess.Popen) -> dict:
     """Status, measured throughput and memory of a finished run (metrics.jsonl + the wrapper)."""
     rc = proc.returncode
-    row = {k: run[k] for k in ("model", "gradient_checkpointing", "mode", "command")}
+    row = {k: run[k] for k in ("model", "gradient_checkpointing", "mode", "baseline", "command")}
     row["wall_s"] = round(time.monotonic() - run["t0"], 1)
     metrics_file = run["out"] / "metrics.jsonl"
     steps = (
@@ -472,16 +524,13 @@ def finish_run(args, run: dict, proc: subprocess.Popen) -> dict:
         else []
     )
     measured = [r for r in steps if r["step"] > args.warmup]
-    tokens_per_step = args.batch * args.seq_len  # every row is exactly seq_len tokens
     if rc == 0 and measured:
-        seconds = sum(tokens_per_step / r["tokens_per_s"] for r in measured)
-        row.update(
-            status="ok",
-            tokens_per_s=tokens_per_step * len(measured) / seconds,
-            step_ms=1000 * seconds / len(measured),
-            steps_measured=len(measured),
-            loss_last=measured[-1]["loss"],
-        )
+        tokens_per_s = common.median([r["tokens_per_s"] for r in measured])  # real (non-padding) tokens
+        row.update(status="ok", tokens_per_s=tokens_per_s, steps_measured=len(measured), loss_last=measured[-1]["loss"])
+        if "varied" not in run["mode"]:  # every row is exactly seq_len tokens: a step's time follows
+            row["step_ms"] = 1000 * args.batch * args.seq_len / tokens_per_s
+        if all("mfu" in r for r in measured):
+            row["mfu"] = common.median([r["mfu"] for r in measured])
     else:
         row["status"] = "timeout" if rc is None or rc < 0 else f"failed (exit {rc})"
         row["log_tail"] = (run["out"] / "train.log").read_text()[-3000:]
@@ -496,7 +545,7 @@ def finish_run(args, run: dict, proc: subprocess.Popen) -> dict:
         f"   {row['status']} in {row['wall_s']:.0f} s: "
         + (
             f"{row['tokens_per_s']:,.0f} tokens/s, "
-            f"{row['step_ms']:.1f} ms/step, peak {row.get('peak_memory_gb', float('nan')):.2f} GiB"
+            f"{row.get('step_ms', float('nan')):.1f} ms/step, peak {row.get('peak_memory_gb', float('nan')):.2f} GiB"
             if row["status"] == "ok"
             else ""
         ),
@@ -535,39 +584,82 @@ def train_all(args, clock, runs: list[dict]) -> list[dict]:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """time / memory / tokens-per-s of each run over the LoRA baseline of its model and checkpointing."""
-    base = {(r["model"], r["gradient_checkpointing"]): r for r in rows if r["mode"] == BASELINE and r["status"] == "ok"}
+    """time / memory / tokens-per-s of each run over its baseline run (LoRA of its model and
+    checkpointing; padded LoRA on the same lengths for the token-budget run)."""
+    ok = {(r["model"], r["gradient_checkpointing"], r["mode"]): r for r in rows if r["status"] == "ok"}
     for r in rows:
-        b = base.get((r["model"], r["gradient_checkpointing"]))
+        b = ok.get((r["model"], r["gradient_checkpointing"], r["baseline"]))
         if r["status"] != "ok" or b is None:
             continue
-        r["time_ratio_to_lora"] = r["step_ms"] / b["step_ms"]
-        r["tokens_per_s_ratio_to_lora"] = r["tokens_per_s"] / b["tokens_per_s"]
+        r["tokens_per_s_ratio_to_baseline"] = r["tokens_per_s"] / b["tokens_per_s"]
+        if r.get("step_ms") and b.get("step_ms"):
+            r["time_ratio_to_baseline"] = r["step_ms"] / b["step_ms"]
         if r.get("peak_memory_gb") and b.get("peak_memory_gb"):
-            r["memory_ratio_to_lora"] = r["peak_memory_gb"] / b["peak_memory_gb"]
+            r["memory_ratio_to_baseline"] = r["peak_memory_gb"] / b["peak_memory_gb"]
 
 
 def table(rows: list[dict]) -> str:
-    order = {m: i for i, m in enumerate(MODES)}
+    order = {m: i for i, m in enumerate([*MODES, *EXTRA_RUNS])}
     rows = sorted(rows, key=lambda r: (r["model"], r["gradient_checkpointing"], order[r["mode"]]))
     cells = [
         [
             r["model"],
             "on" if r["gradient_checkpointing"] else "off",
             r["mode"],
+            r["baseline"],
             r.get("tokens_per_s"),
             r.get("step_ms"),
             r.get("peak_memory_gb"),
-            r.get("time_ratio_to_lora"),
-            r.get("memory_ratio_to_lora"),
+            r.get("mfu"),
+            r.get("tokens_per_s_ratio_to_baseline"),
+            r.get("time_ratio_to_baseline"),
+            r.get("memory_ratio_to_baseline"),
+            PAPER.get(r["mode"], ""),
             r["status"],
         ]
         for r in rows
     ]
     return common.markdown_table(
-        ["model", "grad ckpt", "mode", "tokens/s", "step ms", "peak GiB", "time / lora", "memory / lora", "status"],
+        [
+            "model",
+            "grad ckpt",
+            "mode",
+            "baseline",
+            "tokens/s",
+            "step ms",
+            "peak GiB",
+            "mfu",
+            "tokens/s / baseline",
+            "time / baseline",
+            "memory / baseline",
+            "paper time / memory",
+            "status",
+        ],
         cells,
     )
+
+
+def run_overhead(args, clock, folder: Path) -> dict:
+    """bench/train_overhead.py on `folder`: fused noise vs the lora_B hook, compiled variants."""
+    out = args.work / "overhead"
+    cmd = [sys.executable, str(ROOT / "bench" / "train_overhead.py"), "--model", str(folder)]
+    cmd += ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch)]
+    cmd += ["--seq-len", str(args.seq_len), "--variants", "peft,off,noise,noise_hook,full"]
+    cmd += [] if args.cpu_smoke else ["--compile"]  # the smoke's lora_compile run covers compile
+    cmd += ["--rounds", "2" if args.cpu_smoke else "3", "--steps", "2", "--no-memory", "--out", str(out)]
+    print("$ " + " ".join(cmd[1:]), flush=True)
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=child_env(args), capture_output=True, text=True, timeout=max(1.0, clock.left())
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "timeout"}
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:] + proc.stderr[-3000:], flush=True)
+        return {"status": f"failed (exit {proc.returncode})", "log_tail": proc.stderr[-3000:]}
+    print(proc.stdout[proc.stdout.rfind("\n|") - 400 :], flush=True)
+    found = sorted(out.glob("train_overhead_*.json"))
+    return {"status": "ok", **json.loads(found[-1].read_text())} if found else {"status": "no results"}
 
 
 # --------------------------------------------------------------------------- main
@@ -616,9 +708,13 @@ def main(argv=None) -> int:
                 args.work, args.seq_len, n_rows=2 * args.batch
             )  # fast: cache hits from step 3
             recipe = write_recipe(args, train_file)
+            varied = write_varied_data(args.work, args.seq_len, n_rows=16 * args.batch, batch=args.batch)
     if ok:
         with clock.phase("train") as ok:
-            rows = train_all(args, clock, plan_runs(args, recipe, folders, held_out))
+            rows = train_all(args, clock, plan_runs(args, recipe, folders, held_out, varied))
+        with clock.phase("overhead", needs_s=60) as ok:
+            if ok:
+                result["overhead"] = run_overhead(args, clock, folders[next(iter(args.models))])
     add_ratios(rows)
     result.update(runs=rows, phases_s=clock.phases, skipped=clock.skipped)
     export = next((r.get("export_check") for r in rows if "export_check" in r), None)

@@ -8,7 +8,9 @@
 #        run  command: "bash bench/gpu_check.sh"   carry: [".whl"]   timeout_s: 570
 #    then copy the returned gpu_check.{json,md} and gpu_export_check.json into bench/results/
 #    (gpu_check_logs.tar.gz holds every run's log and metrics.jsonl, for reading, not committing).
-#    PACE_GPU_CHECK_BUDGET_S (default 450) bounds tests + training; phases past it are skipped.
+#    PACE_GPU_CHECK_BUDGET_S (default 450) bounds tests + training; phases past it are skipped
+#    (in order: tests, core, the modes on both models, the extra runs (consistency forms, compile,
+#    token-budget packing), the interleaved fused-noise/compile overhead phase).
 # 3. Here, before spending a device: the same path end to end with tiny models (< 2 min):
 #        bash bench/gpu_check.sh --cpu-smoke [--out DIR]     # results in a temp folder
 set -euo pipefail

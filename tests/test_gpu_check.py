@@ -36,25 +36,35 @@ def test_cpu_smoke_measures_every_run_and_passes_the_export_check(tmp_path):
     assert result["tests"]["returncode"] == 0 and result["core"]["passed"], (result["tests"], result["core"])
     assert not result["skipped"]
 
-    expected = set(gpu_check.SMOKE_RUNS)
-    assert {mode for _, _, mode in expected} == set(gpu_check.MODES) and {m for m, _, _ in expected} == set(
-        gpu_check.SMOKE_MODELS
-    )
+    first = next(iter(gpu_check.SMOKE_MODELS))
+    extra = {(first, False, name) for name in gpu_check.SMOKE_EXTRA}
+    expected = set(gpu_check.SMOKE_RUNS) | extra
+    assert {mode for _, _, mode in gpu_check.SMOKE_RUNS} == set(gpu_check.MODES)
+    assert {m for m, _, _ in gpu_check.SMOKE_RUNS} == set(gpu_check.SMOKE_MODELS)
     runs = {(r["model"], r["gradient_checkpointing"], r["mode"]): r for r in result["runs"]}
     assert set(runs) == expected
     for key, r in runs.items():
-        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["step_ms"] > 0 and r["peak_memory_gb"] > 0, key
-        assert r["time_ratio_to_lora"] > 0 and r["memory_ratio_to_lora"] > 0, key
-        if key[2] == gpu_check.BASELINE:
-            assert r["time_ratio_to_lora"] == r["memory_ratio_to_lora"] == 1.0
+        assert r["status"] == "ok" and r["tokens_per_s"] > 0 and r["peak_memory_gb"] > 0, key
+        assert r["tokens_per_s_ratio_to_baseline"] > 0 and r["memory_ratio_to_baseline"] > 0, key
+        if key[2] == r["baseline"]:
+            assert r["tokens_per_s_ratio_to_baseline"] == r["memory_ratio_to_baseline"] == 1.0
+        if "varied" not in key[2]:  # rows of exactly seq_len tokens: a step time
+            assert r["step_ms"] > 0 and r["time_ratio_to_baseline"] > 0, key
+    assert runs[(first, False, "lora_varied_budget")]["baseline"] == "lora_varied_padded"
 
-    # the table is printed last, one row per run, with the ratio columns
+    # the table is printed last, one row per run, with the ratio columns and the paper's
     table = proc.stdout[proc.stdout.rindex("| model") :].strip().splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert {"tokens/s", "step ms", "peak GiB", "time / lora", "memory / lora"} <= set(header)
+    assert {"tokens/s", "step ms", "peak GiB", "mfu", "time / baseline", "paper time / memory"} <= set(header)
     rows = {tuple(c.strip() for c in line.strip("|").split("|")) for line in table[2:]}
     assert {(m, "on" if gc else "off", mode) for m, gc, mode in expected} == {r[:3] for r in rows}
     assert (tmp_path / "results" / "gpu_check_smoke.md").read_text().count("| ok ") == len(expected)
+
+    # the interleaved overhead phase: fused noise against the hook (compiled variants on a GPU only)
+    overhead = result["overhead"]
+    assert overhead["status"] == "ok", overhead
+    assert {"peft", "off", "noise", "noise_hook", "full"} == set(overhead["timing"])
+    assert "0 graph breaks" in (tmp_path / "work" / "runs" / f"{first}_nogc_lora_compile" / "train.log").read_text()
 
     export = json.loads((tmp_path / "results" / "gpu_export_check_smoke.json").read_text())
     assert export["passed"] and export["max_abs_logit_diff"] <= export["tolerance"]
