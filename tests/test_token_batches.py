@@ -233,3 +233,19 @@ def test_token_budget_run_resumes_exactly(tmp_path):
         for key in ("loss", "task_loss", "consistency_loss", "grad_norm", "lr"):
             assert a[key] == pytest.approx(r[key], rel=1e-5, abs=1e-7), (r["step"], key)
     assert all(r["consistency_loss"] > 0 for r in rows[10:])  # epoch 2 reads epoch 1's targets
+
+
+def test_token_budget_trains_on_two_ranks_under_zero2(tmp_path):
+    """2 gloo ranks, ZeRO-2, PACE_fast: each rank groups its own shard (20 samples) into budget
+    micro-batches, both run the same count (else a collective would hang), the schedule counts
+    them, and every sample finds its own rank's epoch-1 target in epoch 2."""
+    out = tmp_path / "two"
+    launch("torchrun", out, *[a for a in RUN if not a.startswith("deepspeed.")], "deepspeed.zero_stage=2")
+    log = (out / "train.log").read_text()
+    found = re.search(r"micro-batches of up to 128 tokens \(train.micro_batch_tokens\): (\d+) in epoch 0 per rank", log)
+    assert found, log[-2000:]
+    per_epoch = -(-int(found.group(1)) // 2)  # accumulation 2, the last step short
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) >= 2 * per_epoch - 1
+    assert all(r["consistency_loss"] == 0 for r in rows[:per_epoch])  # epoch 1: no targets yet
+    assert all(r["consistency_loss"] > 0 for r in rows[per_epoch:])
