@@ -8,8 +8,8 @@
     python bench/train_overhead.py --smoke               # tiny model, a few steps (the test)
 
 Variants, all on the same base weights, LoRA targets, rank and batch:
-  peft       peft.get_peft_model + `model(**inputs, labels=labels).loss`: what one would
-             write instead of pace-llm (HF's loss computes logits at every position)
+  peft       peft.get_peft_model + `model(**inputs, labels=labels, use_cache=False).loss`: what
+             one would write instead of pace-llm (HF's loss computes logits at every position)
   off        pace_llm.apply_pace(σ=0) + PaceObjective("off"): our loop without PACE
   noise      σ>0 + PaceObjective("off"): PACE's noise alone, no consistency term (what
              fast costs beyond it is the cache and the consistency term); the noise fused
@@ -213,7 +213,7 @@ class Variant:
     def loss(self, batch):
         if self.objective is None:
             inputs = {k: v for k, v in batch.items() if k != "sample_id"}
-            return self.model(**inputs).loss
+            return self.model(**inputs, use_cache=False).loss  # as our objectives: no KV cache built
         return self.objective(self.model, batch, self.step_index).loss
 
     def step(self) -> float:

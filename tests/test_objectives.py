@@ -322,3 +322,23 @@ def test_pace_fast_warns_in_runs_too_short_for_its_target():
     assert "noise-only" in fast_epochs_warning(1) and "pace.mode=full" in fast_epochs_warning(1)
     assert "moved in an epoch" in fast_epochs_warning(3)
     assert fast_epochs_warning(FAST_MIN_EPOCHS) is None
+
+
+@pytest.mark.parametrize("mode", ["off", "full"])
+def test_compiled_blocks_share_one_graph_across_layers(mode):
+    """train.compile traces a block once for every layer: no per-layer state (a KV cache entry
+    per layer made dynamo recompile each block, and past its limit of 8 run eagerly)."""
+    import torch._dynamo
+
+    from pace_llm.training.compile import compile_blocks, compile_report
+
+    model = pace_llm.apply_pace(tiny_model("llama", num_hidden_layers=12), pace_llm.PaceConfig(rank=4, sigma=1.0))
+    assert compile_blocks(model, backend="eager") == 12
+    model.train()
+    objective = pace_llm.PaceObjective(mode, lam=1.0)
+    for step in range(2):
+        with objective.scope(step):
+            objective(model, make_batch("llama", batch=4), step).loss.backward()
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] <= 2, compile_report()  # one per dropout variant at most
+    assert not counters["graph_break"], compile_report()

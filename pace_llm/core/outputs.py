@@ -78,7 +78,9 @@ class TokenOutputs:
     def forward(self, model, batch: dict) -> Outputs:
         base = base_model(model)
         hooks.start_of_forward(model)  # the decoder is called directly, not the wrapped model
-        hidden = base.get_decoder()(**model_inputs(batch)).last_hidden_state
+        # no KV cache: a loss forward never reuses one, and its per-layer state would make
+        # torch.compile (train.compile) recompile each block for its layer's cache entry
+        hidden = base.get_decoder()(**{**model_inputs(batch), "use_cache": False}).last_hidden_state
         labels = batch["labels"]
         mask = labels[:, 1:] != -100
         h = hidden[:, :-1][mask]

@@ -35,10 +35,11 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len))
 
 
-def compile_blocks(model: nn.Module, fresh: bool = True) -> int:
+def compile_blocks(model: nn.Module, fresh: bool = True, backend: str = "inductor") -> int:
     """Compile each block in place (nn.Module.compile: names, state dict and hooks unchanged);
     returns how many. Compilation itself happens at a block's first call. fresh=False keeps
-    what dynamo compiled for other models in this process (benchmarks timing several)."""
+    what dynamo compiled for other models in this process (benchmarks timing several);
+    backend="eager" traces and guards without generating code (tests)."""
     blocks = transformer_blocks(model)
     # consistency_grad_ratio backpropagates twice through one graph (retain_graph), which a
     # backward that donates its saved buffers refuses; the cost is a little backward memory
@@ -49,7 +50,7 @@ def compile_blocks(model: nn.Module, fresh: bool = True) -> int:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()  # compile_report counts this model's compilation
     for block in blocks:
-        block.compile()
+        block.compile(backend=backend)
     return len(blocks)
 
 
