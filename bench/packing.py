@@ -16,6 +16,8 @@ forward; backward; AdamW step):
           budget; the budget is the padded micro-batch's mean real tokens (batch x mean sample
           length; at least max_length, --budget to set it), so each arm carries about the same
           tokens per micro-batch and differs only in padding and layout
+  segment budget's micro-batch with model.attn_implementation=segment_sdpa: causal attention per
+          packed sample (Σ n² scores per row instead of the masked T², core/segment_attention.py)
 
 Lengths (prompt + answer tokens; the ids themselves are random: speed does not depend on them):
   gsm   the GSM-Symbolic training set (pace_llm.assets, 1,000 variants) encoded as
@@ -43,6 +45,7 @@ import common  # bench/common.py: this script's folder is first on sys.path
 import train_overhead  # its model loading: SmolLM2 from pace_llm.assets, or a tiny Llama
 
 LENGTHS = {"gsm": 384, "chat": 1024}  # the kinds of lengths, and their max_length
+ARMS = ("padded", "packed", "budget", "segment")
 
 
 def parse_args(argv=None):
@@ -151,6 +154,7 @@ class Step:
         import torch
 
         import pace_llm
+        from pace_llm.core import segment_attention
 
         model = train_overhead.load_model(args)
         torch.manual_seed(1)
@@ -158,14 +162,16 @@ class Step:
             model, pace_llm.PaceConfig(rank=args.rank, alpha=2 * args.rank, sigma=args.sigma)
         )
         self.model.train()
+        segment_attention.register()
         self.objective = pace_llm.PaceObjective(args.mode, lam=1e-3, outputs=pace_llm.TokenOutputs())
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
         self.vocab = self.model.config.vocab_size
         self.step = 0
 
-    def run(self, batch: dict) -> float:
+    def run(self, batch: dict, attention: str = "sdpa") -> float:
         import torch
 
+        self.model.set_attn_implementation(attention)
         start = time.perf_counter()
         with self.objective.scope(self.step, batch):
             loss = self.objective(self.model, batch, self.step).loss
@@ -200,14 +206,15 @@ def measure(step: Step, lengths, max_length: int, size: int, args, warm_up: bool
     budget = budget_of(lengths, size, max_length, args)
     collate = collates(max_length, budget)
     budgeted = budget_batches(lengths, budget, args.seed)
-    per_round = {v: [] for v in collate}
+    per_round = {v: [] for v in ARMS}
     for r in range(-1 if warm_up else 0, args.rounds):  # round -1: warm-up, untimed
         samples = materialise(rng.sample(lengths, size), rng, step.vocab)
         batches = {"padded": samples, "packed": samples, "budget": materialise(next(budgeted), rng, step.vocab)}
         batches = {v: collate[v](batches[v]) for v in collate}
-        for variant in common.rotated(list(collate), r):
+        batches["segment"] = batches["budget"]
+        for variant in common.rotated(list(ARMS), r):
             batch = batches[variant]
-            seconds = step.run(batch)
+            seconds = step.run(batch, "segment_sdpa" if variant == "segment" else "sdpa")
             if r < 0:
                 continue
             tokens = (
@@ -235,9 +242,6 @@ def measure(step: Step, lengths, max_length: int, size: int, args, warm_up: bool
     return {"budget_tokens": budget, **per_round}
 
 
-ARMS = ("padded", "packed", "budget")
-
-
 def summary(measured: dict) -> dict:
     out = {"budget_tokens": measured["budget_tokens"]}
     for arm in ARMS:
@@ -250,7 +254,7 @@ def summary(measured: dict) -> dict:
             "samples_per_micro_batch": sum(x["samples"] for x in rounds) / len(rounds),
             "padding": 1 - sum(x["tokens"] for x in rounds) / sum(x["batch_tokens"] for x in rounds),
         }
-    for arm in ("packed", "budget"):  # tokens/s against padded in the same round
+    for arm in ARMS[1:]:  # tokens/s against padded in the same round
         pairs = zip(measured[arm], measured["padded"])
         ratios = [(a["tokens"] / a["seconds"]) / (p["tokens"] / p["seconds"]) for a, p in pairs]
         out[f"{arm}_ratio"], out[f"{arm}_ratio_per_round"] = common.median(ratios), ratios
@@ -266,12 +270,13 @@ def table(results: dict) -> str:
                 kind,
                 size,
                 s["budget_tokens"],
-                " / ".join(f"{s[a]['tokens_per_micro_batch']:.0f}" for a in ARMS),
-                " / ".join(f"{s[a]['padding']:.1%}" for a in ARMS),
+                " / ".join(f"{s[a]['tokens_per_micro_batch']:.0f}" for a in ARMS[:3]),
+                " / ".join(f"{s[a]['padding']:.1%}" for a in ARMS[:3]),
                 " / ".join(f"{s[a]['step_s']:.2f}" for a in ARMS),
                 " / ".join(f"{s[a]['tokens_per_s']:.0f}" for a in ARMS),
                 f"{s['packed_ratio']:.2f}x",
                 f"{s['budget_ratio']:.2f}x",
+                f"{s['segment_ratio']:.2f}x",
             ]
         )
     return common.markdown_table(
@@ -279,12 +284,13 @@ def table(results: dict) -> str:
             "lengths",
             "micro-batch (samples)",
             "budget (tokens)",
-            "tokens per micro-batch padded / packed / budget",
-            "padding",
-            "step s",
-            "tokens/s",
+            "tokens per micro-batch padded / packed / budget (and segment)",
+            "padding padded / packed / budget",
+            "step s padded / packed / budget / segment",
+            "tokens/s padded / packed / budget / segment",
             "packed / padded tokens/s",
             "budget / padded tokens/s",
+            "budget with segment_sdpa / padded tokens/s",
         ],
         rows,
     )

@@ -52,6 +52,8 @@ class ModelSection:
     num_labels: Optional[int] = None  # classifiers: required by task kinds with needs_num_labels
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     quantization: Optional[Literal["nf4", "int8"]] = None
+    # transformers' attention (sdpa, eager, flash_attention_2, ...), or segment_sdpa: causal
+    # attention per packed sample, Σ n² instead of T² per packed row (core/segment_attention.py)
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
 
@@ -368,6 +370,11 @@ def validate(r: Recipe) -> None:
     need(r.train.stop_after is None or r.train.stop_after >= 1, "train.stop_after", "an integer >= 1")
     need(r.train.grad_ratio_every >= 0, "train.grad_ratio_every", "an integer >= 0")
     need(r.train.neftune_alpha >= 0, "train.neftune_alpha", "a value >= 0")
+    need(
+        r.model.attn_implementation != "segment_sdpa" or r.model.task == "causal_lm",
+        "model.attn_implementation",
+        f"not segment_sdpa for model.task={r.model.task} (it is causal attention per packed sample)",
+    )
     need(
         not (r.train.compile and r.deepspeed.zero_stage == 3),
         "train.compile",

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import transformers
 
+from pace_llm.core import segment_attention
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -76,6 +78,8 @@ def load_base(model_section, source, auto_class, **task_kwargs) -> torch.nn.Modu
     kwargs = {"dtype": DTYPES[m.dtype], **task_kwargs}
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
+    if m.attn_implementation == segment_attention.NAME:
+        segment_attention.register()
     if m.quantization:
         kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
             load_in_4bit=m.quantization == "nf4",

@@ -88,7 +88,8 @@ def test_packing_smoke(tmp_path):
     result = json.loads((out / "packing_smoke.json").read_text())
     for key, r in result["results"].items():
         assert r["packed"]["padding"] <= r["padded"]["padding"], key  # the same samples, fewer pad tokens
-        assert r["packed_ratio"] > 0 and r["budget_ratio"] > 0 and len(r["budget_ratio_per_round"]) == 2
+        assert r["packed_ratio"] > 0 and r["budget_ratio"] > 0 and r["segment_ratio"] > 0
+        assert len(r["segment_ratio_per_round"]) == 2
         raw = result["raw"][key]
         for padded, packed in zip(raw["padded"], raw["packed"], strict=True):
             assert (padded["tokens"], padded["supervised"]) == (packed["tokens"], packed["supervised"])

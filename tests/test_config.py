@@ -109,3 +109,18 @@ def test_compile_is_refused_under_zero3():
     with pytest.raises(RecipeError, match="train.compile: expected false with deepspeed.zero_stage=3"):
         load_recipe(None, ["train.compile=true", "deepspeed.zero_stage=3"])
     assert load_recipe(None, ["train.compile=true", "deepspeed.zero_stage=2"]).train.compile
+
+
+def test_segment_attention_is_for_causal_lms_and_loads_registered(tmp_path):
+    import transformers
+
+    from pace_llm.assets.tiny import tiny_model
+    from pace_llm.models import load_base
+
+    message = "model.attn_implementation: expected not segment_sdpa for model.task=seq_cls"
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(None, ["model.task=seq_cls", "model.num_labels=2", "model.attn_implementation=segment_sdpa"])
+    recipe = load_recipe(None, ["model.attn_implementation=segment_sdpa"])
+    tiny_model("llama").save_pretrained(tmp_path)
+    model = load_base(recipe.model, tmp_path, transformers.AutoModelForCausalLM)
+    assert model.config._attn_implementation == "segment_sdpa"
