@@ -24,8 +24,9 @@ PACE_GPU_CHECK_BUDGET_S) runs out, the remaining phases and runs are skipped and
                The Llama full-mode run without checkpointing also merges and exports
                (bf16 export check, on a short held-out batch). Then, on the first model
                without checkpointing, EXTRA_RUNS: the other consistency forms (kl, raw_sum),
-               train.compile on and off, and token-budget packing against padded batches on
-               chat-like lengths (log-normal, median seq_len/8: each against its own baseline).
+               train.compile on and off, and token-budget packing (sdpa, and segment_sdpa:
+               attention per packed sample) against padded batches on chat-like lengths
+               (log-normal, median seq_len/8), each against its own baseline.
   5. overhead  bench/train_overhead.py on the first model (bf16, interleaved rounds in one
                process): the noise fused into PEFT's LoRA forward (`noise`) against the former
                lora_B hook (`noise_hook`) and `off`, and each variant compiled.
@@ -133,8 +134,13 @@ EXTRA_RUNS = {
         ["pace.mode=off", "data.train={varied}", "data.packing=true", "train.micro_batch_tokens={budget}"],
         "lora_varied_padded",
     ),
+    "lora_varied_budget_segment": (
+        ["pace.mode=off", "data.train={varied}", "data.packing=true", "train.micro_batch_tokens={budget}"]
+        + ["model.attn_implementation=segment_sdpa"],
+        "lora_varied_padded",
+    ),
 }
-SMOKE_EXTRA = ["full_kl", "lora_compile", "lora_varied_padded", "lora_varied_budget"]
+SMOKE_EXTRA = ["full_kl", "lora_compile", "lora_varied_padded", "lora_varied_budget", "lora_varied_budget_segment"]
 PAPER = {"fast": "~1.00 / ~1.01", "full": "~1.8 / ~2.0"}  # Table 9/10: time / memory over the baseline
 EXPORT_RUN = ("full", False)  # (mode, gradient checkpointing) of the run that also exports, first
 # model (Llama: its merged folder is 2.5 GB, Phi-3's 7.6)
