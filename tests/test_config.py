@@ -124,3 +124,20 @@ def test_segment_attention_is_for_causal_lms_and_loads_registered(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     model = load_base(recipe.model, tmp_path, transformers.AutoModelForCausalLM)
     assert model.config._attn_implementation == "segment_sdpa"
+
+
+def test_resume_takes_two_spellings_of_one_file_as_no_change(tmp_path, monkeypatch):
+    """A requeued sweep trial met its own data file spelled relative before and absolute now (or
+    through a symlinked folder) and was refused as a changed recipe; another file still counts."""
+    from pace_llm.training.resume import changed_keys
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("{}\n")
+    (tmp_path / "other.jsonl").write_text("{}\n")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    saved = {"data": {"train": "data/train.jsonl"}, "model": {"name": "tiny:phi3"}}
+    for same in (str(tmp_path / "data" / "train.jsonl"), str(tmp_path / "link" / "train.jsonl")):
+        assert changed_keys(saved, {"data": {"train": same}, "model": {"name": "tiny:phi3"}}) == {}
+    changed = changed_keys(saved, {"data": {"train": "other.jsonl"}, "model": {"name": "tiny:llama"}})
+    assert changed == {"data.train": ("data/train.jsonl", "other.jsonl"), "model.name": ("tiny:phi3", "tiny:llama")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 from pace_llm.config import RecipeError
@@ -50,10 +51,23 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def same_file(a, b) -> bool:
+    """Two spellings of one existing file or folder ('.cache/x' and '/work/.cache/x', a
+    symlinked path): the same data or model, not a change."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (a hub id, a tiny: name): compare as text
+        return False
+
+
 def changed_keys(saved: dict, now: dict) -> dict[str, tuple]:
-    """key -> (saved value, current value) for every key that differs."""
+    """key -> (saved value, current value) for every key that differs (paths by the file
+    they name, relative ones from the current directory)."""
     a, b = flatten(saved), flatten(now)
-    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    keys = sorted(a.keys() | b.keys())
+    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k) and not same_file(a.get(k), b.get(k))}
 
 
 def check_resume(saved: dict | None, recipe: dict, world_size: int, force: bool) -> None:
