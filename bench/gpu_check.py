@@ -140,7 +140,9 @@ EXTRA_RUNS = {
         "lora_varied_padded",
     ),
 }
-SMOKE_EXTRA = ["full_kl", "lora_compile", "lora_varied_padded", "lora_varied_budget", "lora_varied_budget_segment"]
+# not lora_compile: a cold inductor compile on this CPU can take minutes in a fresh clone
+# (tests/test_train.py and test_objectives.py test train.compile)
+SMOKE_EXTRA = ["full_kl", "lora_varied_padded", "lora_varied_budget", "lora_varied_budget_segment"]
 PAPER = {"fast": "~1.00 / ~1.01", "full": "~1.8 / ~2.0"}  # Table 9/10: time / memory over the baseline
 EXPORT_RUN = ("full", False)  # (mode, gradient checkpointing) of the run that also exports, first
 # model (Llama: its merged folder is 2.5 GB, Phi-3's 7.6)
@@ -651,7 +653,7 @@ def run_overhead(args, clock, folder: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "bench" / "train_overhead.py"), "--model", str(folder)]
     cmd += ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch)]
     cmd += ["--seq-len", str(args.seq_len), "--variants", "peft,off,noise,noise_hook,full"]
-    cmd += [] if args.cpu_smoke else ["--compile"]  # the smoke's lora_compile run covers compile
+    cmd += [] if args.cpu_smoke else ["--compile"]  # on a GPU only: see SMOKE_EXTRA
     cmd += ["--rounds", "2" if args.cpu_smoke else "3", "--steps", "2", "--no-memory", "--out", str(out)]
     print("$ " + " ".join(cmd[1:]), flush=True)
     try:

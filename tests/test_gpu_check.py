@@ -64,7 +64,6 @@ def test_cpu_smoke_measures_every_run_and_passes_the_export_check(tmp_path):
     overhead = result["overhead"]
     assert overhead["status"] == "ok", overhead
     assert {"peft", "off", "noise", "noise_hook", "full"} == set(overhead["timing"])
-    assert "0 graph breaks" in (tmp_path / "work" / "runs" / f"{first}_nogc_lora_compile" / "train.log").read_text()
 
     export = json.loads((tmp_path / "results" / "gpu_export_check_smoke.json").read_text())
     assert export["passed"] and export["max_abs_logit_diff"] <= export["tolerance"]
