@@ -377,37 +377,41 @@ def build_model(spec: dict, folder: Path, device: str, dtype: str) -> None:
     del model
 
 
+def random_text(rng, n: int) -> str:
+    """n characters the tiny character tokenizer encodes one token each."""
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz     0123456789") for _ in range(n))
+
+
 def write_data(work: Path, seq_len: int, n_rows: int) -> tuple[Path, Path]:
     """Rows longer than seq_len, so data.max_length=seq_len cuts every one to exactly seq_len
     tokens (no padding); the answer starts half-way. Short held-out rows for the export check."""
     import random
 
     rng = random.Random(0)
-    letters = "abcdefghijklmnopqrstuvwxyz     0123456789"
-    text = lambda n: "".join(rng.choice(letters) for _ in range(n))  # noqa: E731
+    row = lambda q, a: json.dumps({"question": random_text(rng, q), "answer": random_text(rng, a)}) + "\n"  # noqa: E731
     train, held_out = work / "train.jsonl", work / "held_out.jsonl"
-    train.write_text(
-        "".join(json.dumps({"question": text(seq_len // 2), "answer": text(seq_len)}) + "\n" for _ in range(n_rows))
-    )
-    held_out.write_text("".join(json.dumps({"question": text(24), "answer": text(24)}) + "\n" for _ in range(4)))
+    train.write_text("".join(row(seq_len // 2, seq_len) for _ in range(n_rows)))
+    held_out.write_text("".join(row(24, 24) for _ in range(4)))
     return train, held_out
 
 
 def write_varied_data(work: Path, seq_len: int, n_rows: int, batch: int) -> tuple[Path, int]:
-    """Chat-like rows: log-normal lengths (median seq_len/8, σ 0.8, at most seq_len), answer the
-    last 40%; and the token budget that holds about `batch` of them (at least seq_len)."""
+    """Chat-like rows: bench/packing.py's log-normal lengths (median seq_len/8, σ 0.8, at most
+    seq_len, the last 40% supervised) as text; and the token budget that holds about `batch`
+    of them (at least seq_len)."""
     import random
 
+    from packing import lognormal_lengths  # bench/packing.py, beside this script
+
+    lengths = lognormal_lengths(n_rows, seq_len / 8, 0.8, seq_len, seed=1)
     rng = random.Random(1)
-    letters = "abcdefghijklmnopqrstuvwxyz     0123456789"
-    lengths = [min(seq_len, max(8, round(rng.lognormvariate(0, 0.8) * seq_len / 8))) for _ in range(n_rows)]
-    path = work / "varied.jsonl"
     rows = []
-    for n in lengths:  # the tiny character tokenizer: one token per character
-        text = "".join(rng.choice(letters) for _ in range(n))
-        rows.append(json.dumps({"question": text[: n - (2 * n) // 5], "answer": text[n - (2 * n) // 5 :]}) + "\n")
+    for n, answer in lengths:
+        text = random_text(rng, n)
+        rows.append(json.dumps({"question": text[: n - answer], "answer": text[n - answer :]}) + "\n")
+    path = work / "varied.jsonl"
     path.write_text("".join(rows))
-    return path, max(seq_len, round(batch * sum(lengths) / len(lengths)))
+    return path, max(seq_len, round(batch * sum(n for n, _ in lengths) / len(lengths)))
 
 
 def write_recipe(args, train_file: Path) -> Path:

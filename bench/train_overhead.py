@@ -260,13 +260,12 @@ def compile_variant(model) -> None:
 
 def unfuse_noise(model) -> None:
     """The noise as a forward hook on lora_B (what add_lora_noise did before NoisyLora)."""
-    from pace_llm.core.noisy_lora import is_fused
+    from pace_llm.core.noisy_lora import add_noise, is_fused
 
     for module in model.modules():
         if is_fused(module):
             module.lora_variant.clear()
-            for lora_b in module.lora_B.values():
-                lora_b.register_forward_hook(module.pace_noise)
+            add_noise(module, module.pace_noise.sigma, fused=False)
 
 
 def pace_objective(mode: str, args, cache, model, head_gram: bool = True):

@@ -39,6 +39,28 @@ def make_batch(kind: str, batch: int = 4, seq: int = 10, seed: int = 0) -> dict:
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "sample_id": ids}
 
 
+def lm_samples(lengths, seed: int = 0, first_id: int = 0) -> list[dict]:
+    """Encoded causal-LM samples of these lengths: random ids, a prompt of a third, supervised
+    after it; sample ids first_id, first_id + 1, ..."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, n in enumerate(lengths):
+        ids = torch.randint(3, 256, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :], "sample_id": first_id + i})
+    return out
+
+
+def padded_lm(samples: list[dict]) -> dict:
+    """The unpacked causal-LM batch of these samples: right-padded, labels -100 on the padding."""
+    from pace_llm.tasks.base import pad_tokens
+
+    batch = pad_tokens(samples, 0)
+    labels = torch.full_like(batch["input_ids"], -100)
+    for i, s in enumerate(samples):
+        labels[i, : len(s["labels"])] = torch.tensor(s["labels"])
+    return {**batch, "labels": labels}
+
+
 def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k not in ("labels", "sample_id")}
 

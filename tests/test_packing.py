@@ -8,7 +8,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_batch, perturb_adapters
+from conftest import lm_samples, make_batch, padded_lm, perturb_adapters
 from trainrun import ds_steps, eval_losses, launch_many, metrics
 
 import pace_llm
@@ -17,28 +17,13 @@ from pace_llm.core.objectives import PaceObjective
 from pace_llm.core.outputs import SampleOutputs, TokenOutputs, model_inputs
 from pace_llm.core.pace import multiplicative_noise, noise_segments
 from pace_llm.core.packing import best_fit_decreasing, duplicate_packed, pack, padded_tokens
-from pace_llm.tasks.base import pad_tokens
 
 LENGTHS = [9, 4, 7, 3, 12, 5, 6, 2]  # packed into rows of 16 tokens: 3 rows, several per row
 
 
 def samples(lengths=LENGTHS, seed=0):
     """Encoded samples: a prompt of about a third, supervised after it; ids 10, 11, ..."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, n in enumerate(lengths):
-        ids = torch.randint(3, 256, (n,), generator=g).tolist()
-        labels = [-100] * (n // 3) + ids[n // 3 :]
-        out.append({"input_ids": ids, "labels": labels, "sample_id": 10 + i})
-    return out
-
-
-def padded(batch_samples):
-    batch = pad_tokens(batch_samples, 0)
-    labels = torch.full_like(batch["input_ids"], -100)
-    for i, s in enumerate(batch_samples):
-        labels[i, : len(s["labels"])] = torch.tensor(s["labels"])
-    return {**batch, "labels": labels}
+    return lm_samples(lengths, seed, first_id=10)
 
 
 def adapted(kind, sigma=0.0, seed=0):
@@ -85,7 +70,7 @@ def test_sigma_zero_packed_equals_padded(kind):
     """Same per-sample rows, losses and adapter gradients, fp32, rel 1e-5; full PACE too."""
     s = samples()
     grads, rows_of, losses = {}, {}, {}
-    for how, batch in (("padded", padded(s)), ("packed", pack(s, 16, 0))):
+    for how, batch in (("padded", padded_lm(s)), ("packed", pack(s, 16, 0))):
         model = adapted(kind)
         rows = TokenOutputs().forward(model, batch)
         rows_of[how] = per_sample(rows, batch["sample_id"])
@@ -208,7 +193,7 @@ def test_step_normalisation_gives_the_same_gradient_packed_or_padded_at_any_accu
     ways = {
         "packed mb=4": [pack(s, 16, 0)],
         "packed mb=2 x2": [pack(s[:2], 16, 0), pack(s[2:], 16, 0)],
-        "padded mb=4": [padded(s)],
+        "padded mb=4": [padded_lm(s)],
     }
     grads = {name: step_gradients(adapted("llama"), batches, "step") for name, batches in ways.items()}
     reference = grads["padded mb=4"]
@@ -253,7 +238,7 @@ def test_qlora_nf4_packed_equals_padded(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "base")
     task = get_task(load_recipe("recipes/tiny.yaml", ["model.quantization=nf4", "data.packing=true"]))
     s, grads = samples()[:4], {}
-    for how, batch in (("packed", pack(s, 16, 0)), ("padded", padded(s))):
+    for how, batch in (("packed", pack(s, 16, 0)), ("padded", padded_lm(s))):
         model = task.load_model(tmp_path / "base")
         assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         torch.manual_seed(0)  # the same adapter initialisation both times
@@ -271,7 +256,7 @@ def test_task_rows_counts_the_rows_the_task_loss_covers(mode):
     """What the trainer's denominator adds up before any forward (lazy_half's paired step:
     the first half of the packed or padded rows) is what the objective's task loss covers."""
     model, objective = adapted("llama"), PaceObjective(mode, outputs=TokenOutputs())
-    for batch in (padded(samples()), pack(samples(), 16, 0)):
+    for batch in (padded_lm(samples()), pack(samples(), 16, 0)):
         for step in (0, 1):
             with torch.no_grad():
                 assert objective(model, batch, step).n_outputs == objective.task_outputs(batch, step)
@@ -412,7 +397,7 @@ def test_segment_attention_equals_the_masked_attention(kind):
     from pace_llm.core import segment_attention
 
     segment_attention.register()
-    packed_batch, padded_batch = pack(samples(), 16, 0), padded(samples())
+    packed_batch, padded_batch = pack(samples(), 16, 0), padded_lm(samples())
     out = {}
     for impl in ("sdpa", segment_attention.NAME):
         model = adapted(kind)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import perturb_adapters
+from conftest import lm_samples, padded_lm, perturb_adapters
 from torch.utils.data import DataLoader
 from trainrun import launch, metrics
 
@@ -21,7 +21,6 @@ from pace_llm.core.outputs import TokenOutputs
 from pace_llm.core.packing import pack
 from pace_llm.core.token_batches import TokenBatchSampler, equalise
 from pace_llm.tasks import get_task
-from pace_llm.tasks.base import pad_tokens
 from pace_llm.training.state import Progress
 from pace_llm.training.trainer import Trainer
 
@@ -151,24 +150,6 @@ def test_steps_follow_each_epochs_batch_count_and_resume_in_place():
     assert again == steps[k:]
 
 
-def encoded(lengths, seed=0):
-    """Encoded samples of these lengths: a prompt of a third, supervised after it."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i, n in enumerate(lengths):
-        ids = torch.randint(3, 256, (n,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3 :], "sample_id": i})
-    return out
-
-
-def padded(samples):
-    batch = pad_tokens(samples, 0)
-    labels = torch.full_like(batch["input_ids"], -100)
-    for i, s in enumerate(samples):
-        labels[i, : len(s["labels"])] = torch.tensor(s["labels"])
-    return {**batch, "labels": labels}
-
-
 def step_gradients(micro_batches):
     """Adapter gradients of one step over `micro_batches` with the step normalisation
     (trainer.train_step on one rank, DeepSpeed's 1/A undone): each micro-batch's loss summed
@@ -187,11 +168,11 @@ def test_a_token_budget_step_has_the_gradient_of_its_samples_padded():
     """3 consecutive token-budget micro-batches of epoch 0 holding unlike sample counts (a step
     of accumulation 3), each packed into a row of the budget, give the adapter gradients (rel
     1e-5) of one padded batch of the same samples."""
-    samples, batches = encoded(LENGTHS), TokenBatchSampler(LENGTHS, BUDGET).batches(0)
+    samples, batches = lm_samples(LENGTHS), TokenBatchSampler(LENGTHS, BUDGET).batches(0)
     step = next(batches[k : k + 3] for k in range(len(batches)) if len({len(b) for b in batches[k : k + 3]}) > 1)
     packed = [pack([samples[i] for i in batch], BUDGET, 0) for batch in step]
     assert all(len(b["input_ids"]) == 1 for b in packed)  # one row each
-    reference = step_gradients([padded([samples[i] for batch in step for i in batch])])
+    reference = step_gradients([padded_lm([samples[i] for batch in step for i in batch])])
     grads = step_gradients(packed)
     assert all(r.abs().sum() > 0 for r in reference.values())
     for n, r in reference.items():

@@ -56,11 +56,12 @@ class NoisyLora(LoraVariant):
         return orig_weight.data - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
 
-def add_noise(module, sigma: float) -> None:
+def add_noise(module, sigma: float, fused: bool = True) -> None:
     """Give a PEFT LoRA layer PACE's noise of σ: fused (NoisyLora) where its class calls
-    variants and no other variant (DoRA, ...) holds it, else a forward hook on each lora_B."""
+    variants and no other variant (DoRA, ...) holds it, else (or with fused=False, as
+    bench/train_overhead.py's before-and-after does) a forward hook on each lora_B."""
     module.pace_noise = NoiseHook(sigma)
-    if type(module) in _FUSABLE and not module.lora_variant:
+    if fused and type(module) in _FUSABLE and not module.lora_variant:
         for adapter in module.lora_A:
             module.lora_variant[adapter] = NoisyLora()
         return

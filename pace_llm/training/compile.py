@@ -14,8 +14,6 @@ in module hooks that dynamo would have to trace.
 
 from __future__ import annotations
 
-import collections
-
 import torch
 import torch.nn as nn
 
@@ -55,10 +53,10 @@ def compile_blocks(model: nn.Module, fresh: bool = True, backend: str = "inducto
 
 
 def compile_report() -> str:
-    """Graphs compiled, graph breaks with their reasons, recompilations: one log line."""
+    """Graphs compiled, graph breaks with their reasons, frames compiled: one log line."""
     from torch._dynamo.utils import counters
 
-    breaks = collections.Counter({reason: n for reason, n in counters["graph_break"].items()})
+    breaks = counters["graph_break"]  # a Counter: reason -> count
     frames = counters["frames"]
     stats = counters["stats"]
     text = (

@@ -224,7 +224,7 @@ class Trainer:
                 batch_index = micro_batches[-1][0]
                 progress.finish_step(batch_index)
                 self.log_step(progress, batch_index, bar)
-                if self.recipe.train.compile and progress.step == 1 and self.rank == 0:
+                if t.compile and progress.step == 1 and self.rank == 0:
                     log.info("after step 1: %s", compile_report())
                 bar.update(1)
                 stop_now = any_rank(self.stop.flag)
